@@ -1,0 +1,61 @@
+"""editflow's content-addressed, write-once, crash-safe zarr v3 cache.
+
+A cache root is a local folder or any fsspec URL (``memory://``, ``file://``, ``s3://`` ...)::
+
+    editflow-cache.json              {"format": 1}, written on first write
+    objects/<key>/<object-id>/       zarr v3 group (one array per name) of one writer
+    refs/<key[:2]>/<key>.json        the manifest; an entry exists for readers only if this does
+    damaged/<key>.json               {"object": id, "reason": ...} for entries found damaged
+    records/<quoted-name>.json       small JSON documents (``put_record``)
+
+The manifest holds the key, the object id, the creation time, stored bytes, the JSON attrs
+(key preimage, recipe, stage, timings, device) and, per array: shape, stored dtype, torch
+dtype, chunks, shards, stream axis, the sha256 of the stored C-order bytes, and the sha256 of
+each step along the stream axis.
+
+Publish protocol:
+
+1. ``writer(key, attrs)`` creates ``objects/<key>/<fresh uuid4>/`` and writes arrays there.
+   Nobody reads this folder: it is staging.
+2. On clean exit the manifest is created *exclusively* at ``refs/.../<key>.json``. Locally it
+   is written to a temporary file in the same folder (fsynced) and ``os.link``-ed into place,
+   so it appears complete or not at all and an existing ref makes the link fail. Remote
+   filesystems use ``fs.pipe_file(path, data, mode="create")``: atomic where the backend has
+   conditional writes (``memory://``; S3 through If-None-Match in recent s3fs); elsewhere
+   fsspec falls back to check-then-write, where two writers racing within that window can
+   both believe they won (both objects hold the same content-addressed data; the overwritten
+   one becomes an orphan for ``gc``).
+3. The first writer wins (``won`` True). A loser deletes its object and hands out the
+   winner's entry. An exception in the ``with`` block deletes the staging object and
+   publishes nothing; a killed process leaves an orphan object that ``gc`` removes once its
+   newest file is older than ``older_than_s`` (default one hour), which is what keeps ``gc``
+   from breaking a writer that is still at work.
+
+Storage: arrays written with a stream axis (noise sequences ``(T, C, H, W)``, attention maps
+``(steps, ...)``) have chunk size 1 along it and full size elsewhere, so ``Entry.step`` reads
+one chunk; on remote stores those chunks are grouped into shards of about 64 MiB (read by
+byte range). Other arrays are one chunk. Chunks are zstd (level 1) plus crc32c, so a corrupt
+chunk fails even a one-step read. bfloat16 is stored as float32 and restored on read. Reads
+return new tensors and verify sha256 (whole array, or the step's own digest); a mismatch or
+decode failure raises ``DamagedEntryError``, remembers the entry as damaged (``has`` turns
+False) and the next writer of that key replaces it. No pickle: arrays are zarr, the rest JSON.
+"""
+
+from .entry import ArrayInfo, Damage, DamagedEntryError, Entry, ReadStats
+from .maintenance import DiskUsage, EntryInfo, GcReport
+from .store import Cache
+from .writer import EntryWriter, StreamHandle
+
+__all__ = [
+    "ArrayInfo",
+    "Cache",
+    "Damage",
+    "DamagedEntryError",
+    "DiskUsage",
+    "Entry",
+    "EntryInfo",
+    "EntryWriter",
+    "GcReport",
+    "ReadStats",
+    "StreamHandle",
+]

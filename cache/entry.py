@@ -1,0 +1,288 @@
+"""A published cache entry: its manifest, and verified reads of its arrays."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import WrapperStore
+
+from editflow.errors import CacheError
+
+from .dtypes import from_stored, sha256_of, sha256_update
+from .layout import Layout
+
+MANIFEST_FORMAT = 1
+
+
+class DamagedEntryError(CacheError):
+    """A published entry's data is missing, undecodable or fails its checksum.
+
+    The entry is remembered as damaged (``Cache.has`` turns False); discard and recompute it.
+    """
+
+    def __init__(self, key: str, array: str | None, reason: str, *, location: str | None = None):
+        self.key = key
+        self.array = array
+        self.reason = reason
+        what = f"array {array!r} of cache entry {key}" if array else f"cache entry {key}"
+        super().__init__(
+            f"{what} is damaged: {reason}",
+            file=location,
+            hint="it will be recomputed; `editflow cache verify` lists damaged entries",
+        )
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One problem found by ``Cache.verify``; ``array`` is None for the entry as a whole."""
+
+    key: str
+    array: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What the manifest records about one array of an entry.
+
+    Attributes:
+        shape: Array shape.
+        dtype: Stored numpy dtype name (``"float32"`` for a bfloat16 tensor).
+        torch_dtype: Torch dtype name handed back by reads (``"bfloat16"``).
+        sha256: Hex sha256 of the stored C-order bytes of the whole array.
+        nbytes: Uncompressed stored size in bytes.
+        chunks: zarr chunk shape (1 along the stream axis, full elsewhere).
+        shards: zarr shard shape when sharded (remote streams), else None.
+        stream_axis: Axis read one index at a time by ``Entry.step``, else None.
+        step_sha256: Hex sha256 of each index along the stream axis, so one step is verified
+            without reading the others.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    torch_dtype: str
+    sha256: str
+    nbytes: int
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+    stream_axis: int | None = None
+    step_sha256: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ArrayInfo:
+        def optional_tuple(value: Iterable[Any] | None) -> tuple[Any, ...] | None:
+            return None if value is None else tuple(value)
+
+        return cls(
+            shape=tuple(int(size) for size in data["shape"]),
+            dtype=str(data["dtype"]),
+            torch_dtype=str(data["torch_dtype"]),
+            sha256=str(data["sha256"]),
+            nbytes=int(data["nbytes"]),
+            chunks=tuple(int(size) for size in data["chunks"]),
+            shards=optional_tuple(data.get("shards")),
+            stream_axis=data.get("stream_axis"),
+            step_sha256=optional_tuple(data.get("step_sha256")),
+        )
+
+
+@dataclass
+class ReadStats:
+    """Requests and bytes an entry fetched from storage (metadata included)."""
+
+    requests: int = 0
+    bytes: int = 0
+
+
+class _CountingStore(WrapperStore[Store]):
+    """Passes reads through to a store, adding them up in a shared ``ReadStats``."""
+
+    def __init__(self, store: Store, stats: ReadStats) -> None:
+        super().__init__(store)
+        self._stats = stats
+
+    def _with_store(self, store: Store) -> _CountingStore:
+        return _CountingStore(store, self._stats)
+
+    def _count(self, buffer: Buffer | None) -> None:
+        if buffer is not None:
+            self._stats.requests += 1
+            self._stats.bytes += len(buffer)
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        buffer = await self._store.get(key, prototype, byte_range)
+        self._count(buffer)
+        return buffer
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        buffers = await self._store.get_partial_values(prototype, key_ranges)
+        for buffer in buffers:
+            self._count(buffer)
+        return buffers
+
+
+def stored_sha256(array: zarr.Array, stream_axis: int | None) -> str:
+    """Recompute an array's sha256 from storage; axis-0 streams are read one step at a time."""
+    digest = hashlib.sha256()
+    if stream_axis == 0:
+        for index in range(array.shape[0]):
+            sha256_update(digest, np.asarray(array[index]))
+    else:
+        sha256_update(digest, np.asarray(array[...]))
+    return digest.hexdigest()
+
+
+class Entry:
+    """A published cache entry: attributes plus named arrays, read and verified lazily.
+
+    Attributes:
+        key: The cache key.
+        attrs: JSON attributes given at write time (key preimage, recipe, stage, timings ...).
+        arrays: Name -> ``ArrayInfo``.
+        object_id: Name of the object folder holding the data.
+        created: Publication time (seconds since the epoch).
+        stored_bytes: Bytes on storage, compressed, metadata included.
+        reads: Requests and bytes fetched so far through this object.
+    """
+
+    def __init__(self, layout: Layout, manifest: Mapping[str, Any]) -> None:
+        self.key: str = manifest["key"]
+        self.object_id: str = manifest["object"]
+        self.created = float(manifest["created"])
+        self.stored_bytes = int(manifest.get("stored_bytes", 0))
+        self.attrs: dict[str, Any] = dict(manifest["attrs"])
+        self.arrays = {
+            name: ArrayInfo.from_json(info) for name, info in dict(manifest["arrays"]).items()
+        }
+        self.reads = ReadStats()
+        self._layout = layout
+        self._opened: dict[str, zarr.Array] = {}
+
+    @classmethod
+    def from_manifest(cls, layout: Layout, key: str, manifest: Any) -> Entry:
+        """Build an entry from a parsed manifest, or raise DamagedEntryError if malformed."""
+        try:
+            if manifest["key"] != key or manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError(
+                    f"manifest is for {manifest['key']!r}, format {manifest.get('format')!r}"
+                )
+            return cls(layout, manifest)
+        except (KeyError, TypeError, ValueError) as error:
+            layout.mark_damaged(key, None, f"manifest unreadable: {error}")
+            raise DamagedEntryError(
+                key, None, f"manifest unreadable: {error}", location=layout.url
+            ) from error
+
+    def __repr__(self) -> str:
+        return f"Entry(key={self.key[:12]}..., arrays={sorted(self.arrays)})"
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read a whole array as a new tensor of its original torch dtype, checksum verified.
+
+        Raises:
+            KeyError: The entry has no array called ``name``.
+            DamagedEntryError: The data is missing, undecodable or fails its sha256.
+        """
+        info = self._info(name)
+        values = self._read(name, info, ...)
+        if sha256_of(values) != info.sha256:
+            raise self._damage(name, "sha256 mismatch")
+        return from_stored(values, info.torch_dtype)
+
+    def step(self, name: str, index: int) -> torch.Tensor:
+        """Read one index along the stream axis (one chunk) as a new tensor, verified.
+
+        Args:
+            name: An array written with a stream axis, for example attention maps
+                ``(steps, heads, H*W, tokens)``.
+            index: Position along the stream axis; negative counts from the end.
+
+        Returns:
+            The slice without the stream axis, e.g. ``(heads, H*W, tokens)``.
+
+        Raises:
+            ValueError: The array was not written with a stream axis.
+            IndexError: ``index`` is out of range.
+            DamagedEntryError: The chunk is missing, undecodable or fails its sha256.
+        """
+        info = self._info(name)
+        if info.stream_axis is None:
+            raise ValueError(f"array {name!r} of {self.key} has no stream axis; use tensor()")
+        steps = info.shape[info.stream_axis]
+        if not -steps <= index < steps:
+            raise IndexError(f"step {index} out of range for {name!r} with {steps} steps")
+        index %= steps
+        selection = (slice(None),) * info.stream_axis + (index,)
+        values = self._read(name, info, selection)
+        if info.step_sha256 is not None and sha256_of(values) != info.step_sha256[index]:
+            raise self._damage(name, f"sha256 mismatch at step {index}")
+        return from_stored(values, info.torch_dtype)
+
+    def check(self) -> list[Damage]:
+        """Re-read every array and compare checksums; damage found is also remembered."""
+        damages = []
+        for name, info in self.arrays.items():
+            try:
+                digest = stored_sha256(self._array(name, info), info.stream_axis)
+            except OSError as error:
+                if not isinstance(error, FileNotFoundError):
+                    raise
+                damages.append(Damage(self.key, name, f"missing data: {error}"))
+                continue
+            except Exception as error:  # any decode failure is damage
+                damages.append(Damage(self.key, name, f"cannot decode: {error}"))
+                continue
+            if digest != info.sha256:
+                damages.append(Damage(self.key, name, "sha256 mismatch"))
+        if damages:
+            self._layout.mark_damaged(self.key, self.object_id, damages[0].reason)
+        return damages
+
+    def _info(self, name: str) -> ArrayInfo:
+        if name not in self.arrays:
+            raise KeyError(
+                f"cache entry {self.key} has no array {name!r}; has {sorted(self.arrays)}"
+            )
+        return self.arrays[name]
+
+    def _array(self, name: str, info: ArrayInfo) -> zarr.Array:
+        if name not in self._opened:
+            store = self._layout.zarr_store(
+                self._layout.object_path(self.key, self.object_id), read_only=True
+            )
+            array = zarr.open_array(_CountingStore(store, self.reads), path=name, mode="r")
+            if tuple(array.shape) != info.shape or np.dtype(array.dtype) != np.dtype(info.dtype):
+                raise ValueError(
+                    f"stored array is {array.dtype}{array.shape}, manifest says otherwise"
+                )
+            self._opened[name] = array
+        return self._opened[name]
+
+    def _read(self, name: str, info: ArrayInfo, selection: Any) -> np.ndarray:
+        try:
+            return np.asarray(self._array(name, info)[selection])
+        except OSError as error:
+            if not isinstance(error, FileNotFoundError):
+                raise  # transient I/O (network, permissions) is not damage
+            raise self._damage(name, f"missing data ({error})") from error
+        except Exception as error:  # any decode failure is damage
+            raise self._damage(name, f"cannot decode ({type(error).__name__}: {error})") from error
+
+    def _damage(self, name: str, reason: str) -> DamagedEntryError:
+        self._layout.mark_damaged(self.key, self.object_id, f"{name}: {reason}")
+        return DamagedEntryError(self.key, name, reason, location=self._layout.url)

@@ -1,0 +1,359 @@
+"""Writing one entry: stage arrays in a fresh object folder, then publish its manifest.
+
+Nothing a writer does is visible to readers until its manifest (the ref) is created, and the
+ref is created exclusively: the first writer of a key wins, a later one deletes its own data
+and hands out the winner's entry. Leaving the ``with`` block by an exception deletes the
+staged data; a process that dies leaves an unreferenced object folder that ``Cache.gc``
+removes once it is older than its threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from .dtypes import (
+    sha256_of,
+    sha256_update,
+    stored_dtype,
+    to_stored,
+    torch_dtype_name,
+)
+from .entry import MANIFEST_FORMAT, ArrayInfo, DamagedEntryError, Entry, stored_sha256
+from .layout import Layout, check_array_name, check_key
+
+ZSTD_LEVEL = 1
+"""Fast zstd: cached tensors are mostly float noise that higher levels barely shrink."""
+
+SHARD_BYTES = 64 * 2**20
+"""Target shard size for streamed arrays on object stores (few objects, one-chunk reads)."""
+
+
+def chunk_layout(
+    shape: tuple[int, ...], itemsize: int, stream_axis: int | None, sharded: bool
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Choose zarr chunks (and shards) for an array.
+
+    Args:
+        shape: Array shape, e.g. ``(steps, heads, H*W, tokens)``.
+        itemsize: Bytes per stored element.
+        stream_axis: Axis read one index at a time, or None for a single chunk.
+        sharded: Group the one-step chunks of a stream into shards (for object stores, where
+            many small objects are slow); a step is still read alone by a ranged request.
+
+    Returns:
+        ``(chunks, shards)``; ``shards`` is None when not sharded.
+    """
+    full = tuple(max(1, size) for size in shape)
+    if stream_axis is None:
+        return full, None
+    chunks = full[:stream_axis] + (1,) + full[stream_axis + 1 :]
+    if not sharded:
+        return chunks, None
+    step_bytes = max(1, math.prod(chunks) * itemsize)
+    per_shard = max(1, min(full[stream_axis], SHARD_BYTES // step_bytes))
+    if per_shard == 1:
+        return chunks, None
+    return chunks, full[:stream_axis] + (per_shard,) + full[stream_axis + 1 :]
+
+
+def _check_axis(stream_axis: int | None, ndim: int) -> int | None:
+    if stream_axis is None:
+        return None
+    if not 0 <= stream_axis < ndim:
+        raise ValueError(f"stream_axis {stream_axis} out of range for a {ndim}-d array")
+    return stream_axis
+
+
+def _json_copy(attrs: Any) -> Any:
+    """A JSON round trip of ``attrs``: what every later reader will see."""
+    try:
+        return json.loads(json.dumps(attrs, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cache attrs must be plain JSON (no NaN or inf): {error}") from error
+
+
+class StreamHandle:
+    """Writes an array one index of its stream axis at a time, e.g. one denoising step.
+
+    ``handle[i] = tensor`` writes index ``i`` (the slice without the stream axis), cast to the
+    stream's dtype. Every index must be written before the entry is published. On sharded
+    (remote) stores steps are buffered until their shard is complete, then written at once.
+    """
+
+    def __init__(
+        self,
+        array: zarr.Array,
+        name: str,
+        dtype: torch.dtype,
+        stream_axis: int,
+        shards: tuple[int, ...] | None,
+    ) -> None:
+        self.name = name
+        self.shape: tuple[int, ...] = tuple(array.shape)
+        self.dtype = dtype
+        self.stream_axis = stream_axis
+        self._array = array
+        self._shards = shards
+        self._step_sha256: list[str | None] = [None] * self.shape[stream_axis]
+        self._digest = hashlib.sha256()  # whole-array sha256 while axis-0 steps arrive in order
+        self._next_in_order: int | None = 0 if stream_axis == 0 else None
+        self._pending: dict[int, dict[int, np.ndarray]] = {}  # shard -> step -> values
+        self.closed = False  # set when the entry is published or abandoned
+
+    def __len__(self) -> int:
+        return self.shape[self.stream_axis]
+
+    def __setitem__(self, index: int, value: torch.Tensor | np.ndarray) -> None:
+        if self.closed:
+            raise RuntimeError(f"stream {self.name!r} belongs to a finished EntryWriter")
+        steps = len(self)
+        if not -steps <= index < steps:
+            raise IndexError(f"step {index} out of range for stream {self.name!r} of {steps}")
+        index %= steps
+        stored, _ = to_stored(value, cast_to=self.dtype)
+        expected = self.shape[: self.stream_axis] + self.shape[self.stream_axis + 1 :]
+        if stored.shape != expected:
+            raise ValueError(
+                f"stream {self.name!r} step must have shape {expected}, got {stored.shape}"
+            )
+        self._step_sha256[index] = sha256_of(stored)
+        if self._next_in_order == index:
+            sha256_update(self._digest, stored)
+            self._next_in_order += 1
+        else:
+            self._next_in_order = None  # out of order: hash by reading back at close
+        if self._shards is None:
+            self._array[self._selection(index)] = stored
+        else:
+            self._buffer(index, np.array(stored, copy=True))  # the caller may reuse its tensor
+
+    def close(self) -> ArrayInfo:
+        """Flush buffered steps and describe the finished array.
+
+        Raises:
+            ValueError: Some steps were never written.
+        """
+        self.closed = True
+        missing = [index for index, digest in enumerate(self._step_sha256) if digest is None]
+        if missing:
+            raise ValueError(f"stream {self.name!r}: steps {missing[:10]} were never written")
+        # Only steps rewritten after their shard was flushed can still be pending.
+        for shard in sorted(self._pending):
+            for index, values in sorted(self._pending.pop(shard).items()):
+                self._array[self._selection(index)] = values
+        if self._next_in_order == len(self):
+            sha256 = self._digest.hexdigest()
+        else:
+            sha256 = stored_sha256(self._array, self.stream_axis)
+        return ArrayInfo(
+            shape=self.shape,
+            dtype=np.dtype(self._array.dtype).name,
+            torch_dtype=torch_dtype_name(self.dtype),
+            sha256=sha256,
+            nbytes=int(self._array.nbytes),
+            chunks=tuple(self._array.chunks),
+            shards=self._shards,
+            stream_axis=self.stream_axis,
+            step_sha256=tuple(digest for digest in self._step_sha256 if digest is not None),
+        )
+
+    def _selection(self, index: int) -> tuple[slice | int, ...]:
+        return (slice(None),) * self.stream_axis + (index,)
+
+    def _buffer(self, index: int, values: np.ndarray) -> None:
+        assert self._shards is not None
+        per_shard = self._shards[self.stream_axis]
+        shard = index // per_shard
+        start, stop = shard * per_shard, min((shard + 1) * per_shard, len(self))
+        pending = self._pending.setdefault(shard, {})
+        pending[index] = values
+        if len(pending) == stop - start:
+            stacked = np.stack([pending[i] for i in range(start, stop)], axis=self.stream_axis)
+            region = (slice(None),) * self.stream_axis + (slice(start, stop),)
+            self._array[region] = stacked
+            del self._pending[shard]
+
+
+class EntryWriter:
+    """Stages the arrays of one entry and publishes them on clean exit of its ``with`` block.
+
+    Attributes:
+        key: The cache key being written.
+        object_id: Name of this writer's object folder (set on enter).
+        published: After exit, the published entry (the other writer's if it won), or None
+            if the block raised.
+        won: True when this writer's data was published, False when another writer of the
+            same key published first (this writer's data was deleted).
+    """
+
+    def __init__(self, layout: Layout, key: str, attrs: dict[str, Any]) -> None:
+        self.key = check_key(key)
+        self.object_id: str | None = None
+        self.published: Entry | None = None
+        self.won = False
+        self._layout = layout
+        self._attrs: dict[str, Any] = _json_copy(dict(attrs))
+        self._arrays: dict[str, ArrayInfo] = {}
+        self._streams: dict[str, StreamHandle] = {}
+        self._group: zarr.Group | None = None
+        self._path = ""
+
+    def __enter__(self) -> EntryWriter:
+        if self.object_id is not None:
+            raise RuntimeError("an EntryWriter can be used once")
+        layout = self._layout
+        layout.ensure_marker()
+        if layout.is_damaged(self.key):
+            layout.discard(self.key)  # this writer is the recomputation of a damaged entry
+        self.object_id = uuid.uuid4().hex
+        self._path = layout.object_path(self.key, self.object_id)
+        staging = {"key": self.key, "host": socket.gethostname(), "pid": os.getpid()}
+        self._group = zarr.open_group(
+            layout.zarr_store(self._path, read_only=False),
+            mode="w-",
+            attributes={"editflow_staging": {**staging, "started": time.time()}},
+        )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            self._publish()
+        except BaseException:
+            if not self.won:  # once the ref exists, the object is published data
+                self._abort()
+            raise
+
+    def write(
+        self, name: str, value: torch.Tensor | np.ndarray, *, stream_axis: int | None = None
+    ) -> None:
+        """Write a whole array.
+
+        Args:
+            name: Array name within the entry (e.g. ``"noise_maps"``).
+            value: Tensor or array; bfloat16 is stored as float32 and restored on read.
+            stream_axis: Axis to chunk one index per chunk (``0`` for ``(T, C, H, W)`` noise
+                sequences) so ``Entry.step`` reads one index alone; None for one chunk.
+        """
+        self._new_name(name)
+        stored, torch_dtype = to_stored(value)
+        axis = _check_axis(stream_axis, stored.ndim)
+        array, chunks, shards = self._create(name, stored.shape, stored.dtype, axis)
+        array[...] = stored
+        steps = None
+        if axis is not None:
+            selections = ((slice(None),) * axis + (i,) for i in range(stored.shape[axis]))
+            steps = tuple(sha256_of(stored[selection]) for selection in selections)
+        self._arrays[name] = ArrayInfo(
+            shape=tuple(stored.shape),
+            dtype=stored.dtype.name,
+            torch_dtype=torch_dtype,
+            sha256=sha256_of(stored),
+            nbytes=int(stored.nbytes),
+            chunks=chunks,
+            shards=shards,
+            stream_axis=axis,
+            step_sha256=steps,
+        )
+
+    def create_stream(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, stream_axis: int = 0
+    ) -> StreamHandle:
+        """Create an array to be written one index of ``stream_axis`` at a time.
+
+        Args:
+            name: Array name within the entry (e.g. ``"attention_maps"``).
+            shape: Full shape, e.g. ``(steps, heads, H*W, tokens)``.
+            dtype: Torch dtype stored (values written are cast to it; fp16 for attention).
+            stream_axis: The axis indexed by ``handle[i] = ...``.
+        """
+        self._new_name(name)
+        shape = tuple(int(size) for size in shape)
+        axis = _check_axis(stream_axis, len(shape))
+        assert axis is not None
+        array, _, shards = self._create(name, shape, stored_dtype(dtype), axis)
+        handle = StreamHandle(array, name, dtype, axis, shards)
+        self._streams[name] = handle
+        return handle
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Add or replace attributes (e.g. timings known only at the end)."""
+        self._attrs.update(_json_copy(attrs))
+
+    def _new_name(self, name: str) -> None:
+        if self._group is None:
+            raise RuntimeError("use the EntryWriter inside its `with` block")
+        check_array_name(name)
+        if name in self._arrays or name in self._streams:
+            raise ValueError(f"array {name!r} already written to entry {self.key}")
+
+    def _create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype, axis: int | None
+    ) -> tuple[zarr.Array, tuple[int, ...], tuple[int, ...] | None]:
+        assert self._group is not None
+        sharded = self._layout.local_root is None
+        chunks, shards = chunk_layout(shape, dtype.itemsize, axis, sharded)
+        array = self._group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+        )
+        return array, chunks, shards
+
+    def _publish(self) -> None:
+        layout = self._layout
+        for name, handle in self._streams.items():
+            self._arrays[name] = handle.close()
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "key": self.key,
+            "object": self.object_id,
+            "created": time.time(),
+            "stored_bytes": sum(stat.size for stat in layout.files(self._path)),
+            "attrs": self._attrs,
+            "arrays": {name: info.to_json() for name, info in sorted(self._arrays.items())},
+        }
+        data = json.dumps(manifest, sort_keys=True, indent=1, allow_nan=False).encode()
+        self._group = None
+        self.won = layout.create_exclusive(layout.ref_path(self.key), data)
+        if self.won:
+            self.published = Entry(layout, json.loads(data))
+            return
+        layout.remove(self._path)
+        try:
+            found = layout.read_json(layout.ref_path(self.key))
+            self.published = None if found is None else Entry.from_manifest(layout, self.key, found)
+        except (ValueError, DamagedEntryError):
+            self.published = None  # the winner's entry vanished or is damaged: recompute
+
+    def _abort(self) -> None:
+        self._group = None
+        for handle in self._streams.values():
+            handle.closed = True
+        self.won = False
+        self.published = None
+        if self._path:
+            self._layout.remove(self._path)

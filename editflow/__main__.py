@@ -1,0 +1,3 @@
+from editflow.engine.cli import main
+
+raise SystemExit(main())

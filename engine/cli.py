@@ -1,0 +1,284 @@
+"""The ``editflow`` command line: run, plan, validate, schema, explain, cache.
+
+User errors (``EditflowError``) print one line per problem and exit 2, without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from editflow import __version__
+from editflow.errors import EditflowError
+
+EXIT_USER_ERROR = 2
+
+
+def _recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, help="recipe file (.toml or .json)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set stages.edit.guidance_scale=12 (repeatable)",
+    )
+
+
+def _cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache",
+        default=None,
+        metavar="PATH_OR_URL",
+        help="cache folder or fsspec URL (default: $EDITFLOW_CACHE or ~/.cache/editflow)",
+    )
+
+
+def _target_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        dest="targets",
+        action="append",
+        default=None,
+        metavar="STAGE",
+        help="produce only this stage and what it needs (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="editflow", description="Declarative, cached pipelines for diffusion image editing."
+    )
+    parser.add_argument("--version", action="version", version=f"editflow {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a recipe, reusing cached stages")
+    _recipe_options(run)
+    _cache_option(run)
+    _target_option(run)
+    run.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: out/<recipe name>)"
+    )
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
+
+    plan = commands.add_parser("plan", help="show what would run and why; loads no weights")
+    _recipe_options(plan)
+    _cache_option(plan)
+    _target_option(plan)
+
+    validate = commands.add_parser("validate", help="check a recipe and its graph")
+    _recipe_options(validate)
+    _cache_option(validate)
+
+    commands.add_parser("schema", help="print the recipe JSON Schema")
+
+    explain = commands.add_parser(
+        "explain", help="what changed in a stage's key since its last run"
+    )
+    _recipe_options(explain)
+    _cache_option(explain)
+    explain.add_argument("stage", help="stage name")
+
+    cache = commands.add_parser("cache", help="inspect and maintain the cache")
+    _cache_option(cache)
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("ls", help="list entries")
+    actions.add_parser("du", help="disk usage")
+    verify = actions.add_parser("verify", help="recompute checksums; damaged entries are removed")
+    verify.add_argument("--keep-damaged", action="store_true", help="report only")
+    gc = actions.add_parser("gc", help="remove unpublished leftovers and old entries")
+    gc.add_argument(
+        "--older-than-days",
+        type=float,
+        default=None,
+        help="also remove entries created more than this many days ago",
+    )
+    rm = actions.add_parser("rm", help="remove entries by key (or key prefix)")
+    rm.add_argument("keys", nargs="+")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EditflowError as error:
+        print(error.render(), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _cache(args: argparse.Namespace):
+    from editflow.engine.api import open_cache
+
+    return open_cache(args.cache)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from editflow.engine.api import run_recipe
+    from editflow.engine.events import JsonLines, ProgressDisplay
+
+    out_dir = args.out or Path("out") / args.recipe.stem
+    display = JsonLines() if args.log_json else ProgressDisplay()
+    started = time.perf_counter()
+    try:
+        result = run_recipe(
+            args.recipe,
+            args.overrides,
+            cache=_cache(args),
+            out_dir=out_dir,
+            device=args.device,
+            events=display,
+            targets=args.targets,
+        )
+    finally:
+        if isinstance(display, ProgressDisplay):
+            display.close()
+    if not args.log_json:
+        seconds = time.perf_counter() - started
+        print(
+            f"{len(result.computed)} computed, {len(result.hits)} cached, "
+            f"{len(result.written)} files in {out_dir} ({seconds:.1f} s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from editflow.engine.api import plan_recipe
+    from editflow.engine.execute import last_run_record
+    from editflow.engine.plan import describe_change
+
+    cache = _cache(args)
+    plan = plan_recipe(args.recipe, args.overrides, cache=cache, targets=args.targets)
+    width = max(len(name) for name in plan.stages)
+    for stage in plan.stages.values():
+        head = f"{stage.name:<{width}}  {stage.kind.kind:<22} {stage.key[:12]}"
+        if not stage.needed:
+            print(f"{head}  skip (not needed by the targets)")
+        elif cache.has(stage.key):
+            print(f"{head}  hit")
+        else:
+            record = cache.get_record(last_run_record(plan, stage.name))
+            reason = describe_change(record.get("preimage") if record else None, stage.preimage)
+            print(f"{head}  miss: {reason}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from editflow.engine.api import plan_recipe
+
+    plan = plan_recipe(args.recipe, args.overrides, cache=_cache(args))
+    print(f"{args.recipe}: ok ({len(plan.stages)} stages, {len(plan.inputs)} inputs)")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from editflow.engine.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from editflow.engine.api import plan_recipe
+    from editflow.engine.execute import last_run_record
+    from editflow.engine.keys import diff_preimages
+
+    cache = _cache(args)
+    plan = plan_recipe(args.recipe, args.overrides, cache=cache)
+    if args.stage not in plan.stages:
+        raise EditflowError(f"no stage named {args.stage!r}", file=str(args.recipe))
+    stage = plan.stages[args.stage]
+    print(f"{stage.name} ({stage.kind.kind}) key {stage.key}")
+    record = cache.get_record(last_run_record(plan, stage.name))
+    if record is None:
+        print("  no earlier run of this stage is recorded in this cache")
+        return 0
+    if record["key"] == stage.key:
+        state = "present" if cache.has(stage.key) else "missing from the cache"
+        print(f"  unchanged since the last run (entry {state})")
+        return 0
+    print(f"  last run   {record['key']}")
+    for path, before, after in diff_preimages(record["preimage"], stage.preimage):
+        print(f"  {path}: {before!r} -> {after!r}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    if args.action == "ls":
+        for info in cache.ls():
+            attrs = info.attrs or {}
+            print(
+                f"{info.key[:16]}  {attrs.get('kind', '?'):<22} {attrs.get('stage', '?'):<16} "
+                f"{_size(info.nbytes):>10}  {attrs.get('recipe', '')}"
+            )
+    elif args.action == "du":
+        usage = cache.du()
+        print(f"{usage.entries} entries, {_size(usage.bytes)}")
+        if usage.staging_bytes:
+            print(f"{_size(usage.staging_bytes)} in unpublished leftovers (editflow cache gc)")
+    elif args.action == "verify":
+        damages = cache.verify()
+        for damage in damages:
+            print(f"damaged {damage.key} {damage.array}: {damage.reason}")
+        if damages and not args.keep_damaged:
+            for key in sorted({damage.key for damage in damages}):
+                cache.discard(key)
+            print(f"removed {len({d.key for d in damages})} damaged entries; reruns recompute them")
+        if not damages:
+            print("all entries intact")
+        return 1 if damages else 0
+    elif args.action == "gc":
+        keep = None
+        if args.older_than_days is not None:
+            cutoff = time.time() - args.older_than_days * 86400
+            keep = lambda info: info.created >= cutoff  # noqa: E731
+        report = cache.gc(keep=keep)
+        print(report)
+    elif args.action == "rm":
+        keys = _expand_keys(cache, args.keys)
+        print(f"removed {cache.rm(keys)} entries")
+    return 0
+
+
+def _expand_keys(cache, prefixes: list[str]) -> list[str]:
+    keys = [info.key for info in cache.ls()]
+    chosen = []
+    for prefix in prefixes:
+        matches = [key for key in keys if key.startswith(prefix)]
+        if len(matches) != 1:
+            found = "no entry" if not matches else f"{len(matches)} entries"
+            raise EditflowError(f"{found} match {prefix!r}", file="cache rm")
+        chosen += matches
+    return chosen
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "validate": cmd_validate,
+    "schema": cmd_schema,
+    "explain": cmd_explain,
+    "cache": cmd_cache,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

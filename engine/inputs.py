@@ -1,0 +1,122 @@
+"""Input files: resolve, check and hash them at plan time; load them when a stage needs them.
+
+Paths are relative to the recipe's folder. ``skimage:NAME`` names one of the photographs
+scikit-image ships in its wheel (``chelsea``, ``astronaut``, ``coffee`` ...), so recipes and
+tests can use a real image without downloading anything.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from editflow.engine.keys import file_digest
+from editflow.engine.recipe import InputSection
+from editflow.errors import Problem
+from editflow.stages import ArtifactType
+
+SKIMAGE_PREFIX = "skimage:"
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """An input file located, read and hashed (its bytes are kept: inputs are small)."""
+
+    name: str
+    section: InputSection
+    path: Path
+    data: bytes
+    digest: str
+
+    @property
+    def type(self) -> ArtifactType:
+        field, _ = self.section.source()
+        return {"image": ArtifactType.IMAGE, "mask": ArtifactType.MASK}.get(
+            field, ArtifactType.TEXT
+        )
+
+
+def _skimage_path(name: str) -> Path | None:
+    try:
+        import skimage
+    except ImportError:
+        return None
+    folder = Path(skimage.__file__).parent / "data"
+    matches = sorted(folder.glob(f"{name}.*"))
+    return matches[0] if matches else None
+
+
+def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) -> Any:
+    """Locate, read and check one input. Returns a ResolvedInput or a Problem."""
+    field, value = section.source()
+    key = f"inputs.{name}.{field}"
+    if value.startswith(SKIMAGE_PREFIX):
+        path = _skimage_path(value[len(SKIMAGE_PREFIX) :])
+        if path is None:
+            return Problem(f"scikit-image has no image {value!r}", file=label, key=key)
+    else:
+        path = (base_dir / value).resolve()
+    if not path.is_file():
+        return Problem(f"file not found: {value}", file=label, key=key)
+    data = path.read_bytes()
+    if field in ("image", "mask"):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except Exception as error:  # PIL raises many types for bad files
+            # PIL appends the file object or name; the recipe key already says which file.
+            reason = re.sub(r"\s*(<[^>]*>|'[^']*')$", "", str(error)) or type(error).__name__
+            return Problem(f"cannot read image {value!r}: {reason}", file=label, key=key)
+    else:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return Problem(f"not UTF-8 text: {value}", file=label, key=key)
+    return ResolvedInput(name, section, path, data, file_digest(data))
+
+
+def load_input(item: ResolvedInput) -> Any:
+    """The artifact value of an input: (1, 3, H, W) / (1, 1, H, W) float tensors or text."""
+    field, _ = item.section.source()
+    if field == "text":
+        return item.data.decode("utf-8")
+    with Image.open(io.BytesIO(item.data)) as image:
+        image = image.convert("RGB" if field == "image" else "L")
+        if item.section.size is not None:
+            image = fit(image, item.section.size, item.section.resize)
+        else:
+            # The VAE needs sides divisible by 8: crop the remainder from the bottom/right.
+            width, height = image.size
+            image = image.crop((0, 0, width - width % 8, height - height % 8))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array.copy())
+    if tensor.ndim == 2:
+        return tensor[None, None]
+    return tensor.permute(2, 0, 1)[None]
+
+
+def fit(image: Image.Image, size: tuple[int, int], policy: str) -> Image.Image:
+    """Resize to (height, width) by center-crop, stretch or pad (pad fills with black)."""
+    height, width = size
+    if policy == "stretch":
+        return image.resize((width, height), Image.Resampling.BICUBIC)
+    source_w, source_h = image.size
+    if policy == "center-crop":
+        scale = max(width / source_w, height / source_h)
+    else:
+        scale = min(width / source_w, height / source_h)
+    scaled = (max(1, round(source_w * scale)), max(1, round(source_h * scale)))
+    image = image.resize(scaled, Image.Resampling.BICUBIC)
+    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+    if policy == "center-crop":
+        return image.crop((left, top, left + width, top + height))
+    canvas = Image.new(image.mode, (width, height))
+    canvas.paste(image, (-left, -top))
+    return canvas

@@ -1,0 +1,439 @@
+"""The built-in ``tiny`` model: Stable-Diffusion-shaped components small enough for a CPU.
+
+The components are created from the configs below with a fixed seed, saved once in the
+ordinary diffusers layout (``model_index.json`` plus one subfolder per component, safetensors
+weights, as ``StableDiffusionPipeline.save_pretrained`` writes them) and from then on loaded
+through the same ``from_pretrained`` path as any real model. Their images look like noise;
+what matters is that every shape, class and code path is the real one.
+
+The folder is named by a hash of :func:`tiny_identity`, so changing a config or the builder
+gives a new folder instead of silently reusing stale weights. To add a component (a BLIP
+captioner, CLIP vision, a ControlNet, a pixel-space UNet), add one entry to
+``TINY_COMPONENTS``, one builder to ``_BUILDERS`` and bump ``TINY_BUILDER_VERSION``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+# Bumped whenever the build changes the weights or files for the same configs.
+TINY_BUILDER_VERSION = 2  # 2: tokenizer merges weighted by word rank
+TINY_SEED = 0
+
+_TEXT_DIM = 32  # text-encoder width == UNet cross-attention width, like SD's 768
+_VOCAB_SIZE = 1000
+_MAX_TOKENS = 77
+_BOS_ID = _VOCAB_SIZE - 2  # like CLIP, the two special tokens close the vocabulary
+_EOS_ID = _VOCAB_SIZE - 1
+
+# Common English and image-description words, most common first (the order sets each
+# word's weight); byte-pair merges are learned from them so that prompts tokenize into
+# words and word pieces instead of single bytes.
+_MERGE_CORPUS = """
+a an the of and or in on at to with from by for as is are was be it its this that these
+those there here not no yes all any some many much more most few one two three four five
+six seven eight nine ten first second last new old young big small large little tiny huge
+long short tall high low wide narrow round square left right top bottom front back side
+middle center near far inside outside above below under over behind between next up down
+red orange yellow green blue purple pink brown black white gray grey gold silver dark light
+bright pale colorful golden wooden metal glass stone paper plastic leather cotton wool
+photo photograph picture image painting drawing sketch portrait landscape illustration
+render rendering style art artist artwork oil watercolor pencil charcoal digital cartoon
+anime realistic photorealistic detailed sharp blurry soft hard smooth rough shiny matte
+cat cats dog dogs horse horses bird birds fish cow sheep lion tiger bear wolf fox rabbit
+mouse elephant giraffe zebra monkey owl eagle duck chicken kitten puppy animal animals
+man woman men women person people boy girl child children baby face faces hair eyes nose
+mouth smile smiling hand hands head body wearing hat glasses shirt dress jacket coat shoes
+astronaut robot knight king queen soldier doctor chef farmer
+tree trees forest flower flowers grass leaf leaves garden field mountain mountains hill
+river lake sea ocean beach sand desert snow ice rain cloud clouds sky sun moon star stars
+city street road house houses building buildings tower bridge castle church village room
+kitchen table chair bed window door wall floor roof car cars bus train boat ship plane
+bicycle rocket coffee cup mug tea bowl plate food fruit apple apples orange banana cake
+bread pizza book books lamp clock bottle vase box ball toy sign
+sitting standing running walking flying swimming jumping eating drinking holding looking
+playing sleeping reading riding smiling made covered filled painted lit
+morning evening night sunset sunrise summer winter spring autumn day light shadow
+beautiful pretty cute ugly happy sad angry calm quiet old fashioned modern ancient vintage
+very quite highly ultra best quality high resolution masterpiece trending professional
+""".split()
+
+
+@dataclass(frozen=True)
+class TinyComponent:
+    """One component of the tiny model.
+
+    Attributes:
+        library: The library the class comes from (``diffusers`` or ``transformers``), as
+            written in ``model_index.json``.
+        class_name: The class name, as written in ``model_index.json``.
+        config: The constructor config (read-only; lists are tuples).
+    """
+
+    library: str
+    class_name: str
+    config: Mapping[str, Any]
+
+
+TINY_COMPONENTS: Mapping[str, TinyComponent] = MappingProxyType(
+    {
+        "unet": TinyComponent(
+            "diffusers",
+            "UNet2DConditionModel",
+            MappingProxyType(
+                {
+                    "sample_size": 8,  # 8x8 latents: 64 px images by default
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "layers_per_block": 1,
+                    "block_out_channels": (32, 64),
+                    # SD's pattern cut to two levels: cross-attention at 8x8 (down 0, up 1)
+                    # and at 4x4 (the mid block).
+                    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+                    "cross_attention_dim": _TEXT_DIM,
+                    # diffusers' SD UNets read this as the number of heads.
+                    "attention_head_dim": 4,
+                    "norm_num_groups": 8,
+                }
+            ),
+        ),
+        "vae": TinyComponent(
+            "diffusers",
+            "AutoencoderKL",
+            MappingProxyType(
+                {
+                    "sample_size": 64,
+                    "in_channels": 3,
+                    "out_channels": 3,
+                    # Four blocks, three downsamplings: a factor of 8 like SD's VAE.
+                    "down_block_types": ("DownEncoderBlock2D",) * 4,
+                    "up_block_types": ("UpDecoderBlock2D",) * 4,
+                    "block_out_channels": (16, 32, 32, 32),
+                    "layers_per_block": 1,
+                    "latent_channels": 4,
+                    "norm_num_groups": 8,
+                    "scaling_factor": 0.18215,
+                }
+            ),
+        ),
+        "text_encoder": TinyComponent(
+            "transformers",
+            "CLIPTextModel",
+            MappingProxyType(
+                {
+                    "hidden_size": _TEXT_DIM,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 37,
+                    "projection_dim": _TEXT_DIM,
+                    "vocab_size": _VOCAB_SIZE,
+                    "max_position_embeddings": _MAX_TOKENS,
+                    # The pooled output is read at the EOS token, so the ids must match.
+                    "bos_token_id": _BOS_ID,
+                    "eos_token_id": _EOS_ID,
+                    "pad_token_id": _EOS_ID,
+                }
+            ),
+        ),
+        "tokenizer": TinyComponent(
+            "transformers",
+            "CLIPTokenizer",
+            MappingProxyType(
+                {
+                    "vocab_size": _VOCAB_SIZE,
+                    "model_max_length": _MAX_TOKENS,
+                    "merge_corpus_sha256": hashlib.sha256(
+                        " ".join(_MERGE_CORPUS).encode()
+                    ).hexdigest(),
+                }
+            ),
+        ),
+        # Spelled out in full (not left to diffusers' defaults) so the identity pins every
+        # number the sampler uses; SD 1.x values.
+        "scheduler": TinyComponent(
+            "diffusers",
+            "DDIMScheduler",
+            MappingProxyType(
+                {
+                    "num_train_timesteps": 1000,
+                    "beta_start": 0.00085,
+                    "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear",
+                    "trained_betas": None,
+                    "clip_sample": False,
+                    "set_alpha_to_one": False,
+                    "steps_offset": 1,
+                    "prediction_type": "epsilon",
+                    "thresholding": False,
+                    "dynamic_thresholding_ratio": 0.995,
+                    "clip_sample_range": 1.0,
+                    "sample_max_value": 1.0,
+                    "timestep_spacing": "leading",
+                    "rescale_betas_zero_snr": False,
+                }
+            ),
+        ),
+        # Later: "captioner" (BLIP), "image_encoder" (CLIP vision), "controlnet", "pixel_unet".
+    }
+)
+
+# Written to model_index.json so diffusers' StableDiffusionPipeline loads the folder as is.
+_PIPELINE_CLASS = "StableDiffusionPipeline"
+_ABSENT_PIPELINE_PARTS = ("feature_extractor", "image_encoder", "safety_checker")
+
+
+def _jsonable(value: Any) -> Any:
+    """Deep-copy a frozen config into plain JSON types (mappings to dicts, tuples to lists)."""
+    if isinstance(value, Mapping):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def tiny_identity() -> dict[str, Any]:
+    """What the tiny model is, as JSON: builder version, seed and every component config.
+
+    Cheap (builds and imports nothing), so cache keys and ``plan`` can use it.
+    """
+    return {
+        "builder_version": TINY_BUILDER_VERSION,
+        "seed": TINY_SEED,
+        "components": {
+            name: {
+                "library": component.library,
+                "class_name": component.class_name,
+                "config": _jsonable(component.config),
+            }
+            for name, component in TINY_COMPONENTS.items()
+        },
+    }
+
+
+def tiny_folder_name() -> str:
+    """The folder name ``tiny-<12 hex digits of sha256 over the canonical identity>``."""
+    canonical = json.dumps(tiny_identity(), sort_keys=True, separators=(",", ":"))
+    return f"tiny-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def tiny_scheduler_config() -> dict[str, Any]:
+    """The tiny scheduler's config as its ``scheduler_config.json`` holds it (with the class)."""
+    scheduler = TINY_COMPONENTS["scheduler"]
+    return {"_class_name": scheduler.class_name, **_jsonable(scheduler.config)}
+
+
+def ensure_tiny(models_dir: Path) -> Path:
+    """Return the tiny model's folder under ``models_dir``, building it first if missing.
+
+    The build goes to a staging folder next to the final one and is published with one
+    atomic ``os.rename``, so readers never see a half-written model and concurrent builders
+    are safe: the first rename wins and the others discard their identical copy.
+
+    Args:
+        models_dir: Where built-in models live (created if missing).
+
+    Returns:
+        ``models_dir / tiny_folder_name()``, a folder in the diffusers layout.
+    """
+    final = Path(models_dir) / tiny_folder_name()
+    if (final / "model_index.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build_tiny(staging)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another process published first (the target exists and is not empty).
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def build_tiny(folder: Path) -> None:
+    """Create every tiny component from its config and save it under ``folder``.
+
+    Each component is initialised under its own forked RNG seeded with ``TINY_SEED``, so the
+    weights are the same on every build, do not depend on which other components exist,
+    and the caller's global RNG state is left untouched.
+
+    Args:
+        folder: A new or empty folder to write to.
+    """
+    import torch  # imported here: identity and planning must not pay for torch or diffusers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, component in TINY_COMPONENTS.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            built = _BUILDERS[name](component.config)
+        _save(built, folder / name)
+    _write_model_index(folder)
+
+
+def _save(component: Any, folder: Path) -> None:
+    """Save one component the way a pipeline's ``save_pretrained`` does (safetensors)."""
+    import torch
+
+    if isinstance(component, torch.nn.Module):
+        component.save_pretrained(folder, safe_serialization=True)
+    else:
+        component.save_pretrained(folder)
+
+
+def _write_model_index(folder: Path) -> None:
+    """Write ``model_index.json`` as ``DiffusionPipeline.save_pretrained`` formats it."""
+    import diffusers
+
+    index: dict[str, Any] = {
+        "_class_name": _PIPELINE_CLASS,
+        "_diffusers_version": diffusers.__version__,
+        "requires_safety_checker": False,
+    }
+    index.update({part: [None, None] for part in _ABSENT_PIPELINE_PARTS})
+    index.update({name: [part.library, part.class_name] for name, part in TINY_COMPONENTS.items()})
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    (folder / "model_index.json").write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Builders: one per component, config in, freshly initialised object out.
+
+
+def _build_unet(config: Mapping[str, Any]) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**_jsonable(config))
+
+
+def _build_vae(config: Mapping[str, Any]) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**_jsonable(config))
+
+
+def _build_text_encoder(config: Mapping[str, Any]) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**_jsonable(config)))
+
+
+def _build_tokenizer(config: Mapping[str, Any]) -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab(config["vocab_size"])
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config["model_max_length"])
+
+
+def _build_scheduler(config: Mapping[str, Any]) -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**_jsonable(config))
+
+
+_BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "unet": _build_unet,
+    "vae": _build_vae,
+    "text_encoder": _build_text_encoder,
+    "tokenizer": _build_tokenizer,
+    "scheduler": _build_scheduler,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer's vocabulary: CLIP's byte-level BPE layout, learned from a fixed word list.
+
+
+# Copied from openai/CLIP clip/simple_tokenizer.py (bytes_to_unicode), returning the values.
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters GPT-2 and CLIP use for the bytes, in CLIP's vocab order."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _clip_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Build a CLIP-layout vocabulary of exactly ``vocab_size`` tokens, and its merges.
+
+    Layout as in CLIP: the 256 byte characters, the same with ``</w>`` (word end), the
+    tokens the merges create, then ``<|startoftext|>`` and ``<|endoftext|>`` last.
+    """
+    chars = _bytes_to_unicode()
+    tokens = chars + [char + "</w>" for char in chars]
+    merges, merged_tokens = _learn_merges(_MERGE_CORPUS, vocab_size - len(tokens) - 2)
+    tokens += merged_tokens + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != vocab_size:
+        raise RuntimeError(f"tiny tokenizer has {len(vocab)} tokens, expected {vocab_size}")
+    return vocab, merges
+
+
+def _learn_merges(words: Sequence[str], new_tokens: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """Byte-pair encoding (Sennrich et al. 2016, Algorithm 1) over a fixed word list.
+
+    Words are weighted by Zipf's law from their rank in the list (rank r weighs N / r), so
+    the common words listed first become whole tokens. Each round merges the heaviest
+    adjacent pair; ties go to the smallest pair, so the result never depends on hashing or
+    dict order. Rounds continue until ``new_tokens`` distinct tokens exist (two pairs can
+    spell the same token).
+
+    Returns:
+        The merges in rank order and the new tokens in order of creation.
+    """
+    unique_words = list(dict.fromkeys(words))
+    weights = [len(unique_words) // rank + 1 for rank in range(1, len(unique_words) + 1)]
+    corpus = [[*word[:-1], word[-1] + "</w>"] for word in unique_words]
+    merges: list[tuple[str, str]] = []
+    created: dict[str, None] = {}  # an ordered set
+    while len(created) < new_tokens:
+        pair_weights: Counter[tuple[str, str]] = Counter()
+        for symbols, weight in zip(corpus, weights, strict=True):
+            for pair in pairwise(symbols):
+                pair_weights[pair] += weight
+        if not pair_weights:
+            raise RuntimeError(f"the merge corpus yields only {len(created)} tokens")
+        best = min(pair_weights, key=lambda pair: (-pair_weights[pair], pair))
+        merges.append(best)
+        created[best[0] + best[1]] = None
+        corpus = [_merge_pair(symbols, best) for symbols in corpus]
+    return merges, list(created)
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Replace every adjacent occurrence of ``pair`` in ``symbols`` by its concatenation."""
+    merged: list[str] = []
+    index = 0
+    while index < len(symbols):
+        if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == pair:
+            merged.append(symbols[index] + symbols[index + 1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return merged

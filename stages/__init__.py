@@ -1,0 +1,43 @@
+"""Stage kinds: the one explicit registry the recipe union, schema and README come from.
+
+Adding a kind means adding it to ``STAGE_KINDS``; a duplicate kind fails at import.
+"""
+
+from __future__ import annotations
+
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.decode import DecodeVae
+from editflow.stages.encode import EncodeVae
+from editflow.stages.figure import FigureGrid
+from editflow.stages.invert import InvertDdim
+from editflow.stages.sample import SampleDdim
+
+STAGE_KINDS: tuple[type[StageKind], ...] = (
+    EncodeVae,
+    InvertDdim,
+    SampleDdim,
+    DecodeVae,
+    FigureGrid,
+)
+
+
+def _registry(kinds: tuple[type[StageKind], ...]) -> dict[str, type[StageKind]]:
+    registry: dict[str, type[StageKind]] = {}
+    for kind in kinds:
+        if kind.kind in registry:
+            raise ImportError(f"stage kind {kind.kind!r} is registered twice")
+        registry[kind.kind] = kind
+    return registry
+
+
+KINDS_BY_NAME = _registry(STAGE_KINDS)
+
+__all__ = [
+    "STAGE_KINDS",
+    "KINDS_BY_NAME",
+    "ArtifactType",
+    "Params",
+    "Port",
+    "StageContext",
+    "StageKind",
+]

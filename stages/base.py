@@ -1,0 +1,167 @@
+"""What a stage kind is: typed named ports, a parameter model, a version, and a ``run``.
+
+A stage kind never touches files, recipes or the cache. The engine hands it tensors (and
+strings) keyed by input name plus a :class:`StageContext`, and gets tensors back keyed by
+output name. Everything here is declaration; the method math lives in sibling modules.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class ArtifactType(enum.StrEnum):
+    """The kinds of values that flow between stages. A reference must connect equal types."""
+
+    IMAGE = "image"  # float (N, 3, H, W) in [0, 1]
+    MASK = "mask"  # float (N, 1, H, W) in [0, 1]
+    LATENT = "latent"  # float (N, C, h, w)
+    NOISE_SEQUENCE = "noise_sequence"  # float (T, N, C, h, w), one chunk per step
+    ATTENTION_MAPS = "attention_maps"  # float16, streamed per layer and step
+    TEXT = "text"  # str
+    EMBEDDING = "embedding"  # float (N, tokens, D)
+    DIRECTION = "direction"  # float (1, tokens, D)
+    SCORES = "scores"  # float (N,)
+    WEIGHTS = "weights"  # a state dict delta
+    KEYPOINTS = "keypoints"  # float (N, K, 3): x, y, confidence
+
+
+@dataclass(frozen=True)
+class Port:
+    """One named input or output of a stage kind.
+
+    Attributes:
+        name: The field name in the recipe (inputs) or the reference suffix (outputs).
+        type: The artifact type carried.
+        description: One line for the schema and the README reference.
+        optional: An input that may be left out of the recipe.
+        many: An input that takes a list of references (for example a figure's images).
+        export: An output the engine writes to the output folder (images as PNG).
+    """
+
+    name: str
+    type: ArtifactType
+    description: str
+    optional: bool = False
+    many: bool = False
+    export: bool = False
+
+
+class Params(BaseModel):
+    """Base of every stage's parameter model: strict keys, immutable, documented fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelComponents(Protocol):
+    """The model parts a stage may ask for; loaded on first access, once per run."""
+
+    def get(self, component: str) -> Any:
+        """Return ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` or another part."""
+        ...
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        """The model's own scheduler config (schedulers are always built from it)."""
+        ...
+
+
+def derive_seed(seed: int, *path: str | int) -> int:
+    """Derive a 63-bit seed from the recipe seed and a path such as (stage name, item).
+
+    sha256 over a fixed encoding, so the result never depends on the process, the order in
+    which stages run, or how many other stages draw noise.
+    """
+    digest = hashlib.sha256(struct.pack(">q", seed))
+    for part in path:
+        digest.update(b"\x00" + str(part).encode())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use besides its inputs.
+
+    Attributes:
+        name: The stage's name in the recipe (part of its seed path).
+        seed: The recipe seed.
+        device: Where tensors are computed.
+        dtype: The recipe's compute dtype.
+        models: Lazily loaded model components (``None`` for stages that need none).
+        progress: Called with (step, total) as long work advances.
+        stream_writer: Opens a streamed output (attention maps) that is written step by step
+            instead of returned whole; ``None`` when the engine does not offer one.
+    """
+
+    name: str
+    seed: int
+    device: torch.device
+    dtype: torch.dtype
+    models: ModelComponents | None = None
+    progress: Callable[[int, int], None] = lambda step, total: None
+    stream_writer: Callable[..., Any] | None = None
+
+    def generator(self, item: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (recipe seed, stage name, item)."""
+        return torch.Generator("cpu").manual_seed(derive_seed(self.seed, self.name, item))
+
+
+class StageKind:
+    """Base of a stage kind. Subclasses fill the class attributes and implement ``run``.
+
+    Attributes:
+        kind: ``family.method``, unique across the registry (``invert.ddim``).
+        version: Bumped whenever the numbers a stage produces change; part of its key.
+        description: One line for the schema and the README.
+        params: The pydantic model of the stage's parameters (defaults from METHODS.md).
+        inputs: Named input ports.
+        outputs: Named output ports.
+        seeded: Whether the stage draws random numbers (then the seed and the stage name
+            enter its key).
+        components: Model parts it needs; empty means the model is never loaded for it.
+    """
+
+    kind: ClassVar[str]
+    version: ClassVar[str]
+    description: ClassVar[str]
+    params: ClassVar[type[Params]] = Params
+    inputs: ClassVar[tuple[Port, ...]] = ()
+    outputs: ClassVar[tuple[Port, ...]] = ()
+    seeded: ClassVar[bool] = False
+    components: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def input_port(cls, name: str) -> Port | None:
+        return next((port for port in cls.inputs if port.name == name), None)
+
+    @classmethod
+    def output_port(cls, name: str) -> Port | None:
+        return next((port for port in cls.outputs if port.name == name), None)
+
+    @classmethod
+    def is_seeded(cls, params: Any) -> bool:
+        """Whether this configuration draws random numbers (kinds may depend on params)."""
+        return cls.seeded
+
+    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Compute the outputs from the inputs; every declared output must be returned."""
+        raise NotImplementedError
+
+
+def step_reporter(
+    progress: Callable[[int, int], None], total: int
+) -> Callable[[dict[str, Any]], None]:
+    """Adapt a ``progress(step, total)`` callable to the loops' per-step ``callback(info)``."""
+
+    def report(info: dict[str, Any]) -> None:
+        progress(int(info["i"]) + 1, total)
+
+    return report

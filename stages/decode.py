@@ -1,0 +1,24 @@
+"""Stage ``decode.vae``: latents to images, written to the output folder as PNG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.diffusion import vae_decode
+
+
+class DecodeVae(StageKind):
+    kind = "decode.vae"
+    version = "1"
+    description = "Decode latents to images with the VAE; the images are written as PNG"
+    params = Params
+    inputs = (Port("latents", ArtifactType.LATENT, "Latents, (N, C, h, w)"),)
+    outputs = (
+        Port("images", ArtifactType.IMAGE, "Decoded images in [0, 1], (N, 3, H, W)", export=True),
+    )
+    components = frozenset({"vae"})
+
+    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        vae = ctx.models.get("vae")
+        return {"images": vae_decode(vae, inputs["latents"].to(ctx.device)).cpu()}

@@ -1,0 +1,22 @@
+"""Stage ``encode.vae``: images to latents through the model's VAE (posterior mean)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.diffusion import vae_encode
+
+
+class EncodeVae(StageKind):
+    kind = "encode.vae"
+    version = "1"
+    description = "Encode images to latents with the VAE (posterior mean times scaling factor)"
+    params = Params
+    inputs = (Port("images", ArtifactType.IMAGE, "Images in [0, 1], (N, 3, H, W)"),)
+    outputs = (Port("latents", ArtifactType.LATENT, "Latents x0, (N, C, H/8, W/8)"),)
+    components = frozenset({"vae"})
+
+    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        vae = ctx.models.get("vae")
+        return {"latents": vae_encode(vae, inputs["images"].to(ctx.device)).float()}

@@ -1,0 +1,103 @@
+"""Stage ``figure.grid``: a labelled grid of images, the figure a recipe regenerates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field, model_validator
+
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+
+LABEL_HEIGHT = 14
+PADDING = 4
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One (3, H, W) image in [0, 1] to an 8-bit RGB PIL image (round half to even)."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image to a (1, 3, H, W) float tensor in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def image_grid(
+    tiles: list[torch.Tensor], labels: list[str], columns: int, tile_size: int | None = None
+) -> torch.Tensor:
+    """Arrange images in a grid with a caption under each.
+
+    Args:
+        tiles: Images, each (3, H, W) in [0, 1]; resized (bilinear) to the first's size or to
+            ``tile_size`` (the longer side) when given.
+        labels: One caption per tile ('' for none).
+        columns: Tiles per row.
+        tile_size: Optional display size of the longer side of every tile.
+
+    Returns:
+        (1, 3, H_grid, W_grid) in [0, 1].
+    """
+    height, width = tiles[0].shape[-2:]
+    if tile_size is not None:
+        scale = tile_size / max(height, width)
+        height, width = round(height * scale), round(width * scale)
+    resized = [
+        F.interpolate(tile[None].float(), size=(height, width), mode="bilinear")[0]
+        if tile.shape[-2:] != (height, width)
+        else tile.float()
+        for tile in tiles
+    ]
+    rows = -(-len(resized) // columns)
+    cell_h, cell_w = height + LABEL_HEIGHT + PADDING, width + PADDING
+    canvas = Image.new("RGB", (columns * cell_w + PADDING, rows * cell_h + PADDING), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=10)
+    for index, (tile, label) in enumerate(zip(resized, labels, strict=True)):
+        row, column = divmod(index, columns)
+        left, top = PADDING + column * cell_w, PADDING + row * cell_h
+        canvas.paste(to_pil(tile), (left, top))
+        draw.text((left, top + height + 1), label, fill="black", font=font)
+    return from_pil(canvas)
+
+
+class FigureParams(Params):
+    labels: list[str] | None = Field(
+        None, description="One caption per image (default: the references themselves)"
+    )
+    columns: int | None = Field(None, ge=1, le=64, description="Images per row (default: all)")
+    tile_size: int | None = Field(
+        None, ge=8, le=2048, description="Display size of each tile's longer side"
+    )
+
+    @model_validator(mode="after")
+    def _labels_match_images(self) -> FigureParams:
+        images = getattr(self, "images", None)
+        if self.labels is not None and images is not None and len(self.labels) != len(images):
+            raise ValueError(f"labels has {len(self.labels)} entries but images has {len(images)}")
+        return self
+
+
+class FigureGrid(StageKind):
+    kind = "figure.grid"
+    version = "1"
+    description = "A labelled grid of images (every image of every reference, in order)"
+    params = FigureParams
+    inputs = (Port("images", ArtifactType.IMAGE, "Images to show, in order", many=True),)
+    outputs = (Port("image", ArtifactType.IMAGE, "The figure, (1, 3, H, W)", export=True),)
+
+    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        references: list[str] = list(params.images)
+        labels = list(params.labels or references)
+        tiles, tile_labels = [], []
+        for batch, label in zip(inputs["images"], labels, strict=True):
+            for index, image in enumerate(batch):
+                tiles.append(image)
+                tile_labels.append(label if len(batch) == 1 else f"{label} [{index}]")
+        columns = params.columns or len(tiles)
+        return {"image": image_grid(tiles, tile_labels, columns, params.tile_size)}

@@ -1,0 +1,155 @@
+"""Running recipes end to end on the tiny model: reuse, selective reruns, reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from editflow.cache import Cache
+from editflow.engine.api import run_recipe
+from editflow.engine.events import CollectEvents
+
+QUICKSTART = ROOT / "manifests" / "quickstart.toml"
+# Fewer steps keep the suite fast; the structure of the run is what these tests check.
+FAST = [
+    "stages.invert.num_inference_steps=4",
+    "stages.reconstruct.num_inference_steps=4",
+    "stages.edit.num_inference_steps=4",
+]
+ALL_STAGES = {
+    "encode",
+    "invert",
+    "reconstruct",
+    "edit",
+    "decode_reconstruction",
+    "decode_edit",
+    "figure",
+}
+
+
+def _run(cache: Cache, out: Path, extra: list[str] | None = None, **kwargs):
+    events = CollectEvents()
+    result = run_recipe(
+        QUICKSTART,
+        FAST + (extra or []),
+        cache=cache,
+        out_dir=out,
+        device="cpu",
+        events=events,
+        **kwargs,
+    )
+    return result, events
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))
+    }
+
+
+def test_quickstart_writes_its_figure_and_images(cache: Cache, tmp_path: Path) -> None:
+    result, events = _run(cache, tmp_path / "out")
+    assert set(result.computed) == ALL_STAGES
+    names = sorted(path.name for path in result.written)
+    assert names == ["decode_edit.png", "decode_reconstruction.png", "figure.png"]
+    with Image.open(tmp_path / "out" / "decode_edit.png") as image:
+        assert image.size == (64, 64)
+        assert image.text["editflow:stage"] == "decode_edit"
+        assert image.text["editflow:stage_key"] == result.keys["decode_edit"]
+        assert image.text["editflow:version"]
+        assert len(image.text["editflow:recipe_sha256"]) == 64
+    with Image.open(tmp_path / "out" / "figure.png") as figure:
+        assert figure.width > 3 * 128  # three labelled tiles side by side
+
+
+def test_rerun_hits_every_stage_and_loads_no_model(cache: Cache, tmp_path: Path) -> None:
+    first, first_events = _run(cache, tmp_path / "a")
+    assert first_events.of("loaded"), "the cold run must load model parts"
+    second, events = _run(cache, tmp_path / "b")
+    assert second.computed == []
+    assert set(second.hits) == ALL_STAGES
+    assert events.of("loaded") == []
+    assert second.registry is None
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+
+
+def test_changing_the_edit_prompt_reruns_only_its_dependents(cache: Cache, tmp_path: Path) -> None:
+    _run(cache, tmp_path / "a")
+    result, events = _run(cache, tmp_path / "b", ["stages.edit.prompt=a photo of a horse"])
+    assert set(result.computed) == {"edit", "decode_edit", "figure"}
+    reasons = {event.stage: event.message for event in events.of("running")}
+    assert reasons["edit"] == "params.prompt: 'a photo of a dog' -> 'a photo of a horse'"
+    assert reasons["decode_edit"] == "input 'latents' changed upstream (edit)"
+
+
+def test_two_fresh_runs_give_byte_identical_pngs(tmp_path: Path) -> None:
+    _run(Cache(tmp_path / "c1"), tmp_path / "a")
+    _run(Cache(tmp_path / "c2"), tmp_path / "b")
+    first, second = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert len(first) == 3
+    assert first == second
+
+
+def test_targets_run_only_what_they_need(cache: Cache, tmp_path: Path) -> None:
+    result, _ = _run(cache, tmp_path / "out", targets=["decode_reconstruction"])
+    assert set(result.computed) == {"encode", "invert", "reconstruct", "decode_reconstruction"}
+    assert [path.name for path in result.written] == ["decode_reconstruction.png"]
+
+
+def test_corrupted_entry_is_found_by_verify_and_recomputed(cache: Cache, tmp_path: Path) -> None:
+    first, _ = _run(cache, tmp_path / "a")
+    invert_key = first.keys["invert"]
+    chunk = _largest_chunk(cache, invert_key)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    damaged = cache.verify()
+    assert {damage.key for damage in damaged} == {invert_key}
+    for key in {damage.key for damage in damaged}:
+        cache.discard(key)
+    second, _ = _run(cache, tmp_path / "b")
+    assert second.computed == ["invert"]
+    assert cache.verify() == []
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+
+
+def test_damaged_entry_read_during_a_run_is_recomputed(cache: Cache, tmp_path: Path) -> None:
+    first, _ = _run(cache, tmp_path / "a")
+    chunk = _largest_chunk(cache, first.keys["invert"])
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    # A new edit prompt makes `edit` read invert's (damaged) latents.
+    second, _ = _run(cache, tmp_path / "b", ["stages.edit.prompt=a photo of a horse"])
+    assert "invert" in second.computed
+    assert "edit" in second.computed
+
+
+def _largest_chunk(cache: Cache, key: str) -> Path:
+    root = cache.local_root
+    assert root is not None
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and key in str(p) and "zarr.json" not in p.name and p.suffix != ".json"
+    ]
+    assert files, "expected chunk files for the entry"
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("fmt", ["json"])
+def test_json_recipe_runs_like_toml(tmp_path: Path, cache: Cache, fmt: str) -> None:
+    import json
+    import tomllib
+
+    document = tomllib.loads(QUICKSTART.read_text())
+    path = tmp_path / "quickstart.json"
+    path.write_text(json.dumps(document))
+    toml_result, _ = _run(cache, tmp_path / "a")
+    json_result = run_recipe(path, FAST, cache=cache, out_dir=tmp_path / "b", device="cpu")
+    assert json_result.computed == []  # same stages, same keys: everything hits
+    assert json_result.keys == toml_result.keys
