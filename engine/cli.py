@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_progress()
     try:
         return COMMANDS[args.command](args)
     except EditflowError as error:
@@ -114,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_library_progress() -> None:
+    """diffusers/transformers print their own loading bars; editflow's events replace them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _cache(args: argparse.Namespace):
@@ -220,11 +230,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
             attrs = info.attrs or {}
             print(
                 f"{info.key[:16]}  {attrs.get('kind', '?'):<22} {attrs.get('stage', '?'):<16} "
-                f"{_size(info.nbytes):>10}  {attrs.get('recipe', '')}"
+                f"{_size(info.stored_bytes):>10}  {attrs.get('recipe', '')}"
             )
     elif args.action == "du":
         usage = cache.du()
-        print(f"{usage.entries} entries, {_size(usage.bytes)}")
+        print(f"{usage.entries} entries, {_size(usage.entry_bytes)}")
         if usage.staging_bytes:
             print(f"{_size(usage.staging_bytes)} in unpublished leftovers (editflow cache gc)")
     elif args.action == "verify":
@@ -244,7 +254,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
             cutoff = time.time() - args.older_than_days * 86400
             keep = lambda info: info.created >= cutoff  # noqa: E731
         report = cache.gc(keep=keep)
-        print(report)
+        print(
+            f"removed {len(report.removed_entries)} entries and {report.removed_staging} unpublished "
+            f"leftovers, freed {_size(report.freed_bytes)}"
+        )
     elif args.action == "rm":
         keys = _expand_keys(cache, args.keys)
         print(f"removed {cache.rm(keys)} entries")

@@ -8,9 +8,6 @@ import pytest
 
 from editflow.cache import Cache
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = Path(__file__).resolve().parent / "recipes"
-
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, models_dir: Path) -> None:

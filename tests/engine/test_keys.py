@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from editflow.cache import Cache
 from editflow.engine import keys as keys_module

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES
+from support import RECIPES
 
 from editflow.engine.cli import main
 

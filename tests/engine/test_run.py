@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 from PIL import Image
 
 from editflow.cache import Cache
