@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import fsspec
 import pytest
+
 from editflow.cache import Cache
 
 

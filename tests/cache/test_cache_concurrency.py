@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from editflow.cache import Cache
 
 KEY = "c0" * 32

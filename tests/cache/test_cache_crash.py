@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from editflow.cache import Cache
 
 KEY = "b2" * 32

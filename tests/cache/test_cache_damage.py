@@ -5,6 +5,7 @@ from __future__ import annotations
 import fsspec
 import pytest
 import torch
+
 from editflow.cache import Cache, Damage, DamagedEntryError
 
 KEY = "d4" * 32

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from editflow.cache import Cache
 
+from editflow.cache import Cache
 from editflow.errors import CacheError
 
 KEY = "0a" * 32

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from editflow.cache import Cache, EntryWriter
 
 KEYS = ["e5" * 32, "f6" * 32, "a7" * 32]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from editflow.cache import Cache
 
 KEY = "a1" * 32

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from editflow.engine import models, tiny
 from editflow.engine.models import ModelRegistry, ModelSpec, resolve_model
-
 from editflow.errors import ModelUnavailableError
 
 OLD_NS = 1_600_000_000 * 10**9  # an mtime well outside the "racy" window

@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from support import ROOT
 from PIL import Image
+from support import ROOT
 
 from editflow.cache import Cache
 from editflow.engine.api import run_recipe
