@@ -316,10 +316,11 @@ class Layout:
 
     def _write_temporary(self, path: str, data: bytes) -> str:
         tmp = os.path.join(os.path.dirname(path), f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+        # No fsync: a manifest torn by a power cut fails to parse or to match its checksums,
+        # and a damaged entry is recomputed, so a cache needs no durability (and fsync cost
+        # several ms per stage).
         with open(tmp, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         return tmp
 
 

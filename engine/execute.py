@@ -104,9 +104,7 @@ class InProcessExecutor:
                 session.events(Event("cached", stage.name, stage.kind.kind, stage.key))
             else:
                 self._materialize(stage.name, plan, session, values, result)
-            session.cache.put_record(
-                last_run_record(plan, stage.name), {"key": stage.key, "preimage": stage.preimage}
-            )
+            _remember_last_run(plan, stage, session.cache)
         exports = [
             stage for stage in plan.needed if any(port.export for port in stage.kind.outputs)
         ]
@@ -214,6 +212,14 @@ class InProcessExecutor:
         result.seconds[stage.name] = seconds
         session.events(Event("done", stage.name, kind, stage.key, seconds=seconds))
         return outputs
+
+
+def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
+    """Record this stage's preimage so `plan` can say what changed next time."""
+    name = last_run_record(plan, stage.name)
+    record = cache.get_record(name)
+    if record is None or record.get("key") != stage.key:
+        cache.put_record(name, {"key": stage.key, "preimage": stage.preimage})
 
 
 def _store(

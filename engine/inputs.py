@@ -19,7 +19,7 @@ from PIL import Image
 
 from editflow.engine.keys import file_digest
 from editflow.engine.recipe import InputSection
-from editflow.errors import Problem
+from editflow.errors import EditflowError, Problem
 from editflow.stages import ArtifactType
 
 SKIMAGE_PREFIX = "skimage:"
@@ -69,7 +69,7 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
     if field in ("image", "mask"):
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image.load()
+                image.verify()  # checks structure and checksums without decoding pixels
         except Exception as error:  # PIL raises many types for bad files
             # PIL appends the file object or name; the recipe key already says which file.
             reason = re.sub(r"\s*(<[^>]*>|'[^']*')$", "", str(error)) or type(error).__name__
@@ -84,9 +84,18 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
 
 def load_input(item: ResolvedInput) -> Any:
     """The artifact value of an input: (1, 3, H, W) / (1, 1, H, W) float tensors or text."""
-    field, _ = item.section.source()
+    field, value = item.section.source()
     if field == "text":
         return item.data.decode("utf-8")
+    try:
+        return _load_image(item, field)
+    except OSError as error:  # a file that passed verify() but cannot be decoded
+        raise EditflowError(
+            f"cannot decode image {value!r}: {error}", key=f"inputs.{item.name}.{field}"
+        ) from None
+
+
+def _load_image(item: ResolvedInput, field: str) -> torch.Tensor:
     with Image.open(io.BytesIO(item.data)) as image:
         image = image.convert("RGB" if field == "image" else "L")
         if item.section.size is not None:

@@ -6,10 +6,10 @@ embeddings, knobs; tensors in, tensors out):
 
 - :func:`ddim_sample`: DDIM denoising (Song et al. 2021, eq. 12) with classifier-free
   guidance, one ``DDIMScheduler.step`` per timestep.
-- :func:`ddim_invert`: deterministic DDIM inversion (Song et al. 2021, sec. 4.3; the
-  "reverse ODE" of Dhariwal & Nichol 2021, eq. 13) through ``DDIMInverseScheduler.step``,
+- :func:`ddim_invert`: deterministic DDIM inversion (Song et al. 2021, sec. 4.3: the DDIM
+  ODE integrated from x_0 towards x_T) through ``DDIMInverseScheduler.step``,
   optionally refining each predicted noise with the pix2pix-zero regulariser (Parmar et al.
-  2023, sec. 3.2) before it is used.
+  2023, "noise regularization") before it is used.
 
 Both schedulers must be built from the model's own scheduler config
 (``DDIMInverseScheduler.from_config(cfg)``): their constructor defaults (``clip_sample=True``,
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from editflow.stages.diffusion import NoisePredictor, guided_noise
 
 # Called once per step with {"i": step index, "t": timestep, "x": the new latent, "eps": the
@@ -41,7 +42,7 @@ StepCallback = Callable[[dict[str, Any]], None]
 
 
 def auto_correlation_loss(eps: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """pix2pix-zero auto-correlation loss L_auto (Parmar et al. 2023, sec. 3.2, eq. 2).
+    """pix2pix-zero auto-correlation loss L_auto (Parmar et al. 2023, noise regularization).
 
     For every (sample, channel) map a pyramid is built: level 0 is the map itself, each next
     level is a 2x2 average pooling multiplied by 2 (so that i.i.d. unit-variance noise keeps
@@ -84,7 +85,7 @@ def auto_correlation_loss(eps: torch.Tensor, generator: torch.Generator | None) 
 
 
 def kl_loss(eps: torch.Tensor) -> torch.Tensor:
-    """pix2pix-zero KL loss L_KL to a standard normal (Parmar et al. 2023, sec. 3.2).
+    """pix2pix-zero KL loss L_KL to a standard normal (Parmar et al. 2023, noise reg.).
 
     ``var + mean**2 - 1 - log(var)`` per sample over all its values (unbiased variance and a
     1e-7 floor inside the log, as the released code), summed over the batch so that a batch
@@ -110,7 +111,7 @@ def regularize_noise(
     rounds: int = 5,
     ac_steps: int = 5,
 ) -> torch.Tensor:
-    """pix2pix-zero noise regularisation of one predicted noise (Parmar et al. 2023, eq. 2).
+    """pix2pix-zero noise regularisation of one predicted noise (Parmar et al. 2023).
 
     ``rounds`` times: ``ac_steps`` gradient steps ``eps -= lambda_ac * grad(L_auto) / ac_steps``
     (a fresh set of shifts each), then one step ``eps -= lambda_kl * grad(L_KL)``. A weight of
@@ -136,7 +137,8 @@ def regularize_noise(
                 for _ in range(ac_steps):
                     leaf = eps.detach().requires_grad_(True)
                     (grad,) = torch.autograd.grad(auto_correlation_loss(leaf, generator), leaf)
-                    eps = eps - lambda_ac * grad / ac_steps
+                    # (grad / ac_steps) first, as the released code rounds it.
+                    eps = eps - lambda_ac * (grad / ac_steps)
             if lambda_kl > 0:
                 leaf = eps.detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(kl_loss(leaf), leaf)
@@ -194,7 +196,7 @@ def ddim_invert(
     At each ascending timestep of ``inverse_scheduler`` the (optionally CFG-guided) noise is
     predicted at the current latent and ``DDIMInverseScheduler.step`` moves the latent one
     level noisier. With ``regularize`` the predicted noise is first refined by
-    :func:`regularize_noise` (pix2pix-zero, Parmar et al. 2023, sec. 3.2); for a
+    :func:`regularize_noise` (pix2pix-zero, Parmar et al. 2023); for a
     v-prediction model the regulariser acts on the epsilon implied by the output.
 
     Args:

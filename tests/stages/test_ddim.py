@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+
 from editflow.stages.ddim import ddim_invert, ddim_sample
 
 SD_CONFIG = {

@@ -1,0 +1,184 @@
+"""Core benchmarks: engine overhead, all-hit reruns, cache throughput. Prints ratios.
+
+    python bench/bench_core.py [--steps 50] [--repeats 5]
+
+Every ratio is measured within one run of this script (these machines are shared and
+noisy); nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "manifests" / "quickstart.toml"
+
+
+def _overrides(steps: int) -> list[str]:
+    return [
+        f"stages.invert.num_inference_steps={steps}",
+        f"stages.reconstruct.num_inference_steps={steps}",
+    ]
+
+
+@torch.no_grad()
+def plain_round_trip(
+    components: dict, image: torch.Tensor, prompt: str, steps: int
+) -> torch.Tensor:
+    """encode -> DDIM invert -> DDIM sample -> decode, written directly against diffusers."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    vae, unet = components["vae"], components["unet"]
+    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
+    config = components["scheduler_config"]
+    x = vae.encode(image * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    ids = tokenizer(
+        [prompt], padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids  # fmt: skip
+    embeds = text_encoder(ids)[0]
+    inverse = DDIMInverseScheduler.from_config(config)
+    inverse.set_timesteps(steps)
+    for t in inverse.timesteps:
+        x = inverse.step(unet(x, t, encoder_hidden_states=embeds).sample, t, x).prev_sample
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t, encoder_hidden_states=embeds).sample, t, x).prev_sample
+    return vae.decode(x / vae.config.scaling_factor).sample
+
+
+def bench_overhead(steps: int, repeats: int, work: Path) -> None:
+    from editflow.cache import Cache
+    from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
+    from editflow.engine.inputs import load_input
+    from editflow.engine.models import ModelRegistry
+
+    cache = Cache(work / "warm")
+    plan = plan_recipe(QUICKSTART, _overrides(steps), cache=cache)
+    started = time.perf_counter()
+    registry = ModelRegistry(
+        plan.model, device=torch.device("cpu"), dtype=torch.float32,
+        models_dir=models_dir_for(cache),
+    )  # fmt: skip
+    components = {name: registry.get(name) for name in ("vae", "unet", "tokenizer", "text_encoder")}
+    components["scheduler_config"] = dict(registry.scheduler_config)
+    load_seconds = time.perf_counter() - started
+    image = load_input(plan.inputs["photo"])
+    prompt = plan.stages["invert"].spec.prompt
+
+    plain_round_trip(components, image, prompt, 2)  # warm-up of kernels, not timed
+    engine_times, plain_times = [], []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        plain_round_trip(components, image, prompt, steps)
+        plain_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        run_recipe(
+            QUICKSTART, _overrides(steps), cache=Cache(work / f"cold{repeat}"),
+            out_dir=work / f"out{repeat}", device="cpu", registry=registry,
+            targets=["decode_reconstruction"],
+        )  # fmt: skip
+        engine_times.append(time.perf_counter() - started)
+    plain, engine = statistics.median(plain_times), statistics.median(engine_times)
+    print(f"round trip, tiny, 64 px, {steps}+{steps} DDIM steps, median of {repeats}:")
+    print(f"  plain diffusers loop      {plain * 1000:8.1f} ms")
+    print(f"  editflow run (cold cache) {engine * 1000:8.1f} ms   ratio {engine / plain:.3f}x")
+    print(f"  model load (separate)     {load_seconds * 1000:8.1f} ms")
+
+
+def bench_rerun(steps: int, work: Path) -> None:
+    from editflow.cache import Cache
+    from editflow.engine.api import run_recipe
+    from editflow.engine.events import CollectEvents
+
+    cache = Cache(work / "rerun")
+    timings, loads = [], []
+    for _ in range(2):
+        events = CollectEvents()
+        started = time.perf_counter()
+        run_recipe(
+            QUICKSTART, _overrides(steps), cache=cache, out_dir=work / "rerun-out",
+            device="cpu", events=events,
+        )  # fmt: skip
+        timings.append(time.perf_counter() - started)
+        loads.append(len(events.of("loaded")))
+    cold, warm = timings
+    print(f"quickstart ({steps} steps), cold run incl. model load vs all-hit rerun:")
+    print(f"  cold {cold * 1000:8.1f} ms ({loads[0]} model loads)")
+    print(
+        f"  hit  {warm * 1000:8.1f} ms ({loads[1]} model loads)   {100 * warm / cold:.2f}% of cold"
+    )
+
+
+def bench_cache_throughput(work: Path, repeats: int) -> None:
+    from editflow.cache import Cache
+
+    noise = torch.randn(100, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    megabytes = noise.numel() * 4 / 2**20
+    writes, reads, steps = [], [], []
+    for repeat in range(repeats):
+        cache = Cache(work / f"throughput{repeat}")
+        started = time.perf_counter()
+        entry = cache.put(
+            f"{repeat:064x}", {"noise_maps": noise}, {}, stream_axis={"noise_maps": 0}
+        )
+        writes.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        read = cache.get(entry.key).tensor("noise_maps")
+        reads.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        cache.get(entry.key).step("noise_maps", 50)
+        steps.append(time.perf_counter() - started)
+        assert torch.equal(read, noise)
+    on_disk = sum(p.stat().st_size for p in (work / "throughput0").rglob("*") if p.is_file())
+    write, read_time, step = (statistics.median(x) for x in (writes, reads, steps))
+    print(f"cache, noise sequence 100x4x64x64 fp32 ({megabytes:.2f} MiB), median of {repeats}:")
+    print(f"  write {megabytes / write:8.1f} MiB/s   read {megabytes / read_time:8.1f} MiB/s")
+    print(f"  one step read {step * 1000:.2f} ms vs whole {read_time * 1000:.1f} ms")
+    print(
+        f"  on disk {on_disk / 2**20:.2f} MiB ({100 * on_disk / (megabytes * 2**20):.0f}% of raw;"
+        " standard normal noise barely compresses)"
+    )
+
+
+def bench_process_start() -> None:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "editflow", "--version"], check=True, capture_output=True)
+    print(
+        f"process start (python -m editflow --version): {(time.perf_counter() - started) * 1000:.0f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (1 keeps shared 2-core machines from oversubscribing)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        os.environ.setdefault("EDITFLOW_MODELS", str(work / "models"))
+        bench_overhead(args.steps, args.repeats, work)
+        bench_rerun(args.steps, work)
+        bench_cache_throughput(work, args.repeats)
+        bench_process_start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Stage ``direction.pix2pix_zero``: text-embedding edit directions without a language model.
+
+pix2pix-zero (Parmar et al., SIGGRAPH 2023) edits along
+``Delta c_edit = mean(E(target sentences)) - mean(E(source sentences))``, E the model's text
+encoder with its full 77-token output. The released code asks GPT-3 for about 1000
+sentences per word; editflow ships template banks instead (every template combined with
+every context, a few hundred sentences per word) and accepts a user file of sentences, one
+per line, for either side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import torch
+from pydantic import Field, model_validator
+
+from editflow.errors import EditflowError
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.diffusion import encode_prompts
+
+# "{}" receives the word with its indefinite article ("a cat", "an owl").
+TEMPLATES: tuple[str, ...] = (
+    "a photo of {}",
+    "a close-up photo of {}",
+    "a blurry photo of {}",
+    "a bright photo of {}",
+    "a dark photo of {}",
+    "a black and white photo of {}",
+    "a cropped photo of {}",
+    "a good photo of {}",
+    "a low resolution photo of {}",
+    "a high resolution photo of {}",
+    "a vintage photo of {}",
+    "a professional photograph of {}",
+    "a snapshot of {}",
+    "a picture of {}",
+    "an image of {}",
+    "a painting of {}",
+    "an oil painting of {}",
+    "a watercolor painting of {}",
+    "a drawing of {}",
+    "a pencil sketch of {}",
+    "a cartoon of {}",
+    "a 3d render of {}",
+    "a digital illustration of {}",
+    "a portrait of {}",
+)
+
+CONTEXTS: tuple[str, ...] = (
+    "",
+    " in a field",
+    " on the street",
+    " in a room",
+    " at the beach",
+    " in the snow",
+    " in a forest",
+    " at night",
+    " in the city",
+    " in a garden",
+)
+
+_ARTICLES = ("a ", "an ", "the ")
+
+
+def _with_article(word: str) -> str:
+    if word.lower().startswith(_ARTICLES):
+        return word
+    return f"an {word}" if word[0].lower() in "aeiou" else f"a {word}"
+
+
+def sentences_for(word: str) -> list[str]:
+    """The built-in sentence bank about ``word``: every template with every context.
+
+    Args:
+        word: A noun or short noun phrase (``cat``, ``horse``, ``the sea``).
+
+    Returns:
+        ``len(TEMPLATES) * len(CONTEXTS)`` (240) distinct sentences, in a fixed order.
+    """
+    word = " ".join(word.split())
+    if not word:
+        raise ValueError("the word for a sentence bank is empty")
+    phrase = _with_article(word)
+    sentences = [
+        template.format(phrase) + context for template in TEMPLATES for context in CONTEXTS
+    ]
+    return list(dict.fromkeys(sentences))
+
+
+def read_sentence_file(text: str) -> list[str]:
+    """Parse a user sentence file: one sentence per line, surrounding blanks stripped.
+
+    Args:
+        text: The file's contents.
+
+    Returns:
+        The non-blank lines, in file order (duplicates kept: they weigh the mean).
+
+    Raises:
+        ValueError: When no line holds a sentence.
+    """
+    sentences = [line.strip() for line in text.splitlines() if line.strip()]
+    if not sentences:
+        raise ValueError("the sentence file has no sentences: write one sentence per line")
+    return sentences
+
+
+@torch.no_grad()
+def bank_mean(
+    tokenizer: Any, text_encoder: Any, sentences: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """Mean text-encoder output of a sentence bank (Parmar et al. 2023).
+
+    Encodes in batches (full padded 77-token output, as Stable Diffusion conditions on it) and
+    averages with a float64 running sum, so memory does not grow with the bank.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        text_encoder: The model's text encoder.
+        sentences: The bank, at least one sentence.
+        batch_size: Sentences per text-encoder call.
+
+    Returns:
+        (1, tokens, D) mean embedding, in the text encoder's dtype.
+    """
+    if not sentences:
+        raise ValueError("cannot average an empty sentence bank")
+    total = None
+    for start in range(0, len(sentences), batch_size):
+        embeds = encode_prompts(tokenizer, text_encoder, sentences[start : start + batch_size])
+        batch_sum = embeds.double().sum(dim=0, keepdim=True)
+        total = batch_sum if total is None else total + batch_sum
+        dtype = embeds.dtype
+    return (total / len(sentences)).to(dtype)
+
+
+def edit_direction(
+    source_mean: torch.Tensor, target_mean: torch.Tensor, multiplier: float = 1.0
+) -> torch.Tensor:
+    """pix2pix-zero edit direction ``mean_target - mean_source`` (Parmar et al. 2023).
+
+    Args:
+        source_mean: (1, tokens, D) mean embedding of the source bank.
+        target_mean: (1, tokens, D) mean embedding of the target bank.
+        multiplier: Scales the direction (negative reverses the edit).
+
+    Returns:
+        (1, tokens, D) direction.
+    """
+    return multiplier * (target_mean - source_mean)
+
+
+class DeriveDirectionParams(Params):
+    source_word: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="Word whose built-in sentence bank is the source (e.g. cat)",
+    )
+    target_word: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="Word whose built-in sentence bank is the target (e.g. dog)",
+    )
+    multiplier: float = Field(
+        1.0, ge=-10.0, le=10.0, description="Scale of the direction (negative reverses it)"
+    )
+
+    @model_validator(mode="after")
+    def _distinct_words(self) -> Self:
+        if (
+            self.source_word is not None
+            and self.target_word is not None
+            and " ".join(self.source_word.split()).lower()
+            == " ".join(self.target_word.split()).lower()
+        ):
+            raise ValueError(
+                f"source_word and target_word are both {self.source_word!r}: the direction"
+                " would be zero"
+            )
+        return self
+
+
+class DeriveDirection(StageKind):
+    """pix2pix-zero edit direction from two sentence banks (built-in templates or files)."""
+
+    kind = "direction.pix2pix_zero"
+    version = "1"
+    description = "Edit direction mean(E(target sentences)) - mean(E(source sentences))"
+    params = DeriveDirectionParams
+    inputs = (
+        Port(
+            "source_sentences",
+            ArtifactType.TEXT,
+            "Source sentences, one per line (replaces source_word's built-in bank)",
+            optional=True,
+        ),
+        Port(
+            "target_sentences",
+            ArtifactType.TEXT,
+            "Target sentences, one per line (replaces target_word's built-in bank)",
+            optional=True,
+        ),
+    )
+    outputs = (
+        Port("direction", ArtifactType.DIRECTION, "Edit direction (1, 77, D)"),
+        Port("source_mean", ArtifactType.EMBEDDING, "Mean embedding of the source bank"),
+        Port("target_mean", ArtifactType.EMBEDDING, "Mean embedding of the target bank"),
+    )
+    components = frozenset({"text_encoder", "tokenizer"})
+
+    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        tokenizer = ctx.models.get("tokenizer")
+        text_encoder = ctx.models.get("text_encoder")
+        # Both banks are checked before the (slow) encoding, so every problem shows at once.
+        banks = {side: self._sentences(ctx, params, inputs, side) for side in ("source", "target")}
+        means = {side: bank_mean(tokenizer, text_encoder, bank) for side, bank in banks.items()}
+        direction = edit_direction(means["source"], means["target"], params.multiplier)
+        return {
+            "direction": direction,
+            "source_mean": means["source"],
+            "target_mean": means["target"],
+        }
+
+    @staticmethod
+    def _sentences(ctx: StageContext, params: Any, inputs: dict[str, Any], side: str) -> list[str]:
+        text = inputs.get(f"{side}_sentences")
+        if text is not None:
+            try:
+                return read_sentence_file(text)
+            except ValueError as error:
+                raise EditflowError(
+                    str(error),
+                    key=f"stages.{ctx.name}.{side}_sentences",
+                    hint=f"or leave it out to use {side}_word's built-in bank",
+                ) from None
+        word = getattr(params, f"{side}_word")
+        if word is None or not word.strip():
+            raise EditflowError(
+                f"no {side} sentences",
+                key=f"stages.{ctx.name}",
+                hint=f"set {side}_word or connect {side}_sentences to a text file",
+            )
+        return sentences_for(word)
