@@ -21,6 +21,7 @@ from editflow.engine.keys import key_of
 from editflow.engine.models import ModelRegistry
 from editflow.engine.outputs import export_images
 from editflow.engine.plan import Plan, PlannedStage, describe_change, producer_of
+from editflow.engine.streams import STREAMS_ATTR, StreamedMaps, StreamWriter
 from editflow.errors import EditflowError, StageFailedError
 from editflow.stages import ArtifactType, StageContext
 
@@ -131,7 +132,7 @@ class InProcessExecutor:
         entry = session.cache.get(stage.key)
         if entry is not None:
             try:
-                values[name] = _read_outputs(stage, entry)
+                values[name] = _read_outputs(stage, entry, session.cache)
                 return values[name]
             except DamagedEntryError as error:
                 session.cache.discard(stage.key)
@@ -182,32 +183,52 @@ class InProcessExecutor:
         def progress(step: int, total: int) -> None:
             session.events(Event("step", stage.name, kind, stage.key, step=step, total=total))
 
-        ctx = StageContext(
-            name=stage.name,
-            seed=plan.loaded.recipe.seed,
-            device=session.device,
-            dtype=DTYPES[plan.loaded.recipe.model.dtype],
-            models=session.models(plan) if stage.kind.components else None,
-            progress=progress,
-        )
+        attrs = {
+            "preimage": stage.preimage,
+            "recipe": str(plan.loaded.path),
+            "stage": stage.name,
+            "kind": kind,
+            "outputs": {port.name: port.type.value for port in stage.kind.outputs},
+            "device": str(session.device),
+        }
+        streams: dict[str, StreamWriter] = {}
         started = time.perf_counter()
-        try:
-            outputs = stage.kind().run(ctx, stage.spec, inputs)
-        except EditflowError as error:
-            session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
-            raise StageFailedError(
-                f"stage {stage.name!r} ({kind}) failed: {error.render()}",
-                file=str(plan.loaded.path),
-                key=f"stages.{stage.name}",
-            ) from None
-        except BaseException as error:
-            session.events(Event("failed", stage.name, kind, stage.key, message=repr(error)))
-            raise
-        seconds = time.perf_counter() - started
-        missing = {port.name for port in stage.kind.outputs} - set(outputs)
-        if missing:
-            raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
-        _store(stage, outputs, plan, session, seconds)
+        with session.cache.writer(stage.key, attrs) as entry_writer:
+
+            def open_stream(output: str, *, layers: Any, dtype: torch.dtype) -> StreamWriter:
+                port = stage.kind.output_port(output)
+                if port is None or port.type not in STREAMED:
+                    raise RuntimeError(f"{kind} cannot stream output {output!r}")  # stage bug
+                reader = StreamedMaps(session.cache, stage.key, output)
+                streams[output] = StreamWriter(entry_writer, output, layers, dtype, reader)
+                return streams[output]
+
+            ctx = StageContext(
+                name=stage.name,
+                seed=plan.loaded.recipe.seed,
+                device=session.device,
+                dtype=DTYPES[plan.loaded.recipe.model.dtype],
+                models=session.models(plan) if stage.kind.components else None,
+                progress=progress,
+                stream_writer=open_stream,
+            )
+            try:
+                outputs = stage.kind().run(ctx, stage.spec, inputs)
+            except EditflowError as error:
+                session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
+                raise StageFailedError(
+                    f"stage {stage.name!r} ({kind}) failed: {error.render()}",
+                    file=str(plan.loaded.path),
+                    key=f"stages.{stage.name}",
+                ) from None
+            except BaseException as error:
+                session.events(Event("failed", stage.name, kind, stage.key, message=repr(error)))
+                raise
+            seconds = time.perf_counter() - started
+            missing = {port.name for port in stage.kind.outputs} - set(outputs)
+            if missing:
+                raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
+            _write_outputs(stage, outputs, entry_writer, streams, seconds)
         result.computed.append(stage.name)
         result.seconds[stage.name] = seconds
         session.events(Event("done", stage.name, kind, stage.key, seconds=seconds))
@@ -222,38 +243,46 @@ def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
         cache.put_record(name, {"key": stage.key, "preimage": stage.preimage})
 
 
-def _store(
-    stage: PlannedStage, outputs: dict[str, Any], plan: Plan, session: Session, seconds: float
+def _write_outputs(
+    stage: PlannedStage,
+    outputs: dict[str, Any],
+    entry_writer: Any,
+    streams: dict[str, StreamWriter],
+    seconds: float,
 ) -> None:
-    texts = {
-        port.name: outputs[port.name]
-        for port in stage.kind.outputs
-        if port.type == ArtifactType.TEXT
-    }
-    attrs = {
-        "preimage": stage.preimage,
-        "recipe": str(plan.loaded.path),
-        "stage": stage.name,
-        "kind": stage.kind.kind,
-        "outputs": {port.name: port.type.value for port in stage.kind.outputs},
-        "texts": texts,
-        "seconds": seconds,
-        "device": str(session.device),
-    }
-    with session.cache.writer(stage.key, attrs) as writer:
-        for port in stage.kind.outputs:
-            if port.type == ArtifactType.TEXT:
-                continue
-            value = outputs[port.name]
+    """Put a stage's outputs into its open cache entry (streamed ones are already there)."""
+    texts = {}
+    for port in stage.kind.outputs:
+        value = outputs[port.name]
+        if port.type == ArtifactType.TEXT:
+            texts[port.name] = value
+        elif port.name in streams:
+            continue
+        elif port.type == ArtifactType.ATTENTION_MAPS:
+            # A stage that kept its maps in memory: store them whole, one chunk per step.
+            layers = {layer: (value.num_steps, *shape) for layer, shape in value.layers.items()}
+            streams[port.name] = writer = StreamWriter(
+                entry_writer, port.name, layers, torch.float16, reader=None
+            )
+            for step in range(value.num_steps):
+                writer.write(step, value.step(step))
+        else:
             stream_axis = 0 if port.type in STREAMED else None
-            writer.write(port.name, value.detach().cpu(), stream_axis=stream_axis)
+            entry_writer.write(port.name, value.detach().cpu(), stream_axis=stream_axis)
+    entry_writer.set_attrs(
+        texts=texts,
+        seconds=seconds,
+        **{STREAMS_ATTR: {name: writer.description() for name, writer in streams.items()}},
+    )
 
 
-def _read_outputs(stage: PlannedStage, entry: Any) -> dict[str, Any]:
+def _read_outputs(stage: PlannedStage, entry: Any, cache: Cache) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     for port in stage.kind.outputs:
         if port.type == ArtifactType.TEXT:
             outputs[port.name] = entry.attrs["texts"][port.name]
+        elif port.type == ArtifactType.ATTENTION_MAPS:
+            outputs[port.name] = StreamedMaps(cache, stage.key, port.name)
         else:
             outputs[port.name] = entry.tensor(port.name)
     return outputs

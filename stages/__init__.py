@@ -7,15 +7,20 @@ from __future__ import annotations
 
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.decode import DecodeVae
+from editflow.stages.direction import DeriveDirection
 from editflow.stages.encode import EncodeVae
 from editflow.stages.figure import FigureGrid
 from editflow.stages.invert import InvertDdim
+from editflow.stages.pix2pix_zero import GuidePix2PixZeroReference, SamplePix2PixZero
 from editflow.stages.sample import SampleDdim
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     EncodeVae,
     InvertDdim,
+    DeriveDirection,
+    GuidePix2PixZeroReference,
     SampleDdim,
+    SamplePix2PixZero,
     DecodeVae,
     FigureGrid,
 )

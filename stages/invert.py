@@ -43,7 +43,15 @@ class InvertDdim(StageKind):
     version = "1"
     description = "DDIM inversion x0 -> x_T with the model's scheduler config"
     params = InvertDdimParams
-    inputs = (Port("latents", ArtifactType.LATENT, "Clean latents x0"),)
+    inputs = (
+        Port("latents", ArtifactType.LATENT, "Clean latents x0"),
+        Port(
+            "caption",
+            ArtifactType.TEXT,
+            "Text to condition on (e.g. a caption stage's output); replaces `prompt`",
+            optional=True,
+        ),
+    )
     outputs = (
         Port("latents", ArtifactType.LATENT, "Inverted latents x_T"),
         Port("trajectory", ArtifactType.NOISE_SEQUENCE, "x_t after each inversion step"),
@@ -58,7 +66,8 @@ class InvertDdim(StageKind):
     def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         models = ctx.models
         tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
-        cond = encode_prompts(tokenizer, text_encoder, [params.prompt])
+        prompt = inputs.get("caption", params.prompt)
+        cond = encode_prompts(tokenizer, text_encoder, [prompt])
         uncond = None
         if params.guidance_scale != 1.0:
             uncond = encode_prompts(tokenizer, text_encoder, [params.negative_prompt])

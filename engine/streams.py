@@ -1,0 +1,108 @@
+"""Streamed artifacts: attention maps written to the cache step by step and read back the
+same way, so neither the stage that records them nor the one that consumes them ever holds
+the whole sequence in memory.
+
+Protocol seen by stages (see ``stages/pix2pix_zero.py``): ``ctx.stream_writer(output,
+layers={layer: (steps, *per_step_shape)}, dtype=...)`` returns an object with
+``write(step, {layer: tensor})`` and ``close() -> handle``; the handle is the stage's output
+value. A consumer receives a :class:`StreamedMaps` with ``num_steps``, ``layers`` and
+``step(i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from editflow.cache import Cache
+
+STREAMS_ATTR = "streams"
+
+
+class StreamWriter:
+    """Writes one streamed output of a stage into the stage's open cache entry."""
+
+    def __init__(
+        self,
+        entry_writer: Any,
+        output: str,
+        layers: Mapping[str, tuple[int, ...]],
+        dtype: torch.dtype,
+        reader: StreamedMaps,
+    ) -> None:
+        self.arrays = {layer: f"{output}.{index}" for index, layer in enumerate(layers)}
+        self.num_steps = next(iter(layers.values()))[0] if layers else 0
+        self.handles = {
+            layer: entry_writer.create_stream(self.arrays[layer], tuple(shape), dtype)
+            for layer, shape in layers.items()
+        }
+        self.layers = {layer: tuple(shape[1:]) for layer, shape in layers.items()}
+        self.written = 0
+        self.reader = reader
+
+    def write(self, step: int, maps: Mapping[str, torch.Tensor]) -> None:
+        if step != self.written:
+            raise RuntimeError(
+                f"stream steps must come in order: got {step}, expected {self.written}"
+            )
+        for layer, handle in self.handles.items():
+            handle[step] = maps[layer]
+        self.written += 1
+
+    def close(self) -> StreamedMaps:
+        if self.written != self.num_steps:
+            raise RuntimeError(f"stream closed after {self.written} of {self.num_steps} steps")
+        return self.reader
+
+    def description(self) -> dict[str, Any]:
+        """What the entry's attributes record so a reader can find the arrays again."""
+        return {
+            "num_steps": self.num_steps,
+            "layers": {
+                layer: [self.arrays[layer], list(shape)] for layer, shape in self.layers.items()
+            },
+        }
+
+
+class StreamedMaps:
+    """Reads a streamed output back from the cache one step at a time.
+
+    Created before the entry is published (the producing stage returns it), so the entry is
+    looked up on first use.
+    """
+
+    def __init__(self, cache: Cache, key: str, output: str) -> None:
+        self.cache, self.key, self.output = cache, key, output
+        self._entry: Any = None
+        self.bytes_read = 0
+
+    def _open(self) -> Any:
+        if self._entry is None:
+            self._entry = self.cache.get(self.key)
+            if self._entry is None:
+                raise RuntimeError(f"streamed output {self.output} of {self.key} is not published")
+        return self._entry
+
+    @property
+    def _description(self) -> dict[str, Any]:
+        return self._open().attrs[STREAMS_ATTR][self.output]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self._description["num_steps"])
+
+    @property
+    def layers(self) -> dict[str, tuple[int, ...]]:
+        return {layer: tuple(shape) for layer, (_, shape) in self._description["layers"].items()}
+
+    def step(self, index: int) -> dict[str, torch.Tensor]:
+        """The maps of one step, read from one chunk per layer."""
+        entry = self._open()
+        maps = {
+            layer: entry.step(array, index)
+            for layer, (array, _) in self._description["layers"].items()
+        }
+        self.bytes_read += sum(tensor.numel() * tensor.element_size() for tensor in maps.values())
+        return maps
