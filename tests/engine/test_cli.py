@@ -129,3 +129,42 @@ def test_run_on_an_fsspec_memory_cache_then_all_hits(tmp_path: Path, capsys) -> 
     assert code == 0
     assert "running" not in types and "loaded" not in types
     assert types.count("cached") == 7
+
+
+def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Path, capsys) -> None:
+    from editflow.cache import Cache
+    from editflow.engine.api import plan_recipe
+
+    recipe = str(ROOT / "manifests" / "pix2pix_zero" / "custom_sentences.toml")
+    cache = tmp_path / "cache"
+    argv = [
+        "run",
+        recipe,
+        "--cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "o"),
+        "--target",
+        "guided",
+    ]
+    overrides = [f"stages.{n}.num_inference_steps=2" for n in ("invert", "reference", "guided")]
+    overrides.append("stages.invert.regularize_rounds=1")
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    # Drop the reference maps from the guided edit: the stage itself finds the problem.
+    text = Path(recipe).read_text().replace('attention_maps = "reference.attention_maps"\n', "")
+    edited = tmp_path / "no_maps.toml"
+    edited.write_text(text)
+    for name in ("cat.txt", "dog.txt"):
+        (tmp_path / name).write_text((Path(recipe).parent / name).read_text())
+    argv[1] = str(edited)
+    code, _, err = _run(capsys, *argv, *sets)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"{edited}: stages.guided: stage 'guided' (sample.pix2pix_zero) failed: "
+        "stages.guided.attention_maps: xa_guidance is 0.1 but no attention_maps are connected "
+        "(connect a guide.attention_reference stage or set xa_guidance = 0)"
+    )
+    plan = plan_recipe(edited, overrides, cache=Cache(cache))
+    assert not Cache(cache).has(plan.stages["guided"].key)
+    assert Cache(cache).has(plan.stages["invert"].key)  # finished stages stay cached
+    assert not (tmp_path / "o").exists()
