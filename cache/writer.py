@@ -40,9 +40,21 @@ ZSTD_LEVEL = 1
 SHARD_BYTES = 64 * 2**20
 """Target shard size for streamed arrays on object stores (few objects, one-chunk reads)."""
 
+MIN_CHUNK_BYTES = 64 * 2**10
+"""Steps smaller than this share a chunk (see chunk_layout)."""
+
+LOCAL_SHARD_BYTES = 16 * 2**20
+"""Target shard size on local disk: writing one small file per step costs a few ms each, so
+a 100-step noise sequence would spend more time in the file system than in zstd. A shard
+still holds one chunk per step, read alone through the shard index."""
+
 
 def chunk_layout(
-    shape: tuple[int, ...], itemsize: int, stream_axis: int | None, sharded: bool
+    shape: tuple[int, ...],
+    itemsize: int,
+    stream_axis: int | None,
+    sharded: bool,
+    shard_bytes: int = SHARD_BYTES,
 ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """Choose zarr chunks (and shards) for an array.
 
@@ -59,11 +71,16 @@ def chunk_layout(
     full = tuple(max(1, size) for size in shape)
     if stream_axis is None:
         return full, None
-    chunks = full[:stream_axis] + (1,) + full[stream_axis + 1 :]
+    steps = full[stream_axis]
+    step_bytes = max(1, math.prod(full) // steps * itemsize)
+    # One step per chunk once a step is big (an SD latent is 64 KiB); tiny steps are grouped,
+    # since zarr's per-chunk cost would then dominate reading and writing them.
+    per_chunk = max(1, min(steps, MIN_CHUNK_BYTES // step_bytes))
+    chunks = full[:stream_axis] + (per_chunk,) + full[stream_axis + 1 :]
     if not sharded:
         return chunks, None
-    step_bytes = max(1, math.prod(chunks) * itemsize)
-    per_shard = max(1, min(full[stream_axis], SHARD_BYTES // step_bytes))
+    per_shard = max(1, shard_bytes // step_bytes) // per_chunk * per_chunk
+    per_shard = min(max(per_chunk, per_shard), -(-steps // per_chunk) * per_chunk)
     if per_shard == 1:
         return chunks, None
     return chunks, full[:stream_axis] + (per_shard,) + full[stream_axis + 1 :]
@@ -311,8 +328,9 @@ class EntryWriter:
         self, name: str, shape: tuple[int, ...], dtype: np.dtype, axis: int | None
     ) -> tuple[zarr.Array, tuple[int, ...], tuple[int, ...] | None]:
         assert self._group is not None
-        sharded = self._layout.local_root is None
-        chunks, shards = chunk_layout(shape, dtype.itemsize, axis, sharded)
+        local = self._layout.local_root is not None
+        shard_bytes = LOCAL_SHARD_BYTES if local else SHARD_BYTES
+        chunks, shards = chunk_layout(shape, dtype.itemsize, axis, True, shard_bytes)
         array = self._group.create_array(
             name,
             shape=shape,

@@ -43,12 +43,19 @@ def test_stream_array_and_attrs_round_trip(cache: Cache) -> None:
     assert entry.attrs == attrs
     info = entry.arrays["noise_maps"]
     assert info.shape == (10, 1, 4, 8, 8)
-    assert info.chunks == (1, 1, 4, 8, 8)
+    assert info.chunks == (10, 1, 4, 8, 8)  # 1 KiB steps share a chunk
     assert info.stream_axis == 0
-    assert (info.shards is not None) == (not cache.is_local)  # object stores shard streams
     assert torch.equal(entry.tensor("noise_maps"), noise_maps)
     for step in (0, 4, -1):
         assert torch.equal(entry.step("noise_maps", step), noise_maps[step])
+
+
+def test_big_steps_get_one_chunk_each_inside_shards(cache: Cache) -> None:
+    noise_maps = torch.randn(6, 1, 4, 64, 64)  # SD 1.x latents: 64 KiB per step
+    cache.put(KEY, {"noise_maps": noise_maps}, {}, stream_axis={"noise_maps": 0})
+    info = cache.get(KEY).arrays["noise_maps"]
+    assert info.chunks == (1, 1, 4, 64, 64)
+    assert info.shards == (6, 1, 4, 64, 64)  # few files, each step still read alone
 
 
 def test_numpy_arrays_and_scalars_come_back_as_tensors(cache: Cache) -> None:
@@ -80,7 +87,7 @@ def test_tensors_handed_out_are_fresh_copies(cache: Cache) -> None:
 
 
 def test_step_reads_one_chunk_not_the_whole_array(cache: Cache) -> None:
-    attention_maps = torch.randn(10, 1, 4, 32, 32)  # random: compresses poorly, sizes are real
+    attention_maps = torch.randn(10, 1, 4, 64, 64)  # random: compresses poorly, sizes are real
     cache.put(KEY, {"attention_maps": attention_maps}, {}, stream_axis={"attention_maps": 0})
     entry = cache.get(KEY)
     entry.step("attention_maps", 0)  # opens the array (reads its metadata once)
@@ -91,7 +98,7 @@ def test_step_reads_one_chunk_not_the_whole_array(cache: Cache) -> None:
     read_requests = entry.reads.requests - before[1]
 
     assert torch.equal(step, attention_maps[7])
-    assert read_requests <= 2  # the chunk (plus the shard index on object stores)
+    assert read_requests <= 2  # the chunk plus the shard index
     assert read_bytes < entry.stored_bytes / 5
     whole = entry.reads.bytes
     entry.tensor("attention_maps")
