@@ -106,8 +106,6 @@ class ProgressDisplay:
             task = self.tasks[event.stage]
             total = self.progress.tasks[task].total or 1
             self.progress.update(task, completed=total, total=total)
-        elif event.type == "failed":
-            self.console.print(f"  [red]failed[/red] {label}: {event.message}")
         elif event.type == "written":
             self.console.print(f"  wrote {event.message}")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.decode import DecodeVae
 from editflow.stages.direction import DeriveDirection
+from editflow.stages.edit_friendly import InvertEditFriendly, SampleEditFriendly
+from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
 from editflow.stages.encode import EncodeVae
 from editflow.stages.figure import FigureGrid
 from editflow.stages.invert import InvertDdim
@@ -17,12 +19,15 @@ from editflow.stages.sample import SampleDdim
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     EncodeVae,
     InvertDdim,
+    InvertEditFriendly,
     DeriveDirection,
     GuidePix2PixZeroReference,
     SampleDdim,
+    SampleEditFriendly,
     SamplePix2PixZero,
     DecodeVae,
     FigureGrid,
+    FigureNoiseStatistics,
 )
 
 
