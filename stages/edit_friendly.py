@@ -728,8 +728,22 @@ def _colour_guidance(
     ctx: StageContext, params: Any, inputs: dict[str, Any], latent_size: tuple[int, int]
 ) -> ColourGuidance | None:
     mask, image = inputs.get("colour_mask"), inputs.get("colour_image")
-    if mask is None or params.colour_strength == 0:
-        return None  # the params validator already refused half-given colour inputs
+    if (mask is None) != (image is None):  # recipes are refused earlier, by the validator
+        missing = "colour_image" if image is None else "colour_mask"
+        raise EditflowError(
+            "colour_mask and colour_image must be given together",
+            key=f"stages.{ctx.name}.{missing}",
+        )
+    if mask is None:
+        if params.colour_strength > 0:
+            raise EditflowError(
+                "colour_strength > 0 needs the colour_mask and colour_image inputs",
+                key=f"stages.{ctx.name}.colour_strength",
+                hint="add both inputs or set colour_strength = 0",
+            )
+        return None
+    if params.colour_strength == 0:
+        return None
     vae = ctx.models.get("vae")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     expected = (latent_size[0] * factor, latent_size[1] * factor)

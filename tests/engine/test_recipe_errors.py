@@ -8,6 +8,7 @@ import pytest
 from support import RECIPES
 
 from editflow.engine.cli import main
+from editflow.stages import KINDS_BY_NAME
 
 BAD = RECIPES / "bad"
 
@@ -16,8 +17,8 @@ CASES = [
     (
         "unknown_kind.toml",
         [],
-        "{f}:3: stages.encode: unknown kind 'encode.vea'; known kinds: decode.vae, encode.vae, "
-        "figure.grid, invert.ddim, sample.ddim",
+        "{f}:3: stages.encode: unknown kind 'encode.vea'; known kinds: "
+        + ", ".join(sorted(KINDS_BY_NAME)),
     ),
     (
         "typo_key.toml",

@@ -458,7 +458,7 @@ def test_sample_stage_rejects_noise_maps_of_another_length(tiny, x0):
     inverted = run_invert(tiny, x0, num_inference_steps=10)
     with pytest.raises(EditflowError) as error:
         run_sample(tiny, inverted, num_inference_steps=12, skip=0)
-    assert error.value.problems[0].key == "num_inference_steps"
+    assert error.value.problems[0].key == "stages.edit.num_inference_steps"
     assert "noise_maps has 10 steps but num_inference_steps is 12" in str(error.value)
 
 
