@@ -8,6 +8,7 @@ stage that actually runs (or an export) needs them, so an all-hit rerun loads no
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from editflow.engine.events import Event, EventSink
 from editflow.engine.inputs import load_input
 from editflow.engine.keys import key_of
 from editflow.engine.models import ModelRegistry
-from editflow.engine.outputs import export_images
+from editflow.engine.outputs import current_exports, export_images
 from editflow.engine.plan import Plan, PlannedStage, describe_change, producer_of
 from editflow.engine.streams import STREAMS_ATTR, StreamedMaps, StreamWriter
 from editflow.errors import EditflowError, StageFailedError
@@ -92,73 +93,108 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs the needed stages one after another in this process."""
+    """Runs the needed stages one after another in this process.
+
+    On a GPU, cache writes go to one background thread, so storing a stage's outputs
+    overlaps with the next stage's kernels. On a CPU they are done in line: there the
+    writer would compete for the GIL with the Python-heavy stage code (measured on the tiny
+    model: +10% stage time against 5% of write time saved). Every write has finished, or
+    failed the run, when ``execute`` returns.
+    """
 
     def execute(self, plan: Plan, session: Session) -> RunResult:
-        result = RunResult(keys={stage.name: stage.key for stage in plan.needed})
-        values: dict[str, dict[str, Any]] = {}
+        background = session.device.type == "cuda"
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="editflow-cache") as pool:
+            run = _Run(plan, session, pool if background else _InlineWrites())
+            try:
+                run.all()
+            finally:
+                run.finish_writes()
+        return run.result
+
+
+class _InlineWrites:
+    """The ``submit`` of a thread pool, run at once in the calling thread."""
+
+    def submit(self, function: Any, *args: Any) -> Future[None]:
+        future: Future[None] = Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:
+            future.set_exception(error)
+        return future
+
+
+class _Run:
+    """The state of one execution: values computed so far, pending writes, the result."""
+
+    def __init__(self, plan: Plan, session: Session, writes: Any) -> None:
+        self.plan, self.session, self.writes = plan, session, writes
+        self.cache = session.cache
+        self.values: dict[str, dict[str, Any]] = {}
+        self.pending: dict[str, Future[None]] = {}  # stage key -> its cache write
+        self.records: list[Future[None]] = []  # last-run records (for `plan` and `explain`)
+        self.result = RunResult(keys={stage.name: stage.key for stage in plan.needed})
+
+    def all(self) -> None:
+        plan, session = self.plan, self.session
         for stage in plan.needed:
             session.events(Event("pending", stage.name, stage.kind.kind, stage.key))
         for stage in plan.needed:
-            if session.cache.has(stage.key):
-                result.hits.append(stage.name)
+            if self.cache.has(stage.key):
+                self.result.hits.append(stage.name)
                 session.events(Event("cached", stage.name, stage.kind.kind, stage.key))
             else:
-                self._materialize(stage.name, plan, session, values, result)
-            _remember_last_run(plan, stage, session.cache)
-        exports = [
-            stage for stage in plan.needed if any(port.export for port in stage.kind.outputs)
-        ]
-        if session.out_dir is not None:
-            for stage in exports:
-                outputs = self._materialize(stage.name, plan, session, values, result)
-                for path in export_images(plan, stage, outputs, session.out_dir):
-                    result.written.append(path)
-                    session.events(Event("written", stage.name, stage.kind.kind, message=str(path)))
-        return result
+                self.materialize(stage.name)
+            self.records.append(self.writes.submit(_remember_last_run, plan, stage, self.cache))
+        if session.out_dir is None:
+            return
+        for stage in plan.needed:
+            if not any(port.export for port in stage.kind.outputs):
+                continue
+            current = current_exports(plan, stage, session.out_dir)
+            if current is not None:  # already written by an identical run: leave them be
+                self.result.written += current
+                continue
+            for path in export_images(plan, stage, self.materialize(stage.name), session.out_dir):
+                self.result.written.append(path)
+                session.events(Event("written", stage.name, stage.kind.kind, message=str(path)))
 
-    def _materialize(
-        self,
-        name: str,
-        plan: Plan,
-        session: Session,
-        values: dict[str, dict[str, Any]],
-        result: RunResult,
-    ) -> dict[str, Any]:
+    def finish_writes(self) -> None:
+        """Wait for every cache write; the first failure is raised."""
+        for future in [*self.pending.values(), *self.records]:
+            future.result()
+
+    def wait_for(self, key: str) -> None:
+        if key in self.pending:
+            self.pending[key].result()
+
+    def materialize(self, name: str) -> dict[str, Any]:
         """The outputs of a stage: from this run, else from the cache, else computed."""
-        if name in values:
-            return values[name]
-        stage = plan.stages[name]
-        entry = session.cache.get(stage.key)
+        if name in self.values:
+            return self.values[name]
+        stage = self.plan.stages[name]
+        entry = self.cache.get(stage.key)
         if entry is not None:
             try:
-                values[name] = _read_outputs(stage, entry, session.cache)
-                return values[name]
+                self.values[name] = _read_outputs(stage, entry, self.cache)
+                return self.values[name]
             except DamagedEntryError as error:
-                session.cache.discard(stage.key)
-                session.events(
+                self.cache.discard(stage.key)
+                self.session.events(
                     Event("failed", name, stage.kind.kind, stage.key, message=str(error))
                 )
-                if name in result.hits:
-                    result.hits.remove(name)
-        inputs = self._gather_inputs(stage, plan, session, values, result)
-        values[name] = self._compute(stage, inputs, plan, session, result)
-        return values[name]
+                if name in self.result.hits:
+                    self.result.hits.remove(name)
+        self.values[name] = self.compute(stage, self.gather_inputs(stage))
+        return self.values[name]
 
-    def _gather_inputs(
-        self,
-        stage: PlannedStage,
-        plan: Plan,
-        session: Session,
-        values: dict[str, dict[str, Any]],
-        result: RunResult,
-    ) -> dict[str, Any]:
+    def gather_inputs(self, stage: PlannedStage) -> dict[str, Any]:
         def value_of(ref: str) -> Any:
             producer = producer_of(ref)
             if producer.startswith("inputs."):
-                return load_input(plan.inputs[producer.split(".", 1)[1]])
-            outputs = self._materialize(producer, plan, session, values, result)
-            value = outputs[ref.split(".", 1)[1]]
+                return load_input(self.plan.inputs[producer.split(".", 1)[1]])
+            value = self.materialize(producer)[ref.split(".", 1)[1]]
             # Consumers get their own copy: a stage must never mutate another's result.
             return value.clone() if isinstance(value, torch.Tensor) else value
 
@@ -167,72 +203,113 @@ class InProcessExecutor:
             for port, refs in stage.references.items()
         }
 
-    def _compute(
-        self,
-        stage: PlannedStage,
-        inputs: dict[str, Any],
-        plan: Plan,
-        session: Session,
-        result: RunResult,
-    ) -> dict[str, Any]:
-        kind = stage.kind.kind
-        record = session.cache.get_record(last_run_record(plan, stage.name))
+    def compute(self, stage: PlannedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+        plan, session, kind = self.plan, self.session, stage.kind.kind
+        record = self.cache.get_record(last_run_record(plan, stage.name))
         reason = describe_change(record.get("preimage") if record else None, stage.preimage)
         session.events(Event("running", stage.name, kind, stage.key, message=reason))
-
-        def progress(step: int, total: int) -> None:
-            session.events(Event("step", stage.name, kind, stage.key, step=step, total=total))
-
-        attrs = {
-            "preimage": stage.preimage,
-            "recipe": str(plan.loaded.path),
-            "stage": stage.name,
-            "kind": kind,
-            "outputs": {port.name: port.type.value for port in stage.kind.outputs},
-            "device": str(session.device),
-        }
+        entry = _LazyEntry(self.cache, stage.key, _entry_attrs(plan, stage, session))
         streams: dict[str, StreamWriter] = {}
         started = time.perf_counter()
-        with session.cache.writer(stage.key, attrs) as entry_writer:
-
-            def open_stream(output: str, *, layers: Any, dtype: torch.dtype) -> StreamWriter:
-                port = stage.kind.output_port(output)
-                if port is None or port.type not in STREAMED:
-                    raise RuntimeError(f"{kind} cannot stream output {output!r}")  # stage bug
-                reader = StreamedMaps(session.cache, stage.key, output)
-                streams[output] = StreamWriter(entry_writer, output, layers, dtype, reader)
-                return streams[output]
-
-            ctx = StageContext(
-                name=stage.name,
-                seed=plan.loaded.recipe.seed,
-                device=session.device,
-                dtype=DTYPES[plan.loaded.recipe.model.dtype],
-                models=session.models(plan) if stage.kind.components else None,
-                progress=progress,
-                stream_writer=open_stream,
-            )
-            try:
-                outputs = stage.kind().run(ctx, stage.spec, inputs)
-            except EditflowError as error:
-                session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
+        try:
+            outputs = stage.kind().run(self.context(stage, entry, streams), stage.spec, inputs)
+            missing = {port.name for port in stage.kind.outputs} - set(outputs)
+            if missing:
+                raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
+        except BaseException as error:
+            entry.abandon(error)  # discards anything a stream already wrote
+            session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
+            if isinstance(error, EditflowError):
                 raise StageFailedError(
                     f"stage {stage.name!r} ({kind}) failed: {error.render()}",
                     file=str(plan.loaded.path),
                     key=f"stages.{stage.name}",
                 ) from None
-            except BaseException as error:
-                session.events(Event("failed", stage.name, kind, stage.key, message=repr(error)))
-                raise
-            seconds = time.perf_counter() - started
-            missing = {port.name for port in stage.kind.outputs} - set(outputs)
-            if missing:
-                raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
-            _write_outputs(stage, outputs, entry_writer, streams, seconds)
-        result.computed.append(stage.name)
-        result.seconds[stage.name] = seconds
+            raise
+        seconds = time.perf_counter() - started
+        self.pending[stage.key] = self.writes.submit(
+            _finish_entry, stage, outputs, entry, streams, seconds
+        )
+        self.result.computed.append(stage.name)
+        self.result.seconds[stage.name] = seconds
         session.events(Event("done", stage.name, kind, stage.key, seconds=seconds))
         return outputs
+
+    def context(
+        self, stage: PlannedStage, entry: _LazyEntry, streams: dict[str, StreamWriter]
+    ) -> StageContext:
+        kind, key = stage.kind.kind, stage.key
+
+        def progress(step: int, total: int) -> None:
+            self.session.events(Event("step", stage.name, kind, key, step=step, total=total))
+
+        def open_stream(output: str, *, layers: Any, dtype: torch.dtype) -> StreamWriter:
+            port = stage.kind.output_port(output)
+            if port is None or port.type not in STREAMED:
+                raise RuntimeError(f"{kind} cannot stream output {output!r}")  # a stage bug
+            reader = StreamedMaps(self.cache, key, output, ready=lambda: self.wait_for(key))
+            streams[output] = StreamWriter(entry.writer(), output, layers, dtype, reader)
+            return streams[output]
+
+        return StageContext(
+            name=stage.name,
+            seed=self.plan.loaded.recipe.seed,
+            device=self.session.device,
+            dtype=DTYPES[self.plan.loaded.recipe.model.dtype],
+            models=self.session.models(self.plan) if stage.kind.components else None,
+            progress=progress,
+            stream_writer=open_stream,
+        )
+
+
+def _entry_attrs(plan: Plan, stage: PlannedStage, session: Session) -> dict[str, Any]:
+    return {
+        "preimage": stage.preimage,
+        "recipe": str(plan.loaded.path),
+        "stage": stage.name,
+        "kind": stage.kind.kind,
+        "outputs": {port.name: port.type.value for port in stage.kind.outputs},
+        "device": str(session.device),
+    }
+
+
+class _LazyEntry:
+    """A stage's cache entry, opened only when first written: most stages return all their
+    outputs at the end and have them written in the background; streaming stages open it
+    while they run."""
+
+    def __init__(self, cache: Cache, key: str, attrs: dict[str, Any]) -> None:
+        self.cache, self.key, self.attrs = cache, key, attrs
+        self._writer: Any = None
+
+    def writer(self) -> Any:
+        if self._writer is None:
+            self._writer = self.cache.writer(self.key, self.attrs)
+            self._writer.__enter__()
+        return self._writer
+
+    def abandon(self, error: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.__exit__(type(error), error, error.__traceback__)
+
+    def publish(self) -> None:
+        self.writer().__exit__(None, None, None)
+
+
+def _finish_entry(
+    stage: PlannedStage,
+    outputs: dict[str, Any],
+    entry: _LazyEntry,
+    streams: dict[str, StreamWriter],
+    seconds: float,
+) -> None:
+    """Write the remaining outputs into the entry and publish it (background thread)."""
+    try:
+        _write_outputs(stage, outputs, entry.writer(), streams, seconds)
+    except BaseException as error:
+        entry.abandon(error)
+        raise
+    entry.publish()
 
 
 def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:

@@ -2,7 +2,9 @@
 
 Files are written under a temporary name and renamed into place, so the output folder
 never holds a half-written image. The bytes depend only on the pixels and the provenance
-(no timestamps), which makes reruns byte-identical.
+(no timestamps), which makes reruns byte-identical; so when the files already in the output
+folder carry exactly the provenance a rerun would write (the same stage key, recipe and
+version), they are left as they are, like an up-to-date target in make.
 """
 
 from __future__ import annotations
@@ -32,22 +34,55 @@ def provenance(plan: Plan, stage: PlannedStage) -> dict[str, str]:
     }
 
 
+def _names(stage: PlannedStage, count: int) -> dict[str, list[str]]:
+    """File names per exported image port: ``stage.png``, or ``stage-0.png`` ... for a batch."""
+    ports = [port for port in stage.kind.outputs if port.export and port.type == ArtifactType.IMAGE]
+    names = {}
+    for port in ports:
+        stem = stage.name if len(ports) == 1 else f"{stage.name}.{port.name}"
+        names[port.name] = (
+            [f"{stem}.png"] if count == 1 else [f"{stem}-{i}.png" for i in range(count)]
+        )
+    return names
+
+
+def current_exports(plan: Plan, stage: PlannedStage, out_dir: Path) -> list[Path] | None:
+    """The stage's files in ``out_dir`` if all are there with this run's provenance, else None."""
+    expected = provenance(plan, stage)
+    first = out_dir / _names(stage, 1).popitem()[1][0]
+    batch = out_dir / _names(stage, 2).popitem()[1][0]
+    probe = first if first.exists() else batch
+    count = _count(probe, expected)
+    if count is None:
+        return None
+    paths = [out_dir / name for names in _names(stage, count).values() for name in names]
+    return paths if all(_count(path, expected) == count for path in paths) else None
+
+
+def _count(path: Path, expected: dict[str, str]) -> int | None:
+    """The batch size a file says it belongs to, if its provenance is ``expected``."""
+    try:
+        with Image.open(path) as image:
+            text = dict(image.text)  # text chunks precede the pixels: nothing is decoded
+    except (OSError, ValueError):
+        return None
+    count = text.pop("editflow:count", None)
+    return int(count) if text == expected and count and count.isdigit() else None
+
+
 def export_images(
     plan: Plan, stage: PlannedStage, outputs: dict[str, Any], out_dir: Path
 ) -> list[Path]:
     """Write a stage's exported image outputs; returns the paths written."""
-    ports = [port for port in stage.kind.outputs if port.export]
     written = []
-    for port in ports:
-        if port.type != ArtifactType.IMAGE:
-            continue
-        batch = outputs[port.name]
-        stem = stage.name if len(ports) == 1 else f"{stage.name}.{port.name}"
-        for index, image in enumerate(batch):
-            name = f"{stem}.png" if len(batch) == 1 else f"{stem}-{index}.png"
+    ports = [port for port in stage.kind.outputs if port.export and port.type == ArtifactType.IMAGE]
+    count = len(outputs[ports[0].name]) if ports else 0
+    for port, names in _names(stage, count).items():
+        for name, image in zip(names, outputs[port], strict=True):
             info = PngImagePlugin.PngInfo()
             for key, value in provenance(plan, stage).items():
                 info.add_text(key, value)
+            info.add_text("editflow:count", str(count))
             written.append(_write_atomically(out_dir / name, to_pil(image), info))
     return written
 

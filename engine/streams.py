@@ -11,7 +11,7 @@ value. A consumer receives a :class:`StreamedMaps` with ``num_steps``, ``layers`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -73,13 +73,18 @@ class StreamedMaps:
     looked up on first use.
     """
 
-    def __init__(self, cache: Cache, key: str, output: str) -> None:
+    def __init__(
+        self, cache: Cache, key: str, output: str, ready: Callable[[], None] | None = None
+    ) -> None:
         self.cache, self.key, self.output = cache, key, output
+        self.ready = ready  # waits until the producing stage's entry is published
         self._entry: Any = None
         self.bytes_read = 0
 
     def _open(self) -> Any:
         if self._entry is None:
+            if self.ready is not None:
+                self.ready()
             self._entry = self.cache.get(self.key)
             if self._entry is None:
                 raise RuntimeError(f"streamed output {self.output} of {self.key} is not published")

@@ -153,3 +153,18 @@ def test_json_recipe_runs_like_toml(tmp_path: Path, cache: Cache, fmt: str) -> N
     json_result = run_recipe(path, FAST, cache=cache, out_dir=tmp_path / "b", device="cpu")
     assert json_result.computed == []  # same stages, same keys: everything hits
     assert json_result.keys == toml_result.keys
+
+
+def test_rerun_into_the_same_folder_leaves_current_files_alone(
+    cache: Cache, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    _run(cache, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    figure = out / "figure.png"
+    figure.write_bytes(b"not a png any more")
+    second, _ = _run(cache, out)
+    assert sorted(p.name for p in second.written) == sorted(before)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert after["decode_edit.png"] == before["decode_edit.png"]  # current: untouched
+    assert Image.open(figure).text["editflow:stage"] == "figure"  # damaged: rewritten
