@@ -60,7 +60,13 @@ class Session:
     registry: ModelRegistry | None = None
 
     def models(self, plan: Plan) -> ModelRegistry:
-        if self.registry is None or self.registry.resolved.identity != plan.model.identity:
+        if self.registry is not None and self.registry.captioner is None:
+            self.registry.captioner = plan.captioner  # loaded lazily like every other part
+        if (
+            self.registry is None
+            or self.registry.resolved.identity != plan.model.identity
+            or self.registry.captioner != plan.captioner
+        ):
             dtype = DTYPES[plan.loaded.recipe.model.dtype]
 
             def on_load(component: str, seconds: float) -> None:
@@ -72,6 +78,7 @@ class Session:
                 dtype=dtype,
                 models_dir=self.models_dir,
                 on_load=on_load,
+                captioner=plan.captioner,
             )
         return self.registry
 

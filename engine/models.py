@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from editflow.engine.tiny import ensure_tiny, tiny_folder_name, tiny_identity, tiny_scheduler_config
 from editflow.errors import ModelUnavailableError
@@ -147,6 +147,66 @@ def resolve_model(
     if local is not None:
         return _resolve_folder(spec, local, hash_memo)
     return _resolve_hub(spec, hash_memo)
+
+
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+# A transformers model repo keeps everything at its top level.
+_CAPTIONER_PATTERNS = ("*.json", "*.txt", "*.safetensors")
+
+
+def resolve_captioner(
+    captioner_id: str, *, main: ResolvedModel, base_dir: Path, hash_memo: Path | None
+) -> ResolvedModel:
+    """Pin down the BLIP captioner a recipe uses (``model.captioner``); loads no weights.
+
+    With the built-in ``tiny`` model, the default captioner (or ``"tiny"``) is tiny's own BLIP.
+    Otherwise it is a transformers BLIP folder or hub id, hashed like any model.
+
+    Raises:
+        ModelUnavailableError: The folder is missing or not a model, or the hub id is not
+            downloaded and cannot be (offline).
+    """
+    if captioner_id == TINY_ID or (main.spec.id == TINY_ID and captioner_id == DEFAULT_CAPTIONER):
+        return ResolvedModel(ModelSpec(TINY_ID), None, {"tiny": tiny_identity()}, {})
+    folder = _local_path(captioner_id, Path(base_dir))
+    if folder is None:
+        folder = _download_captioner(captioner_id)
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailableError(
+            f"captioner '{captioner_id}' has no config.json",
+            key="model.captioner",
+            hint="use a BLIP folder as transformers' save_pretrained writes it, or a hub id",
+        )
+    files = sorted({path for pattern in _CAPTIONER_PATTERNS for path in folder.glob(pattern)})
+    identity = {"files": _hash_files(folder, files, hash_memo)}
+    return ResolvedModel(ModelSpec(captioner_id), folder, identity, {})
+
+
+def _download_captioner(captioner_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(
+            snapshot_download(
+                captioner_id,
+                cache_dir=_hub_cache_dir(),
+                local_files_only=_hub_offline(),
+                allow_patterns=list(_CAPTIONER_PATTERNS),
+            )
+        )
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise ModelUnavailableError(
+            f"captioner '{captioner_id}' is not available offline",
+            key="model.captioner",
+            hint=f"run 'hf download {captioner_id}' with network access, give the caption "
+            "in the recipe, or set model.captioner to a local folder",
+        ) from None
+    except HfHubHTTPError as error:
+        raise ModelUnavailableError(
+            f"captioner '{captioner_id}' could not be downloaded: {str(error).splitlines()[0]}",
+            key="model.captioner",
+        ) from None
 
 
 def _local_path(model_id: str, base_dir: Path) -> Path | None:
@@ -465,6 +525,7 @@ class ModelRegistry:
         dtype: torch.dtype,
         models_dir: Path,
         on_load: Callable[[str, float], None] | None = None,
+        captioner: ResolvedModel | None = None,
     ) -> None:
         """Create an empty registry; nothing is built or loaded until :meth:`get`.
 
@@ -474,8 +535,10 @@ class ModelRegistry:
             dtype: The dtype modules are loaded in.
             models_dir: Where ``tiny`` is built when it is first needed.
             on_load: Called with (component, seconds) after each load.
+            captioner: The BLIP behind ``get("captioner")``, from :func:`resolve_captioner`.
         """
         self.resolved = resolved
+        self.captioner = captioner
         self.device = device
         self.dtype = dtype
         self.loads: list[str] = []
@@ -529,6 +592,8 @@ class ModelRegistry:
         if component == "scheduler":
             # Schedulers hold per-run state (set_timesteps), so one shared instance is a bug.
             raise ValueError("build schedulers from ModelRegistry.scheduler_config instead")
+        if component == "captioner":
+            return self._load_captioner()
         folder = self.folder
         library, class_name = _component_class(folder, component, self.resolved.spec.id)
         cls = getattr(importlib.import_module(library), class_name)
@@ -553,6 +618,36 @@ class ModelRegistry:
             loaded.eval()
             loaded.requires_grad_(False)
         return loaded
+
+    def _load_captioner(self) -> Captioner:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        if self.captioner is None:
+            raise ValueError("this registry was made without a captioner")  # an engine bug
+        if self.captioner.folder is not None:
+            folder = self.captioner.folder
+        else:
+            folder = ensure_tiny(self._models_dir) / "captioner"
+        try:
+            model = BlipForConditionalGeneration.from_pretrained(
+                folder, dtype=self.dtype, local_files_only=True
+            )
+            processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+        except OSError as error:
+            raise ModelUnavailableError(
+                f"captioner '{self.captioner.spec.id}' cannot be loaded: "
+                f"{str(error).splitlines()[0]}",
+                key="model.captioner",
+            ) from None
+        model = model.to(self.device).eval().requires_grad_(False)
+        return Captioner(model, processor)
+
+
+class Captioner(NamedTuple):
+    """A BLIP captioning model and its processor."""
+
+    model: Any
+    processor: Any
 
 
 def _component_class(folder: Path, component: str, model_id: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from editflow.engine.keys import (
     key_of,
     library_versions,
 )
-from editflow.engine.models import ModelSpec, ResolvedModel, resolve_model
+from editflow.engine.models import ModelSpec, ResolvedModel, resolve_captioner, resolve_model
 from editflow.engine.recipe import LoadedRecipe, sort_problems
 from editflow.errors import EditflowError, Problem, RecipeError
 from editflow.stages import KINDS_BY_NAME, ArtifactType, StageKind
@@ -66,6 +66,7 @@ class Plan:
     model: ResolvedModel | None
     recipe_hash: str
     input_keys: dict[str, str]
+    captioner: ResolvedModel | None = None
 
     @property
     def needed(self) -> list[PlannedStage]:
@@ -181,11 +182,19 @@ def build_plan(
                 hash_memo=models_dir / "file-hashes.json",
             )
         except EditflowError as error:
-            located = [
-                replace(problem, file=problem.file or label, line=loaded.line_of(problem.key or ""))
-                for problem in error.problems
-            ]
-            raise type(error)(problems=located) from None
+            raise type(error)(problems=[loaded.located(p) for p in error.problems]) from None
+
+    captioner = None
+    if model is not None and any("captioner" in stages[name].kind.components for name in needed):
+        try:
+            captioner = resolve_captioner(
+                recipe.model.captioner,
+                main=model,
+                base_dir=loaded.folder,
+                hash_memo=models_dir / "file-hashes.json",
+            )
+        except EditflowError as error:
+            raise type(error)(problems=[loaded.located(p) for p in error.problems]) from None
 
     input_keys = {
         name: key_of(
@@ -201,11 +210,11 @@ def build_plan(
     for name in order:
         stage = stages[name]
         stage.needed = name in needed
-        stage.preimage = _preimage(stage, recipe, model, input_keys, planned)
+        stage.preimage = _preimage(stage, recipe, model, captioner, input_keys, planned)
         stage.key = key_of(stage.preimage)
         planned[name] = stage
     recipe_hash = hashlib.sha256(canonical_json(loaded.raw).encode()).hexdigest()
-    return Plan(loaded, inputs, planned, model, recipe_hash, input_keys)
+    return Plan(loaded, inputs, planned, model, recipe_hash, input_keys, captioner)
 
 
 def _references(spec: BaseModel) -> dict[str, str | list[str]]:
@@ -255,6 +264,7 @@ def _preimage(
     stage: PlannedStage,
     recipe: Any,
     model: ResolvedModel | None,
+    captioner: ResolvedModel | None,
     input_keys: dict[str, str],
     planned: dict[str, PlannedStage],
 ) -> dict[str, Any]:
@@ -268,7 +278,8 @@ def _preimage(
         port: [upstream(ref) for ref in refs] if isinstance(refs, list) else upstream(refs)
         for port, refs in stage.references.items()
     }
-    uses_model = bool(stage.kind.components)
+    uses_model = bool(stage.kind.components - {"captioner"})
+    uses_captioner = "captioner" in stage.kind.components
     seeded = stage.kind.is_seeded(stage.spec)
     scheduler = None
     if uses_model and model is not None:
@@ -281,10 +292,11 @@ def _preimage(
         "params": stage.params,
         "inputs": references,
         "model": model.identity if uses_model and model is not None else None,
+        "captioner": captioner.identity if uses_captioner and captioner is not None else None,
         "scheduler": scheduler,
         "seed": recipe.seed if seeded else None,
         "seed_path": [stage.name] if seeded else None,
-        "dtype": recipe.model.dtype if uses_model else None,
+        "dtype": recipe.model.dtype if uses_model or uses_captioner else None,
         "versions": library_versions(),
     }
 

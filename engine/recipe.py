@@ -61,6 +61,10 @@ class ModelSection(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Compute dtype (float16/bfloat16 are meant for GPUs)"
     )
+    captioner: str = Field(
+        "Salesforce/blip-image-captioning-base",
+        description="BLIP for caption stages: hub id or folder ('tiny' has its own built in)",
+    )
 
 
 class InputSection(Strict):
@@ -172,6 +176,7 @@ class LoadedRecipe(BaseModel):
     problems: list[Problem] = []
     loose: dict[str, tuple[Any, dict[str, Any]]] = {}
     locate: Any = None
+    set_by: dict[str, str] = {}  # key path -> the --set argument that gave it
 
     @property
     def folder(self) -> Path:
@@ -179,6 +184,12 @@ class LoadedRecipe(BaseModel):
 
     def line_of(self, key: str) -> int | None:
         return self.locate(key) if self.locate else None
+
+    def located(self, problem: Problem) -> Problem:
+        """The problem pointed at the file and line, or at the --set that gave its key."""
+        if problem.key in self.set_by:
+            return replace(problem, file=f"--set {self.set_by[problem.key]}", line=None)
+        return replace(problem, file=str(self.path), line=self.line_of(problem.key or ""))
 
 
 def read_document(path: Path) -> tuple[dict[str, Any], str]:
@@ -331,6 +342,7 @@ def load_recipe(
         problems=problems,
         loose=loose,
         locate=locate,
+        set_by=set_by,
     )
 
 

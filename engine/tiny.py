@@ -28,7 +28,7 @@ from types import MappingProxyType
 from typing import Any
 
 # Bumped whenever the build changes the weights or files for the same configs.
-TINY_BUILDER_VERSION = 2  # 2: tokenizer merges weighted by word rank
+TINY_BUILDER_VERSION = 3  # 2: tokenizer merges weighted by word rank
 TINY_SEED = 0
 
 _TEXT_DIM = 32  # text-encoder width == UNet cross-attention width, like SD's 768
@@ -188,9 +188,43 @@ TINY_COMPONENTS: Mapping[str, TinyComponent] = MappingProxyType(
                 }
             ),
         ),
-        # Later: "captioner" (BLIP), "image_encoder" (CLIP vision), "controlnet", "pixel_unet".
+        # pix2pix-zero's captioner: a BLIP with a WordPiece vocabulary of the words above.
+        # Saved as one folder holding the model and its processor; not a pipeline part.
+        "captioner": TinyComponent(
+            "transformers",
+            "BlipForConditionalGeneration",
+            MappingProxyType(
+                {
+                    "image_size": 32,
+                    "vision": MappingProxyType(
+                        {
+                            "hidden_size": _TEXT_DIM,
+                            "intermediate_size": 37,
+                            "num_hidden_layers": 2,
+                            "num_attention_heads": 4,
+                            "image_size": 32,
+                            "patch_size": 8,
+                        }
+                    ),
+                    "text": MappingProxyType(
+                        {
+                            "hidden_size": _TEXT_DIM,
+                            "intermediate_size": 37,
+                            "num_hidden_layers": 2,
+                            "num_attention_heads": 4,
+                            "encoder_hidden_size": _TEXT_DIM,
+                            "max_position_embeddings": 64,
+                        }
+                    ),
+                    "vocab_sha256": hashlib.sha256(" ".join(_MERGE_CORPUS).encode()).hexdigest(),
+                }
+            ),
+        ),
+        # Later: "image_encoder" (CLIP vision), "controlnet", "pixel_unet".
     }
 )
+# The parts StableDiffusionPipeline knows; the others are editflow's extras in the folder.
+_PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Written to model_index.json so diffusers' StableDiffusionPipeline loads the folder as is.
 _PIPELINE_CLASS = "StableDiffusionPipeline"
@@ -294,7 +328,10 @@ def _save(component: Any, folder: Path) -> None:
     """Save one component the way a pipeline's ``save_pretrained`` does (safetensors)."""
     import torch
 
-    if isinstance(component, torch.nn.Module):
+    if isinstance(component, tuple):  # a model and its processor share one folder
+        for part in component:
+            _save(part, folder)
+    elif isinstance(component, torch.nn.Module):
         component.save_pretrained(folder, safe_serialization=True)
     else:
         component.save_pretrained(folder)
@@ -310,7 +347,12 @@ def _write_model_index(folder: Path) -> None:
         "requires_safety_checker": False,
     }
     index.update({part: [None, None] for part in _ABSENT_PIPELINE_PARTS})
-    index.update({name: [part.library, part.class_name] for name, part in TINY_COMPONENTS.items()})
+    index.update(
+        {
+            name: [TINY_COMPONENTS[name].library, TINY_COMPONENTS[name].class_name]
+            for name in _PIPELINE_PARTS
+        }
+    )
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
     (folder / "model_index.json").write_text(text, encoding="utf-8")
 
@@ -350,12 +392,45 @@ def _build_scheduler(config: Mapping[str, Any]) -> Any:
     return DDIMScheduler(**_jsonable(config))
 
 
+def _build_captioner(config: Mapping[str, Any]) -> Any:
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = list(dict.fromkeys(specials + letters + _MERGE_CORPUS))
+    vocab = {word: index for index, word in enumerate(words)}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
+    size = config["image_size"]
+    processor = BlipProcessor(image_processor=_blip_image_processor(size), tokenizer=tokenizer)
+    text = dict(
+        _jsonable(config["text"]),
+        vocab_size=len(vocab),
+        pad_token_id=vocab["[PAD]"],
+        bos_token_id=vocab["[CLS]"],
+        sep_token_id=vocab["[SEP]"],
+        eos_token_id=vocab["[SEP]"],
+    )
+    blip = BlipConfig(
+        text_config=text, vision_config=_jsonable(config["vision"]), projection_dim=_TEXT_DIM
+    )
+    return BlipForConditionalGeneration(blip), processor
+
+
+def _blip_image_processor(size: int) -> Any:
+    # transformers >= 5 names the torchvision-free processor BlipImageProcessorPil.
+    import transformers
+
+    cls = getattr(transformers, "BlipImageProcessorPil", None) or transformers.BlipImageProcessor
+    return cls(size={"height": size, "width": size})
+
+
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "unet": _build_unet,
     "vae": _build_vae,
     "text_encoder": _build_text_encoder,
     "tokenizer": _build_tokenizer,
     "scheduler": _build_scheduler,
+    "captioner": _build_captioner,
 }
 
 

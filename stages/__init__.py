@@ -6,6 +6,7 @@ Adding a kind means adding it to ``STAGE_KINDS``; a duplicate kind fails at impo
 from __future__ import annotations
 
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.caption import CaptionBlip
 from editflow.stages.decode import DecodeVae
 from editflow.stages.direction import DeriveDirection
 from editflow.stages.edit_friendly import InvertEditFriendly, SampleEditFriendly
@@ -17,6 +18,7 @@ from editflow.stages.pix2pix_zero import GuidePix2PixZeroReference, SamplePix2Pi
 from editflow.stages.sample import SampleDdim
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
+    CaptionBlip,
     EncodeVae,
     InvertDdim,
     InvertEditFriendly,

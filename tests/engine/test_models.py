@@ -91,6 +91,12 @@ def test_tiny_build_is_byte_identical_and_keeps_global_rng(
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert file_hashes(tmp_path / "again") == file_hashes(tiny_folder)
     assert sorted(file_hashes(tiny_folder)) == [
+        "captioner/config.json",
+        "captioner/generation_config.json",
+        "captioner/model.safetensors",
+        "captioner/processor_config.json",
+        "captioner/tokenizer.json",
+        "captioner/tokenizer_config.json",
         "model_index.json",
         "scheduler/scheduler_config.json",
         "text_encoder/config.json",

@@ -61,6 +61,14 @@ CASES = [
         "(run 'hf download nobody/no-such-model' with network access, "
         "or set model.id to a local folder)",
     ),
+    (
+        "../../../manifests/pix2pix_zero/cat2dog.toml",
+        ["--set", "model.captioner=nobody/no-such-blip"],
+        "--set model.captioner=nobody/no-such-blip: model.captioner: captioner "
+        "'nobody/no-such-blip' is not available offline (run 'hf download nobody/no-such-blip' "
+        "with network access, give the caption in the recipe, or set model.captioner to a "
+        "local folder)",
+    ),
     ("bad_syntax.toml", [], "{f}:4: invalid TOML: Illegal character '\\n'"),
     (
         "bad_syntax.json",
