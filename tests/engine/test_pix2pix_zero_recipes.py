@@ -1,0 +1,62 @@
+"""pix2pix-zero through the engine: composition with other inversions, sentence files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import MANIFESTS, RECIPES
+
+from editflow.cache import Cache
+from editflow.engine.api import plan_recipe, run_recipe
+from editflow.engine.cli import main
+
+CUSTOM = MANIFESTS / "pix2pix_zero" / "custom_sentences.toml"
+
+
+def test_guided_edit_composes_with_an_edit_friendly_inversion(tmp_path: Path) -> None:
+    recipe = RECIPES / "edit_friendly_into_pix2pix_zero.toml"
+    result = run_recipe(recipe, cache=Cache(tmp_path / "c"), out_dir=None, device="cpu")
+    assert result.computed == ["encode", "invert", "direction", "reference", "guided"]
+
+
+def _copy_recipe(tmp_path: Path, dog_text: str) -> Path:
+    folder = tmp_path / "recipe"
+    folder.mkdir(exist_ok=True)
+    (folder / "recipe.toml").write_text(CUSTOM.read_text())
+    (folder / "cat.txt").write_text((CUSTOM.parent / "cat.txt").read_text())
+    (folder / "dog.txt").write_text(dog_text)
+    return folder / "recipe.toml"
+
+
+def test_editing_a_sentence_file_changes_only_the_direction_and_what_follows(
+    tmp_path: Path,
+) -> None:
+    cache = Cache(tmp_path / "c")
+    recipe = _copy_recipe(tmp_path, (CUSTOM.parent / "dog.txt").read_text())
+    before = {n: s.key for n, s in plan_recipe(recipe, cache=cache).stages.items()}
+    _copy_recipe(tmp_path, "A dog runs on the beach.\n")
+    after = {n: s.key for n, s in plan_recipe(recipe, cache=cache).stages.items()}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {
+        "direction",
+        "unguided",
+        "guided",
+        "decode_unguided",
+        "decode_guided",
+        "figure",
+    }
+
+
+def test_an_empty_sentence_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = _copy_recipe(tmp_path, "\n  \n")
+    code = main(["run", str(recipe), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+                 "--target", "direction"])  # fmt: skip
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"{recipe}: stages.direction: stage 'direction' (direction.pix2pix_zero) failed: stages.direction.target_sentences: "
+    )
+    assert "empty" in last or "no sentences" in last
