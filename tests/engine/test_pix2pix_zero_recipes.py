@@ -56,7 +56,8 @@ def test_an_empty_sentence_file_is_a_clear_error(
                  "--target", "direction"])  # fmt: skip
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(
-        f"{recipe}: stages.direction: stage 'direction' (direction.pix2pix_zero) failed: stages.direction.target_sentences: "
+    assert last == (
+        f"{recipe}: stages.direction: stage 'direction' (direction.pix2pix_zero) failed: "
+        "stages.direction.target_sentences: the sentence file has no sentences: write one "
+        "sentence per line (or leave it out to use target_word's built-in bank)"
     )
-    assert "empty" in last or "no sentences" in last
