@@ -30,11 +30,6 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(models_dir: Path) -> Path:
-    return tiny.ensure_tiny(models_dir)
-
-
-@pytest.fixture(scope="module")
 def tiny_registry(models_dir: Path, tiny_folder: Path) -> ModelRegistry:
     resolved = resolve_model(
         ModelSpec("tiny"), base_dir=models_dir, models_dir=models_dir, hash_memo=None

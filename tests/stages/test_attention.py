@@ -11,24 +11,13 @@ from diffusers.pipelines.deprecated.stable_diffusion_variants import (
     pipeline_stable_diffusion_pix2pix_zero as peer,
 )
 
-from editflow.engine.tiny import ensure_tiny
 from editflow.stages.attention import attention_loss, install_attention_recorder
 from editflow.stages.diffusion import unet_noise_predictor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory: pytest.TempPathFactory) -> UNet2DConditionModel:
-    folder = ensure_tiny(Path(tmp_path_factory.getbasetemp()) / "tiny-models")
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+def unet(tiny_folder: Path) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_folder, subfolder="unet").eval()
 
 
 def inputs(batch: int = 1, seed: int = 0):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from editflow.engine.tiny import ensure_tiny
 from editflow.errors import EditflowError
 from editflow.stages.base import StageContext
 from editflow.stages.diffusion import encode_prompts
@@ -22,20 +21,6 @@ from editflow.stages.direction import (
     read_sentence_file,
     sentences_for,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny(Path(tmp_path_factory.getbasetemp()) / "tiny-models")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from diffusers import (
 from pydantic import ValidationError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from editflow.engine.tiny import ensure_tiny
 from editflow.errors import EditflowError
 from editflow.stages.base import StageContext
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
@@ -408,8 +407,8 @@ class TinyModels:
 
 
 @pytest.fixture(scope="module")
-def tiny(models_dir) -> TinyModels:
-    return TinyModels(ensure_tiny(models_dir))
+def tiny(tiny_folder) -> TinyModels:
+    return TinyModels(tiny_folder)
 
 
 @pytest.fixture(scope="module")

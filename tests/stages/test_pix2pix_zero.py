@@ -39,7 +39,6 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from editflow.engine.tiny import ensure_tiny
 from editflow.errors import EditflowError
 from editflow.stages.attention import attention_loss, install_attention_recorder
 from editflow.stages.base import StageContext
@@ -59,15 +58,6 @@ Peer = StableDiffusionPix2PixZeroPipeline
 
 # ------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -111,8 +101,8 @@ class Tiny:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    return Tiny(ensure_tiny(Path(tmp_path_factory.getbasetemp()) / "tiny-models"))
+def tiny(tiny_folder: Path) -> Tiny:
+    return Tiny(tiny_folder)
 
 
 @pytest.fixture(scope="module")
