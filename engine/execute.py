@@ -263,7 +263,7 @@ class _Run:
             seed=self.plan.loaded.recipe.seed,
             device=self.session.device,
             dtype=DTYPES[self.plan.loaded.recipe.model.dtype],
-            models=self.session.models(self.plan) if stage.kind.components else None,
+            models=self.session.models(self.plan) if stage.needs else None,
             progress=progress,
             stream_writer=open_stream,
         )

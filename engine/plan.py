@@ -42,6 +42,11 @@ class PlannedStage:
     needed: bool = False
 
     @property
+    def needs(self) -> frozenset[str]:
+        """The model parts this stage's configuration uses."""
+        return self.kind.needed_components(self.spec)
+
+    @property
     def params(self) -> dict[str, Any]:
         ports = {port.name for port in self.kind.inputs}
         dumped = self.spec.model_dump(mode="json")
@@ -172,7 +177,7 @@ def build_plan(
     order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
 
     model = None
-    if any(stages[name].kind.components for name in needed):
+    if any(stages[name].needs for name in needed):
         spec = ModelSpec(recipe.model.id, recipe.model.revision, recipe.model.variant)
         try:
             model = resolve_model(
@@ -185,7 +190,7 @@ def build_plan(
             raise type(error)(problems=[loaded.located(p) for p in error.problems]) from None
 
     captioner = None
-    if model is not None and any("captioner" in stages[name].kind.components for name in needed):
+    if model is not None and any("captioner" in stages[name].needs for name in needed):
         try:
             captioner = resolve_captioner(
                 recipe.model.captioner,
@@ -278,8 +283,8 @@ def _preimage(
         port: [upstream(ref) for ref in refs] if isinstance(refs, list) else upstream(refs)
         for port, refs in stage.references.items()
     }
-    uses_model = bool(stage.kind.components - {"captioner"})
-    uses_captioner = "captioner" in stage.kind.components
+    uses_model = bool(stage.needs - {"captioner"})
+    uses_captioner = "captioner" in stage.needs
     seeded = stage.kind.is_seeded(stage.spec)
     scheduler = None
     if uses_model and model is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.caption import CaptionBlip
 from editflow.stages.decode import DecodeVae
-from editflow.stages.direction import DeriveDirection
+from editflow.stages.direction import BankMean, DeriveDirection
 from editflow.stages.edit_friendly import InvertEditFriendly, SampleEditFriendly
 from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
 from editflow.stages.encode import EncodeVae
@@ -22,6 +22,7 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     EncodeVae,
     InvertDdim,
     InvertEditFriendly,
+    BankMean,
     DeriveDirection,
     GuidePix2PixZeroReference,
     SampleDdim,

@@ -147,6 +147,11 @@ class StageKind:
         return next((port for port in cls.outputs if port.name == name), None)
 
     @classmethod
+    def needed_components(cls, params: Any) -> frozenset[str]:
+        """The model parts this configuration uses (a kind may need none for some params)."""
+        return cls.components
+
+    @classmethod
     def is_seeded(cls, params: Any) -> bool:
         """Whether this configuration draws random numbers (kinds may depend on params)."""
         return cls.seeded

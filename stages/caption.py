@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from editflow.errors import EditflowError
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 
 
@@ -30,11 +31,15 @@ def caption_images(
         model: A ``BlipForConditionalGeneration``.
         processor: Its ``BlipProcessor`` (CLIP-style resizing and normalisation).
         images: (N, 3, H, W) in [0, 1].
-        max_new_tokens: Longest caption, in tokens.
+        max_new_tokens: Longest caption, in tokens; cut to the room the text decoder's
+            position embeddings leave after the prompt (tiny's BLIP has 64 positions).
         prompt: Optional start of the caption (conditional captioning), e.g. "a photo of".
 
     Returns:
         One caption per image, without special tokens.
+
+    Raises:
+        ValueError: The prompt leaves no position for the caption.
     """
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     arrays = [image.permute(1, 2, 0).cpu().numpy() for image in pixels]
@@ -42,7 +47,15 @@ def caption_images(
     batch = processor(images=arrays, text=text, return_tensors="pt")
     batch = {name: value.to(model.device) for name, value in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    # BLIP's generate starts from the decoder's BOS token plus the prompt without its [SEP];
+    # decoding past the last position embedding fails with an IndexError.
+    start = batch["input_ids"].shape[1] - 1 if "input_ids" in batch else 1
+    room = model.config.text_config.max_position_embeddings - start
+    if room < 1:
+        raise ValueError(f"the prompt takes all {start} of the captioner's text positions")
+    tokens = model.generate(
+        **batch, max_new_tokens=min(max_new_tokens, room), do_sample=False, num_beams=1
+    )
     return [caption.strip() for caption in processor.batch_decode(tokens, skip_special_tokens=True)]
 
 
@@ -63,13 +76,22 @@ class CaptionBlip(StageKind):
     outputs = (Port("caption", ArtifactType.TEXT, "The caption"),)
     components = frozenset({"captioner"})
 
+    @classmethod
+    def needed_components(cls, params: Any) -> frozenset[str]:
+        return frozenset() if params.caption is not None else cls.components
+
     def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         if params.caption is not None:
             return {"caption": params.caption}  # nothing is loaded
         captioner = ctx.models.get("captioner")
         # The first image's caption: pix2pix-zero inverts one image per recipe stage.
-        captions = caption_images(
-            captioner.model, captioner.processor, inputs["images"][:1], params.max_new_tokens,
-            params.prompt,
-        )  # fmt: skip
+        try:
+            captions = caption_images(
+                captioner.model, captioner.processor, inputs["images"][:1], params.max_new_tokens,
+                params.prompt,
+            )  # fmt: skip
+        except ValueError as error:
+            raise EditflowError(
+                str(error), key=f"stages.{ctx.name}.prompt", hint="shorten the prompt"
+            ) from None
         return {"caption": captions[0]}

@@ -204,6 +204,18 @@ class DeriveDirection(StageKind):
             "Target sentences, one per line (replaces target_word's built-in bank)",
             optional=True,
         ),
+        Port(
+            "source_bank",
+            ArtifactType.EMBEDDING,
+            "A direction.bank_mean output to use as the source mean (cached per bank)",
+            optional=True,
+        ),
+        Port(
+            "target_bank",
+            ArtifactType.EMBEDDING,
+            "A direction.bank_mean output to use as the target mean (cached per bank)",
+            optional=True,
+        ),
     )
     outputs = (
         Port("direction", ArtifactType.DIRECTION, "Edit direction (1, 77, D)"),
@@ -215,9 +227,15 @@ class DeriveDirection(StageKind):
     def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         tokenizer = ctx.models.get("tokenizer")
         text_encoder = ctx.models.get("text_encoder")
+        given = {side: inputs.get(f"{side}_bank") for side in ("source", "target")}
         # Both banks are checked before the (slow) encoding, so every problem shows at once.
-        banks = {side: self._sentences(ctx, params, inputs, side) for side in ("source", "target")}
+        banks = {
+            side: self._sentences(ctx, params, inputs, side)
+            for side in ("source", "target")
+            if given[side] is None
+        }
         means = {side: bank_mean(tokenizer, text_encoder, bank) for side, bank in banks.items()}
+        means.update({side: mean for side, mean in given.items() if mean is not None})
         direction = edit_direction(means["source"], means["target"], params.multiplier)
         return {
             "direction": direction,
@@ -245,3 +263,44 @@ class DeriveDirection(StageKind):
                 hint=f"set {side}_word or connect {side}_sentences to a text file",
             )
         return sentences_for(word)
+
+
+class BankMeanParams(Params):
+    word: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="Word whose built-in sentence bank to encode (when no sentences are given)",
+    )
+
+
+class BankMean(StageKind):
+    """The mean text embedding of one sentence bank, cached on its own.
+
+    Its key holds the sentence file's digest (or the word) and the model, so recipes and
+    directions that share a bank (cat -> dog and cat -> horse) encode it once.
+    """
+
+    kind = "direction.bank_mean"
+    version = "1"
+    description = "Mean full text-encoder output over a sentence bank (file or built-in word)"
+    params = BankMeanParams
+    inputs = (Port("sentences", ArtifactType.TEXT, "Sentences, one per line", optional=True),)
+    outputs = (Port("mean", ArtifactType.EMBEDDING, "Mean embedding (1, 77, D)"),)
+    components = frozenset({"text_encoder", "tokenizer"})
+
+    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        text = inputs.get("sentences")
+        if text is not None:
+            try:
+                sentences = read_sentence_file(text)
+            except ValueError as error:
+                raise EditflowError(str(error), key=f"stages.{ctx.name}.sentences") from None
+        elif params.word is not None and params.word.strip():
+            sentences = sentences_for(params.word)
+        else:
+            raise EditflowError(
+                "no sentences", key=f"stages.{ctx.name}", hint="set word or connect sentences"
+            )
+        tokenizer, text_encoder = ctx.models.get("tokenizer"), ctx.models.get("text_encoder")
+        return {"mean": bank_mean(tokenizer, text_encoder, sentences)}

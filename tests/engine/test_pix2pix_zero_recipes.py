@@ -38,7 +38,9 @@ def test_editing_a_sentence_file_changes_only_the_direction_and_what_follows(
     _copy_recipe(tmp_path, "A dog runs on the beach.\n")
     after = {n: s.key for n, s in plan_recipe(recipe, cache=cache).stages.items()}
     changed = {name for name in before if before[name] != after[name]}
+    # cat_bank keeps its key: a direction from cat.txt to any other bank reuses its mean.
     assert changed == {
+        "dog_bank",
         "direction",
         "unguided",
         "guided",
@@ -57,7 +59,7 @@ def test_an_empty_sentence_file_is_a_clear_error(
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
-        f"{recipe}: stages.direction: stage 'direction' (direction.pix2pix_zero) failed: "
-        "stages.direction.target_sentences: the sentence file has no sentences: write one "
-        "sentence per line (or leave it out to use target_word's built-in bank)"
+        f"{recipe}: stages.dog_bank: stage 'dog_bank' (direction.bank_mean) failed: "
+        "stages.dog_bank.sentences: the sentence file has no sentences: write one "
+        "sentence per line"
     )

@@ -12,8 +12,9 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 from editflow.cache import Cache
 from editflow.engine.api import plan_recipe, run_recipe
 from editflow.engine.inputs import load_input
-from editflow.engine.models import ModelRegistry
+from editflow.engine.models import Captioner, ModelRegistry
 from editflow.engine.tiny import ensure_tiny
+from editflow.errors import EditflowError
 from editflow.stages import StageContext
 from editflow.stages.caption import CaptionBlip, caption_images
 from editflow.stages.diffusion import encode_prompts
@@ -58,6 +59,40 @@ def test_a_given_caption_is_passed_through_without_loading_anything(photo: torch
     assert CaptionBlip().run(ctx, params, {"images": photo}) == {"caption": "a photo of a cat"}
 
 
+class _TinyCaptioner:
+    """Model parts holding only tiny's captioner, loaded from its folder."""
+
+    scheduler_config: dict = {}
+
+    def __init__(self, folder: Path) -> None:
+        model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+        self.captioner = Captioner(model, BlipProcessor.from_pretrained(folder))
+
+    def get(self, component: str) -> Captioner:
+        assert component == "captioner"
+        return self.captioner
+
+
+def test_the_longest_caption_fits_the_captioners_positions(
+    photo: torch.Tensor, models_dir: Path
+) -> None:
+    models = _TinyCaptioner(ensure_tiny(models_dir) / "captioner")
+    limit = models.captioner.model.config.text_config.max_position_embeddings
+    ctx = StageContext("caption", 0, torch.device("cpu"), torch.float32, models=models)
+    for prompt in ("", "a photo of a"):
+        params = CaptionBlip.params(max_new_tokens=77, prompt=prompt)
+        caption = CaptionBlip().run(ctx, params, {"images": photo})["caption"]
+        assert isinstance(caption, str) and caption.startswith(prompt)
+
+    too_long = CaptionBlip.params(prompt=" ".join(["cat"] * limit))
+    with pytest.raises(EditflowError) as error:
+        CaptionBlip().run(ctx, too_long, {"images": photo})
+    assert str(error.value) == (
+        f"stages.caption.prompt: the prompt takes all {limit + 1} of the captioner's text "
+        "positions (shorten the prompt)"
+    )
+
+
 def test_the_caption_conditions_the_inversion(tmp_path: Path, models_dir: Path) -> None:
     cache = Cache(tmp_path / "cache")
     overrides = ["stages.invert.num_inference_steps=2", "stages.invert.regularize=false"]
@@ -73,3 +108,15 @@ def test_the_caption_conditions_the_inversion(tmp_path: Path, models_dir: Path) 
     )
     expected = encode_prompts(registry.get("tokenizer"), registry.get("text_encoder"), [caption])
     assert torch.equal(embeds, expected)
+
+
+def test_a_given_caption_needs_no_captioner_on_disk(tmp_path: Path) -> None:
+    overrides = ['stages.caption.caption="a photo of a cat"', "model.captioner=nobody/no-such-blip"]
+    plan = plan_recipe(RECIPE, overrides, cache=Cache(tmp_path / "c"))  # no error: not resolved
+    assert plan.captioner is None
+    assert plan.stages["caption"].preimage["captioner"] is None
+    result = run_recipe(
+        RECIPE, overrides, cache=Cache(tmp_path / "c"), out_dir=None, device="cpu",
+        targets=["caption"],
+    )  # fmt: skip
+    assert result.computed == ["caption"] and result.registry is None
