@@ -115,8 +115,10 @@ class InProcessExecutor:
             run = _Run(plan, session, pool if background else _InlineWrites())
             try:
                 run.all()
-            finally:
-                run.finish_writes()
+            except BaseException:
+                run.finish_writes(raise_errors=False)  # the stage's error is the one to show
+                raise
+            run.finish_writes()
         return run.result
 
 
@@ -167,10 +169,13 @@ class _Run:
                 self.result.written.append(path)
                 session.events(Event("written", stage.name, stage.kind.kind, message=str(path)))
 
-    def finish_writes(self) -> None:
+    def finish_writes(self, raise_errors: bool = True) -> None:
         """Wait for every cache write; the first failure is raised."""
         for future in [*self.pending.values(), *self.records]:
-            future.result()
+            if raise_errors:
+                future.result()
+            else:
+                future.exception()
 
     def wait_for(self, key: str) -> None:
         if key in self.pending:
