@@ -7,8 +7,8 @@ Prints:
   fp32), measured on the tiny model and projected for SD 1.x at 512 px (16 cross-attention
   layers, 8 heads, 77 tokens, 5 layers each at 64/32/16 px latents and 1 at 8 px);
 - the peak memory and wall time of three edits from the same x_T, each in a fresh process:
-  ``unguided`` (xa_guidance 0), ``guided-streamed`` (maps read back one step at a time from
-  per-layer-step files, as the zarr cache streams them) and ``guided-in-ram`` (every step's
+  ``unguided`` (xa_guidance 0), ``guided-streamed`` (maps written to and read back from
+  editflow's zarr cache one step at a time, as the engine streams them) and ``guided-in-ram`` (every step's
   maps loaded before the edit, as the released code keeps them: fp32, both CFG halves);
 - the ratios guided / unguided.
 
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from editflow.cache import Cache
 from editflow.engine.tiny import ensure_tiny
 from editflow.stages.attention import install_attention_recorder
 from editflow.stages.ddim import ddim_invert
@@ -53,6 +54,9 @@ from editflow.stages.pix2pix_zero import guided_edit, reference_pass
 CAPTION, SOURCE_WORD, TARGET_WORD = "a photo of an astronaut", "astronaut", "robot"
 MODES = ("unguided", "guided-streamed", "guided-in-ram")
 MIB = 2**20
+
+
+MAPS_KEY = "0" * 64  # the reference maps' cache entry
 
 
 def models_dir() -> Path:
@@ -104,17 +108,24 @@ def prepare(workdir: Path, folder: Path, steps: int, size: int) -> dict:
     )
 
     shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(step: int, maps: dict[str, torch.Tensor]) -> None:
-        # One file per layer-step, fp16: the zarr cache's chunking, emulated with torch.save.
-        for index, (name, m) in enumerate(maps.items()):
-            shapes[name] = tuple(m.shape)
-            torch.save(m.to(torch.float16).clone(), workdir / f"maps-{step:04d}-{index:02d}.pt")
-
     scheduler = DDIMScheduler.from_config(config)
     scheduler.set_timesteps(steps)
-    with install_attention_recorder(unet) as recorder:
-        reference_pass(recorder.predictor(predict), x_T, scheduler, caption, record)
+    # The maps go into editflow's zarr cache exactly as the engine stores them: fp16, one
+    # stream per layer, written step by step.
+    with Cache(workdir / "cache").writer(MAPS_KEY, {}) as writer:
+        streams: dict[str, object] = {}
+
+        def record(step: int, maps: dict[str, torch.Tensor]) -> None:
+            for index, (name, m) in enumerate(maps.items()):
+                if name not in streams:
+                    shapes[name] = tuple(m.shape)
+                    streams[name] = writer.create_stream(
+                        f"layer{index}", (steps, *m.shape), torch.float16
+                    )
+                streams[name][step] = m
+
+        with install_attention_recorder(unet) as recorder:
+            reference_pass(recorder.predictor(predict), x_T, scheduler, caption, record)
     torch.save(
         {"x_T": x_T, "caption": caption, "direction": direction, "layer_names": list(shapes)},
         workdir / "inputs.pt",
@@ -135,16 +146,17 @@ def vm_kib(field: str) -> int:
 
 def worker(mode: str, workdir: Path, folder: Path, steps: int, repeats: int) -> dict:
     unet, config = load(folder)
-    inputs = torch.load(workdir / "inputs.pt")
+    inputs = torch.load(workdir / "inputs.pt", weights_only=True)
     x_T, caption = inputs["x_T"], inputs["caption"]
     edit_embeds = caption + inputs["direction"]
 
     names = inputs["layer_names"]
 
+    entry = Cache(workdir / "cache").get(MAPS_KEY)
+
     def read_step(i: int) -> dict[str, torch.Tensor]:
-        return {
-            name: torch.load(workdir / f"maps-{i:04d}-{k:02d}.pt") for k, name in enumerate(names)
-        }
+        """One step of every layer, read from its chunk in the cache."""
+        return {name: entry.step(f"layer{k}", i) for k, name in enumerate(names)}
 
     def run(n_steps: int, reference_maps) -> float:
         scheduler = DDIMScheduler.from_config(config)
