@@ -205,8 +205,12 @@ class _Run:
         def value_of(ref: str) -> Any:
             producer = producer_of(ref)
             if producer.startswith("inputs."):
-                return load_input(self.plan.inputs[producer.split(".", 1)[1]])
-            value = self.materialize(producer)[ref.split(".", 1)[1]]
+                if producer not in self.values:  # decoded once per run, whoever reads it
+                    item = self.plan.inputs[producer.split(".", 1)[1]]
+                    self.values[producer] = {"": load_input(item)}
+                value = self.values[producer][""]
+            else:
+                value = self.materialize(producer)[ref.split(".", 1)[1]]
             # Consumers get their own copy: a stage must never mutate another's result.
             return value.clone() if isinstance(value, torch.Tensor) else value
 
@@ -308,6 +312,14 @@ class _LazyEntry:
         self.writer().__exit__(None, None, None)
 
 
+def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
+    """Record this stage's preimage so `plan` can say what changed next time."""
+    name = last_run_record(plan, stage.name)
+    record = cache.get_record(name)
+    if record is None or record.get("key") != stage.key:
+        cache.put_record(name, {"key": stage.key, "preimage": stage.preimage})
+
+
 def _finish_entry(
     stage: PlannedStage,
     outputs: dict[str, Any],
@@ -315,21 +327,13 @@ def _finish_entry(
     streams: dict[str, StreamWriter],
     seconds: float,
 ) -> None:
-    """Write the remaining outputs into the entry and publish it (background thread)."""
+    """Write a stage's outputs into its entry (streamed ones are there already) and publish."""
     try:
         _write_outputs(stage, outputs, entry.writer(), streams, seconds)
     except BaseException as error:
         entry.abandon(error)
         raise
     entry.publish()
-
-
-def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
-    """Record this stage's preimage so `plan` can say what changed next time."""
-    name = last_run_record(plan, stage.name)
-    record = cache.get_record(name)
-    if record is None or record.get("key") != stage.key:
-        cache.put_record(name, {"key": stage.key, "preimage": stage.preimage})
 
 
 def _write_outputs(
@@ -339,7 +343,6 @@ def _write_outputs(
     streams: dict[str, StreamWriter],
     seconds: float,
 ) -> None:
-    """Put a stage's outputs into its open cache entry (streamed ones are already there)."""
     texts = {}
     for port in stage.kind.outputs:
         value = outputs[port.name]

@@ -41,6 +41,24 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     return text_encoder(tokens.input_ids.to(device))[0]
 
 
+def encode_prompt_pair(
+    models: Any, prompt: str, negative_prompt: str, batch: int, guided: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond) embeddings for ``batch`` items; ``uncond`` is None without CFG.
+
+    Args:
+        models: Gives ``tokenizer`` and ``text_encoder`` through ``get``.
+        prompt: The conditional prompt.
+        negative_prompt: The unconditional (negative) prompt.
+        batch: Number of items.
+        guided: Whether CFG is used (else the negative prompt is not encoded).
+    """
+    tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
+    cond = encode_prompts(tokenizer, text_encoder, [prompt] * batch)
+    uncond = encode_prompts(tokenizer, text_encoder, [negative_prompt] * batch) if guided else None
+    return cond, uncond
+
+
 def guided_noise(
     predict: NoisePredictor,
     x_t: torch.Tensor,

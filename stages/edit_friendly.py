@@ -78,7 +78,7 @@ from editflow.errors import EditflowError
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import (
     NoisePredictor,
-    encode_prompts,
+    encode_prompt_pair,
     guided_noise,
     unet_noise_predictor,
     vae_encode,
@@ -718,10 +718,7 @@ def _prompt_embeddings(
     models: Any, prompt: str, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond) for N items; an empty prompt means no CFG (uncond None)."""
-    tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
-    cond = encode_prompts(tokenizer, text_encoder, [prompt] * batch)
-    uncond = encode_prompts(tokenizer, text_encoder, [""] * batch) if prompt else None
-    return cond, uncond
+    return encode_prompt_pair(models, prompt, "", batch, guided=bool(prompt))
 
 
 def _colour_guidance(

@@ -17,7 +17,7 @@ from editflow.stages.base import (
     step_reporter,
 )
 from editflow.stages.ddim import ddim_invert
-from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
+from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor
 
 
 class InvertDdimParams(Params):
@@ -65,12 +65,13 @@ class InvertDdim(StageKind):
 
     def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         models = ctx.models
-        tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
-        prompt = inputs.get("caption", params.prompt)
-        cond = encode_prompts(tokenizer, text_encoder, [prompt])
-        uncond = None
-        if params.guidance_scale != 1.0:
-            uncond = encode_prompts(tokenizer, text_encoder, [params.negative_prompt])
+        cond, uncond = encode_prompt_pair(
+            models,
+            inputs.get("caption", params.prompt),
+            params.negative_prompt,
+            batch=len(inputs["latents"]),
+            guided=params.guidance_scale != 1.0,
+        )
         scheduler = DDIMInverseScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
         x_T, trajectory = ddim_invert(

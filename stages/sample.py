@@ -16,7 +16,7 @@ from editflow.stages.base import (
     step_reporter,
 )
 from editflow.stages.ddim import ddim_sample
-from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
+from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor
 
 
 class SampleDdimParams(Params):
@@ -42,12 +42,14 @@ class SampleDdim(StageKind):
 
     def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         models = ctx.models
-        tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
         x_T = inputs["latents"].to(ctx.device, ctx.dtype)
-        cond = encode_prompts(tokenizer, text_encoder, [params.prompt] * len(x_T))
-        uncond = None
-        if params.guidance_scale != 1.0:
-            uncond = encode_prompts(tokenizer, text_encoder, [params.negative_prompt] * len(x_T))
+        cond, uncond = encode_prompt_pair(
+            models,
+            params.prompt,
+            params.negative_prompt,
+            batch=len(x_T),
+            guided=params.guidance_scale != 1.0,
+        )
         scheduler = DDIMScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
         latents = ddim_sample(

@@ -5,3 +5,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MANIFESTS = ROOT / "manifests"
+
+# Stable Diffusion 1.x's scheduler numbers, for tests that build schedulers without a model.
+SD_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}

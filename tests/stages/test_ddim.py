@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+from support import SD_CONFIG
 
 from editflow.stages.ddim import ddim_invert, ddim_sample
-
-SD_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 
 
 def schedulers(steps: int) -> tuple[DDIMScheduler, DDIMInverseScheduler]:

@@ -18,6 +18,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from pydantic import ValidationError
+from support import SD_CONFIG
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.errors import EditflowError
@@ -44,15 +45,6 @@ from editflow.stages.edit_friendly_statistics import (
     plot_noise_statistics,
 )
 
-SD_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 SCHEDULERS = ["ddim", "dpmsolver++"]
 
 
