@@ -60,21 +60,22 @@ def plain_round_trip(
 def bench_overhead(steps: int, repeats: int, work: Path) -> None:
     from editflow.cache import Cache
     from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
-    from editflow.engine.inputs import load_input
-    from editflow.engine.models import ModelRegistry
+    from editflow.inputs import load_input
+    from editflow.models import RunModels
 
     cache = Cache(work / "warm")
     plan = plan_recipe(QUICKSTART, _overrides(steps), cache=cache)
     started = time.perf_counter()
-    registry = ModelRegistry(
-        plan.model, device=torch.device("cpu"), dtype=torch.float32,
+    models = RunModels(
+        plan.models, device=torch.device("cpu"), dtype=torch.float32,
         models_dir=models_dir_for(cache),
     )  # fmt: skip
+    registry = models.registry("model.id")  # the engine runs share these loaded parts
     components = {name: registry.get(name) for name in ("vae", "unet", "tokenizer", "text_encoder")}
     components["scheduler_config"] = dict(registry.scheduler_config)
     load_seconds = time.perf_counter() - started
     image = load_input(plan.inputs["photo"])
-    prompt = plan.stages["invert"].spec.prompt
+    prompt = plan.stages["invert"].params.prompt
 
     plain_round_trip(components, image, prompt, 2)  # warm-up of kernels, not timed
     engine_times, plain_times = [], []
@@ -85,7 +86,7 @@ def bench_overhead(steps: int, repeats: int, work: Path) -> None:
         started = time.perf_counter()
         run_recipe(
             QUICKSTART, _overrides(steps), cache=Cache(work / f"cold{repeat}"),
-            out_dir=work / f"out{repeat}", device="cpu", registry=registry,
+            out_dir=work / f"out{repeat}", device="cpu", registry=models,
             targets=["decode_reconstruction"],
         )  # fmt: skip
         engine_times.append(time.perf_counter() - started)

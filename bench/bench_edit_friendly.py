@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from editflow.engine.tiny import ensure_tiny
+from editflow.models.tiny import ensure_tiny
 from editflow.stages.diffusion import (
     NoisePredictor,
     encode_prompts,
@@ -31,12 +31,9 @@ from editflow.stages.diffusion import (
     unet_noise_predictor,
     vae_encode,
 )
-from editflow.stages.edit_friendly import (
-    build_scheduler,
-    edit_friendly_invert,
-    edit_friendly_sample,
-)
+from editflow.stages.edit_friendly import edit_friendly_invert, edit_friendly_sample
 from editflow.stages.edit_friendly_statistics import noise_map_statistics
+from editflow.stages.reverse_steps import build_scheduler
 
 SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot"
 CFG_SRC, CFG_TAR, SKIP = 3.5, 15.0, 36
@@ -70,12 +67,13 @@ def ours(setup: Setup, name: str, seed: int = 0):
     scheduler = build_scheduler(name, setup.config, setup.steps)
     embeds = setup.embeds
     inversion = edit_friendly_invert(
-        setup.predict, setup.x0, scheduler, embeds[SOURCE], embeds[""], CFG_SRC, 1.0,
-        torch.Generator().manual_seed(seed),
+        setup.predict, setup.x0, scheduler, embeds[SOURCE], embeds[""],
+        guidance_scale=CFG_SRC, eta=1.0, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
     edited = edit_friendly_sample(
-        setup.predict, inversion, scheduler, embeds[TARGET], embeds[""], CFG_TAR, SKIP, 1.0
-    )
+        setup.predict, inversion, scheduler, embeds[TARGET], embeds[""],
+        guidance_scale=CFG_TAR, skip=SKIP, eta=1.0,
+    )  # fmt: skip
     return inversion, edited
 
 
@@ -136,9 +134,10 @@ def main() -> None:
         calls = 2 * setup.steps - SKIP
         inversion, _ = ours(setup, name)
         scheduler = build_scheduler(name, setup.config, setup.steps)
-        reconstruct = (setup.predict, inversion, scheduler, embeds[SOURCE], embeds[""], CFG_SRC)
-        same = edit_friendly_sample(*reconstruct, 0, 1.0)
-        shifted = edit_friendly_sample(*reconstruct, 0, 1.0, shift=(2, 3))
+        reconstruct = (setup.predict, inversion, scheduler, embeds[SOURCE], embeds[""])
+        knobs = {"guidance_scale": CFG_SRC, "skip": 0, "eta": 1.0}
+        same = edit_friendly_sample(*reconstruct, **knobs)
+        shifted = edit_friendly_sample(*reconstruct, **knobs, shift=(2, 3))
         rolled = x0.roll((2, 3), dims=(-2, -1))
         variance, correlation = noise_map_statistics(inversion.noise_maps)
         maps = inversion.noise_maps

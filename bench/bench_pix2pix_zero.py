@@ -44,7 +44,7 @@ from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2D
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.cache import Cache
-from editflow.engine.tiny import ensure_tiny
+from editflow.models.tiny import ensure_tiny
 from editflow.stages.attention import install_attention_recorder
 from editflow.stages.ddim import ddim_invert
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
@@ -125,7 +125,7 @@ def prepare(workdir: Path, folder: Path, steps: int, size: int) -> dict:
                 streams[name][step] = m
 
         with install_attention_recorder(unet) as recorder:
-            reference_pass(recorder.predictor(predict), x_T, scheduler, caption, record)
+            reference_pass(recorder.predictor(predict), x_T, scheduler, caption, record=record)
     torch.save(
         {"x_T": x_T, "caption": caption, "direction": direction, "layer_names": list(shapes)},
         workdir / "inputs.pt",
@@ -166,12 +166,12 @@ def worker(mode: str, workdir: Path, folder: Path, steps: int, repeats: int) -> 
             start = time.perf_counter()
             guided_edit(
                 predict,
-                recorder.predictor(predict),
                 x_T,
                 scheduler,
                 edit_embeds,
                 caption,
-                reference_maps,
+                predict_maps=recorder.predictor(predict),
+                reference_maps=reference_maps,
                 xa_guidance=0.0 if mode == "unguided" else 0.1,
             )
             return time.perf_counter() - start

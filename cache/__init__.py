@@ -44,7 +44,8 @@ False) and the next writer of that key replaces it. No pickle: arrays are zarr, 
 
 from .entry import ArrayInfo, Damage, DamagedEntryError, Entry, ReadStats
 from .maintenance import DiskUsage, EntryInfo, GcReport
-from .store import Cache
+from .store import Cache, default_cache_url
+from .streams import STREAMS_ATTR, StreamedMaps, StreamWriter
 from .writer import EntryWriter, StreamHandle
 
 __all__ = [
@@ -58,5 +59,9 @@ __all__ = [
     "EntryWriter",
     "GcReport",
     "ReadStats",
+    "STREAMS_ATTR",
     "StreamHandle",
+    "StreamWriter",
+    "StreamedMaps",
+    "default_cache_url",
 ]

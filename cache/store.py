@@ -19,6 +19,16 @@ from .layout import Layout, check_key
 from .maintenance import DiskUsage, EntryInfo, GcReport
 from .writer import EntryWriter
 
+CACHE_ENV = "EDITFLOW_CACHE"
+
+
+def default_cache_url() -> str:
+    """``$EDITFLOW_CACHE``, else ``$XDG_CACHE_HOME/editflow``, else ``~/.cache/editflow``."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return str(Path(base) / "editflow")
+
 
 class Cache:
     """A content-addressed, write-once store of tensors keyed by cache key.

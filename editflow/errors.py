@@ -30,6 +30,19 @@ class Problem:
         return f"{where}{key}{self.message}{hint}"
 
 
+def sort_problems(problems: list[Problem]) -> list[Problem]:
+    """In file order (problems without a line last, in the order found)."""
+    return sorted(problems, key=lambda problem: problem.line or 10**9)
+
+
+def unique_problems(problems: list[Problem]) -> list[Problem]:
+    """Each problem once (the same line can come from two validators), first one kept."""
+    first: dict[str, Problem] = {}
+    for problem in problems:
+        first.setdefault(problem.render(), problem)
+    return list(first.values())
+
+
 class EditflowError(Exception):
     """An error the user can fix; carries one or more located problems."""
 

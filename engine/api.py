@@ -5,45 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from editflow.cache import Cache
+from editflow.cache import Cache, default_cache_url
 from editflow.engine.events import CollectEvents, EventSink
 from editflow.engine.execute import (
     Executor,
     InProcessExecutor,
     RunResult,
     Session,
-    resolve_device,
 )
-from editflow.engine.models import ModelRegistry
 from editflow.engine.plan import Plan, build_plan
 from editflow.engine.recipe import load_recipe
-
-CACHE_ENV = "EDITFLOW_CACHE"
-MODELS_ENV = "EDITFLOW_MODELS"
-
-
-def default_cache_url() -> str:
-    """``$EDITFLOW_CACHE``, else ``$XDG_CACHE_HOME/editflow``, else ``~/.cache/editflow``."""
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return str(Path(base) / "editflow")
+from editflow.models import RunModels, models_dir, resolve_device
 
 
 def models_dir_for(cache: Cache) -> Path:
-    """Where built-in models (``tiny``) are saved and weight hashes memoised.
-
-    ``$EDITFLOW_MODELS`` when set; else inside the cache folder when the cache is local; for
-    a remote cache, in the default local cache folder (weights load from local disk).
-    """
-    if os.environ.get(MODELS_ENV):
-        return Path(os.environ[MODELS_ENV])
-    if cache.local_root is not None:
-        return cache.local_root / "models"
-    return Path(default_cache_url()) / "models"
+    """Where built-in models are saved and local weight hashes memoised, for this cache."""
+    return models_dir(cache.local_root, Path(default_cache_url()))
 
 
 def open_cache(url: str | os.PathLike | None = None) -> Cache:
+    """The cache at ``url``, else at :func:`editflow.cache.default_cache_url`."""
     return Cache(url if url is not None else default_cache_url())
 
 
@@ -68,7 +49,7 @@ def run_recipe(
     device: str = "auto",
     events: EventSink | None = None,
     targets: list[str] | None = None,
-    registry: ModelRegistry | None = None,
+    registry: RunModels | None = None,
     executor: Executor | None = None,
 ) -> RunResult:
     """Plan and run a recipe; returns what ran, what hit and which files were written."""

@@ -30,10 +30,10 @@ def _recipe_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _cache_option(parser: argparse.ArgumentParser) -> None:
+def _cache_option(parser: argparse.ArgumentParser, default: object = None) -> None:
     parser.add_argument(
         "--cache",
-        default=None,
+        default=default,
         metavar="PATH_OR_URL",
         help="cache folder or fsspec URL (default: $EDITFLOW_CACHE or ~/.cache/editflow)",
     )
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="inspect and maintain the cache")
     _cache_option(cache)
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("ls", help="list entries")
-    actions.add_parser("du", help="disk usage")
+    ls = actions.add_parser("ls", help="list entries")
+    du = actions.add_parser("du", help="disk usage")
     verify = actions.add_parser("verify", help="recompute checksums; damaged entries are removed")
     verify.add_argument("--keep-damaged", action="store_true", help="report only")
     gc = actions.add_parser("gc", help="remove unpublished leftovers and old entries")
@@ -99,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also remove entries created more than this many days ago",
     )
-    rm = actions.add_parser("rm", help="remove entries by key (or key prefix)")
-    rm.add_argument("keys", nargs="+")
+    rm = actions.add_parser(
+        "rm", help="remove entries by key or unique key prefix (8 characters or more)"
+    )
+    rm.add_argument("keys", nargs="*", metavar="KEY")
+    rm.add_argument("--all", action="store_true", help="remove every entry")
+    for action in (ls, du, verify, gc, rm):
+        # Accepted after the action too; SUPPRESS keeps a value given before it.
+        _cache_option(action, default=argparse.SUPPRESS)
     return parser
 
 
@@ -134,7 +140,7 @@ def _cache(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from editflow.engine.api import run_recipe
-    from editflow.engine.events import JsonLines, ProgressDisplay
+    from editflow.progress import JsonLines, ProgressDisplay
 
     out_dir = args.out or Path("out") / args.recipe.stem
     display = JsonLines() if args.log_json else ProgressDisplay()
@@ -165,13 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from editflow.engine.api import plan_recipe
     from editflow.engine.execute import last_run_record
-    from editflow.engine.plan import describe_change
+    from editflow.engine.keys import describe_change
 
     cache = _cache(args)
     plan = plan_recipe(args.recipe, args.overrides, cache=cache, targets=args.targets)
     width = max(len(name) for name in plan.stages)
+    kind_width = max(len(stage.kind.kind) for stage in plan.stages.values())
     for stage in plan.stages.values():
-        head = f"{stage.name:<{width}}  {stage.kind.kind:<22} {stage.key[:12]}"
+        head = f"{stage.name:<{width}}  {stage.kind.kind:<{kind_width}}  {stage.key[:12]}"
         if not stage.needed:
             print(f"{head}  skip (not needed by the targets)")
         elif cache.has(stage.key):
@@ -201,7 +208,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from editflow.engine.api import plan_recipe
     from editflow.engine.execute import last_run_record
-    from editflow.engine.keys import diff_preimages
+    from editflow.engine.keys import describe_changes
 
     cache = _cache(args)
     plan = plan_recipe(args.recipe, args.overrides, cache=cache)
@@ -217,26 +224,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
         state = "present" if cache.has(stage.key) else "missing from the cache"
         print(f"  unchanged since the last run (entry {state})")
         return 0
-    print(f"  last run   {record['key']}")
-    for path, before, after in diff_preimages(record["preimage"], stage.preimage):
-        print(f"  {path}: {before!r} -> {after!r}")
+    print(f"  last run {record['key']}")
+    for reason in describe_changes(record["preimage"], stage.preimage, width=None):
+        print(f"  {reason}")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from editflow.cache.report import human_size, keys_for_prefixes, listing
+
     cache = _cache(args)
     if args.action == "ls":
-        for info in cache.ls():
-            attrs = info.attrs or {}
-            print(
-                f"{info.key[:16]}  {attrs.get('kind', '?'):<22} {attrs.get('stage', '?'):<16} "
-                f"{_size(info.stored_bytes):>10}  {attrs.get('recipe', '')}"
-            )
+        print("\n".join(listing(cache.ls())) or "the cache is empty")
     elif args.action == "du":
         usage = cache.du()
-        print(f"{usage.entries} entries, {_size(usage.entry_bytes)}")
+        print(f"{usage.entries} entries, {human_size(usage.entry_bytes)}")
         if usage.staging_bytes:
-            print(f"{_size(usage.staging_bytes)} in unpublished leftovers (editflow cache gc)")
+            print(f"{human_size(usage.staging_bytes)} in unpublished leftovers (editflow cache gc)")
     elif args.action == "verify":
         damages = cache.verify()
         for damage in damages:
@@ -249,39 +253,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print("all entries intact")
         return 1 if damages else 0
     elif args.action == "gc":
-        keep = None
-        if args.older_than_days is not None:
-            cutoff = time.time() - args.older_than_days * 86400
-            keep = lambda info: info.created >= cutoff  # noqa: E731
+        cutoff = time.time() - (args.older_than_days or 0) * 86400
+        keep = (lambda info: info.created >= cutoff) if args.older_than_days is not None else None
         report = cache.gc(keep=keep)
         print(
             f"removed {len(report.removed_entries)} entries and {report.removed_staging} unpublished "
-            f"leftovers, freed {_size(report.freed_bytes)}"
+            f"leftovers, freed {human_size(report.freed_bytes)}"
         )
     elif args.action == "rm":
-        keys = _expand_keys(cache, args.keys)
-        print(f"removed {cache.rm(keys)} entries")
+        if args.all == bool(args.keys):
+            raise EditflowError("give entry keys or --all (not both)", file="cache rm")
+        keys = [info.key for info in cache.ls()]
+        print(
+            f"removed {cache.rm(keys if args.all else keys_for_prefixes(keys, args.keys))} entries"
+        )
     return 0
-
-
-def _expand_keys(cache, prefixes: list[str]) -> list[str]:
-    keys = [info.key for info in cache.ls()]
-    chosen = []
-    for prefix in prefixes:
-        matches = [key for key in keys if key.startswith(prefix)]
-        if len(matches) != 1:
-            found = "no entry" if not matches else f"{len(matches)} entries"
-            raise EditflowError(f"{found} match {prefix!r}", file="cache rm")
-        chosen += matches
-    return chosen
-
-
-def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
 
 
 COMMANDS = {

@@ -8,78 +8,69 @@ stage that actually runs (or an export) needs them, so an all-hit rerun loads no
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from editflow.cache import Cache, DamagedEntryError
+import editflow
+from editflow.cache import Cache, DamagedEntryError, StreamedMaps, StreamWriter
+from editflow.cache.artifacts import LazyEntry, read_outputs, write_outputs
+from editflow.documents import document_identity
 from editflow.engine.events import Event, EventSink
-from editflow.engine.inputs import load_input
-from editflow.engine.keys import key_of
-from editflow.engine.models import ModelRegistry
-from editflow.engine.outputs import current_exports, export_images
-from editflow.engine.plan import Plan, PlannedStage, describe_change, producer_of
-from editflow.engine.streams import STREAMS_ATTR, StreamedMaps, StreamWriter
+from editflow.engine.graph import producer_of
+from editflow.engine.keys import describe_change, key_of
+from editflow.engine.plan import Plan, PlannedStage
 from editflow.errors import EditflowError, StageFailedError
+from editflow.inputs import load_input
+from editflow.models import RunModels
+from editflow.outputs import current_exports, export_images
 from editflow.stages import ArtifactType, StageContext
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STREAMED = (ArtifactType.NOISE_SEQUENCE, ArtifactType.ATTENTION_MAPS)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EditflowError(f"unknown device {name!r}", file="--device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EditflowError("CUDA is not available on this machine", file="--device")
-    return device
+# How the cache stores each artifact type (the rest: one array). Sequences are stored one
+# step per chunk, so a consumer can read a single step.
+LAYOUTS = {
+    ArtifactType.TEXT: "text",
+    ArtifactType.ATTENTION_MAPS: "maps",
+    ArtifactType.NOISE_SEQUENCE: "steps",
+    ArtifactType.LATENT_TRAJECTORY: "steps",
+}
 
 
 def last_run_record(plan: Plan, stage: str) -> str:
     """Name of the cache record holding the preimage of a stage's last run in this recipe."""
-    return "last-run/" + key_of({"recipe": str(plan.loaded.path.resolve()), "stage": stage})
+    return "last-run/" + key_of({"recipe": document_identity(plan.loaded.path), "stage": stage})
 
 
 @dataclass
 class Session:
-    """What a run needs besides its plan. The model registry may be shared between runs."""
+    """What a run needs besides its plan. The models may be shared between runs."""
 
     cache: Cache
     out_dir: Path | None
     device: torch.device
     events: EventSink
     models_dir: Path
-    registry: ModelRegistry | None = None
+    registry: RunModels | None = None
 
-    def models(self, plan: Plan) -> ModelRegistry:
-        if self.registry is not None and self.registry.captioner is None:
-            self.registry.captioner = plan.captioner  # loaded lazily like every other part
-        if (
-            self.registry is None
-            or self.registry.resolved.identity != plan.model.identity
-            or self.registry.captioner != plan.captioner
-        ):
-            dtype = DTYPES[plan.loaded.recipe.model.dtype]
+    def models(self, plan: Plan) -> RunModels:
+        """The run's models, reusing the session's when they are the same models."""
+        dtype = plan.loaded.recipe.model.torch_dtype
+        if self.registry is not None and self.registry.serves(plan.models, dtype):
+            self.registry.add(plan.models)
+            return self.registry
 
-            def on_load(component: str, seconds: float) -> None:
-                self.events(Event("loaded", message=component, seconds=seconds))
+        def on_load(component: str, seconds: float) -> None:
+            self.events(Event("loaded", message=component, seconds=seconds))
 
-            self.registry = ModelRegistry(
-                plan.model,
-                device=self.device,
-                dtype=dtype,
-                models_dir=self.models_dir,
-                on_load=on_load,
-                captioner=plan.captioner,
-            )
+        self.registry = RunModels(
+            plan.models,
+            device=self.device,
+            dtype=dtype,
+            models_dir=self.models_dir,
+            on_load=on_load,
+        )
         return self.registry
 
 
@@ -92,7 +83,7 @@ class RunResult:
     computed: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    registry: ModelRegistry | None = None  # the models this run used (shareable with the next)
+    registry: RunModels | None = None  # the models this run used (shareable with the next)
 
 
 class Executor(Protocol):
@@ -100,49 +91,22 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs the needed stages one after another in this process.
-
-    On a GPU, cache writes go to one background thread, so storing a stage's outputs
-    overlaps with the next stage's kernels. On a CPU they are done in line: there the
-    writer would compete for the GIL with the Python-heavy stage code (measured on the tiny
-    model: +10% stage time against 5% of write time saved). Every write has finished, or
-    failed the run, when ``execute`` returns.
-    """
+    """Runs the needed stages one after another in this process; each computed stage's
+    entry is published before the next stage starts."""
 
     def execute(self, plan: Plan, session: Session) -> RunResult:
-        background = session.device.type == "cuda"
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="editflow-cache") as pool:
-            run = _Run(plan, session, pool if background else _InlineWrites())
-            try:
-                run.all()
-            except BaseException:
-                run.finish_writes(raise_errors=False)  # the stage's error is the one to show
-                raise
-            run.finish_writes()
+        run = _Run(plan, session)
+        run.all()
         return run.result
 
 
-class _InlineWrites:
-    """The ``submit`` of a thread pool, run at once in the calling thread."""
-
-    def submit(self, function: Any, *args: Any) -> Future[None]:
-        future: Future[None] = Future()
-        try:
-            future.set_result(function(*args))
-        except BaseException as error:
-            future.set_exception(error)
-        return future
-
-
 class _Run:
-    """The state of one execution: values computed so far, pending writes, the result."""
+    """The state of one execution: values computed so far and the result."""
 
-    def __init__(self, plan: Plan, session: Session, writes: Any) -> None:
-        self.plan, self.session, self.writes = plan, session, writes
+    def __init__(self, plan: Plan, session: Session) -> None:
+        self.plan, self.session = plan, session
         self.cache = session.cache
         self.values: dict[str, dict[str, Any]] = {}
-        self.pending: dict[str, Future[None]] = {}  # stage key -> its cache write
-        self.records: list[Future[None]] = []  # last-run records (for `plan` and `explain`)
         self.result = RunResult(keys={stage.name: stage.key for stage in plan.needed})
 
     def all(self) -> None:
@@ -155,31 +119,26 @@ class _Run:
                 session.events(Event("cached", stage.name, stage.kind.kind, stage.key))
             else:
                 self.materialize(stage.name)
-            self.records.append(self.writes.submit(_remember_last_run, plan, stage, self.cache))
+            _remember_last_run(plan, stage, self.cache)
         if session.out_dir is None:
             return
         for stage in plan.needed:
-            if not any(port.export for port in stage.kind.outputs):
+            ports = [
+                port.name
+                for port in stage.kind.outputs
+                if port.export and port.type == ArtifactType.IMAGE
+            ]
+            if not ports:
                 continue
-            current = current_exports(plan, stage, session.out_dir)
+            chunks = provenance(plan, stage)
+            current = current_exports(stage.name, ports, chunks, session.out_dir)
             if current is not None:  # already written by an identical run: leave them be
                 self.result.written += current
                 continue
-            for path in export_images(plan, stage, self.materialize(stage.name), session.out_dir):
+            outputs = self.materialize(stage.name)
+            for path in export_images(stage.name, ports, outputs, chunks, session.out_dir):
                 self.result.written.append(path)
                 session.events(Event("written", stage.name, stage.kind.kind, message=str(path)))
-
-    def finish_writes(self, raise_errors: bool = True) -> None:
-        """Wait for every cache write; the first failure is raised."""
-        for future in [*self.pending.values(), *self.records]:
-            if raise_errors:
-                future.result()
-            else:
-                future.exception()
-
-    def wait_for(self, key: str) -> None:
-        if key in self.pending:
-            self.pending[key].result()
 
     def materialize(self, name: str) -> dict[str, Any]:
         """The outputs of a stage: from this run, else from the cache, else computed."""
@@ -189,7 +148,7 @@ class _Run:
         entry = self.cache.get(stage.key)
         if entry is not None:
             try:
-                self.values[name] = _read_outputs(stage, entry, self.cache)
+                self.values[name] = read_outputs(self.cache, entry, layouts(stage))
                 return self.values[name]
             except DamagedEntryError as error:
                 self.cache.discard(stage.key)
@@ -202,6 +161,8 @@ class _Run:
         return self.values[name]
 
     def gather_inputs(self, stage: PlannedStage) -> dict[str, Any]:
+        """The values of the connected input ports."""
+
         def value_of(ref: str) -> Any:
             producer = producer_of(ref)
             if producer.startswith("inputs."):
@@ -224,16 +185,18 @@ class _Run:
         record = self.cache.get_record(last_run_record(plan, stage.name))
         reason = describe_change(record.get("preimage") if record else None, stage.preimage)
         session.events(Event("running", stage.name, kind, stage.key, message=reason))
-        entry = _LazyEntry(self.cache, stage.key, _entry_attrs(plan, stage, session))
+        entry = LazyEntry(self.cache, stage.key, _entry_attrs(plan, stage, session))
         streams: dict[str, StreamWriter] = {}
         started = time.perf_counter()
         try:
-            outputs = stage.kind().run(self.context(stage, entry, streams), stage.spec, inputs)
+            outputs = stage.kind().call(self.context(stage, entry, streams), stage.params, inputs)
             missing = {port.name for port in stage.kind.outputs} - set(outputs)
             if missing:
                 raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
+            seconds = time.perf_counter() - started
+            write_outputs(entry.writer(), outputs, layouts(stage), streams, seconds)
         except BaseException as error:
-            entry.abandon(error)  # discards anything a stream already wrote
+            entry.abandon(error)  # discards anything already written
             session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
             if isinstance(error, EditflowError):
                 raise StageFailedError(
@@ -242,17 +205,14 @@ class _Run:
                     key=f"stages.{stage.name}",
                 ) from None
             raise
-        seconds = time.perf_counter() - started
-        self.pending[stage.key] = self.writes.submit(
-            _finish_entry, stage, outputs, entry, streams, seconds
-        )
+        entry.publish()
         self.result.computed.append(stage.name)
         self.result.seconds[stage.name] = seconds
         session.events(Event("done", stage.name, kind, stage.key, seconds=seconds))
         return outputs
 
     def context(
-        self, stage: PlannedStage, entry: _LazyEntry, streams: dict[str, StreamWriter]
+        self, stage: PlannedStage, entry: LazyEntry, streams: dict[str, StreamWriter]
     ) -> StageContext:
         kind, key = stage.kind.kind, stage.key
 
@@ -261,21 +221,35 @@ class _Run:
 
         def open_stream(output: str, *, layers: Any, dtype: torch.dtype) -> StreamWriter:
             port = stage.kind.output_port(output)
-            if port is None or port.type not in STREAMED:
+            if port is None or LAYOUTS.get(port.type) not in ("maps", "steps"):
                 raise RuntimeError(f"{kind} cannot stream output {output!r}")  # a stage bug
-            reader = StreamedMaps(self.cache, key, output, ready=lambda: self.wait_for(key))
+            reader = StreamedMaps(self.cache, key, output)
             streams[output] = StreamWriter(entry.writer(), output, layers, dtype, reader)
             return streams[output]
 
+        models = self.session.models(self.plan) if stage.components else None
         return StageContext(
             name=stage.name,
             seed=self.plan.loaded.recipe.seed,
             device=self.session.device,
-            dtype=DTYPES[self.plan.loaded.recipe.model.dtype],
-            models=self.session.models(self.plan) if stage.needs else None,
+            dtype=self.plan.loaded.recipe.model.torch_dtype,
+            models=models.for_stage(stage.components) if models is not None else None,
             progress=progress,
             stream_writer=open_stream,
+            references=stage.references,
         )
+
+
+def provenance(plan: Plan, stage: PlannedStage) -> dict[str, str]:
+    """The text chunks every exported PNG carries."""
+    return {
+        "editflow:version": editflow.__version__,
+        "editflow:recipe": plan.loaded.path.name,
+        "editflow:recipe_sha256": plan.recipe_hash,
+        "editflow:stage": stage.name,
+        "editflow:kind": stage.kind.kind,
+        "editflow:stage_key": stage.key,
+    }
 
 
 def _entry_attrs(plan: Plan, stage: PlannedStage, session: Session) -> dict[str, Any]:
@@ -289,29 +263,6 @@ def _entry_attrs(plan: Plan, stage: PlannedStage, session: Session) -> dict[str,
     }
 
 
-class _LazyEntry:
-    """A stage's cache entry, opened only when first written: most stages return all their
-    outputs at the end and have them written in the background; streaming stages open it
-    while they run."""
-
-    def __init__(self, cache: Cache, key: str, attrs: dict[str, Any]) -> None:
-        self.cache, self.key, self.attrs = cache, key, attrs
-        self._writer: Any = None
-
-    def writer(self) -> Any:
-        if self._writer is None:
-            self._writer = self.cache.writer(self.key, self.attrs)
-            self._writer.__enter__()
-        return self._writer
-
-    def abandon(self, error: BaseException) -> None:
-        if self._writer is not None:
-            self._writer.__exit__(type(error), error, error.__traceback__)
-
-    def publish(self) -> None:
-        self.writer().__exit__(None, None, None)
-
-
 def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
     """Record this stage's preimage so `plan` can say what changed next time."""
     name = last_run_record(plan, stage.name)
@@ -320,61 +271,6 @@ def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
         cache.put_record(name, {"key": stage.key, "preimage": stage.preimage})
 
 
-def _finish_entry(
-    stage: PlannedStage,
-    outputs: dict[str, Any],
-    entry: _LazyEntry,
-    streams: dict[str, StreamWriter],
-    seconds: float,
-) -> None:
-    """Write a stage's outputs into its entry (streamed ones are there already) and publish."""
-    try:
-        _write_outputs(stage, outputs, entry.writer(), streams, seconds)
-    except BaseException as error:
-        entry.abandon(error)
-        raise
-    entry.publish()
-
-
-def _write_outputs(
-    stage: PlannedStage,
-    outputs: dict[str, Any],
-    entry_writer: Any,
-    streams: dict[str, StreamWriter],
-    seconds: float,
-) -> None:
-    texts = {}
-    for port in stage.kind.outputs:
-        value = outputs[port.name]
-        if port.type == ArtifactType.TEXT:
-            texts[port.name] = value
-        elif port.name in streams:
-            continue
-        elif port.type == ArtifactType.ATTENTION_MAPS:
-            # A stage that kept its maps in memory: store them whole, one chunk per step.
-            layers = {layer: (value.num_steps, *shape) for layer, shape in value.layers.items()}
-            streams[port.name] = writer = StreamWriter(
-                entry_writer, port.name, layers, torch.float16, reader=None
-            )
-            for step in range(value.num_steps):
-                writer.write(step, value.step(step))
-        else:
-            stream_axis = 0 if port.type in STREAMED else None
-            entry_writer.write(port.name, value.detach().cpu(), stream_axis=stream_axis)
-    entry_writer.set_attrs(
-        texts=texts,
-        seconds=seconds,
-        **{STREAMS_ATTR: {name: writer.description() for name, writer in streams.items()}},
-    )
-
-
-def _read_outputs(stage: PlannedStage, entry: Any, cache: Cache) -> dict[str, Any]:
-    outputs: dict[str, Any] = {}
-    for port in stage.kind.outputs:
-        if port.type == ArtifactType.TEXT:
-            outputs[port.name] = entry.attrs["texts"][port.name]
-        elif port.type == ArtifactType.ATTENTION_MAPS:
-            outputs[port.name] = StreamedMaps(cache, stage.key, port.name)
-        else:
-            outputs[port.name] = entry.tensor(port.name)
-    return outputs
+def layouts(stage: PlannedStage) -> dict[str, str]:
+    """How the cache stores each of a stage's outputs."""
+    return {port.name: LAYOUTS.get(port.type, "whole") for port in stage.kind.outputs}

@@ -10,11 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import metadata
 from typing import Any
 
-KEY_FORMAT = 1
+from pydantic import BaseModel
+
+from editflow.models import ResolvedModel
+from editflow.stages import StageKind
+
+# 2: model parts enter as {provider: fingerprint} under "models".
+KEY_FORMAT = 2
 
 
 def canonical_json(value: Any) -> str:
@@ -49,19 +56,134 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def file_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def input_key(section: BaseModel, digest: str) -> str:
+    """The key of an input file: its recipe section and the sha256 of its bytes."""
+    return key_of(
+        {"format": KEY_FORMAT, "input": section.model_dump(mode="json"), "digest": digest}
+    )
+
+
+def stage_preimage(
+    *,
+    kind: type[StageKind],
+    params: BaseModel,
+    references: Mapping[str, str | list[str]],
+    upstream_key: Callable[[str], dict[str, str]],
+    models: Mapping[str, ResolvedModel | None],
+    seed: int,
+    stage_name: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """Everything that determines a stage's outputs (ENGINE.md, "Cache keys").
+
+    Args:
+        kind: The stage kind (its name and version).
+        params: Its resolved params (defaults filled in).
+        references: Input port -> reference(s).
+        upstream_key: Reference -> ``{"stage" | "input", ..., "key"}`` of its producer.
+        models: Provider -> resolved model for each provider the stage's components name
+            (``None`` for a stage that is not needed and so was not resolved).
+        seed: The recipe seed (enters only for seeded configurations).
+        stage_name: The stage's name (the seed path).
+        dtype: The compute dtype (enters only for stages that use a model).
+    """
+    seeded = kind.is_seeded(params)
+    return {
+        "format": KEY_FORMAT,
+        "kind": kind.kind,
+        "kind_version": kind.version,
+        "params": params.model_dump(mode="json"),
+        "inputs": {
+            port: [upstream_key(ref) for ref in refs]
+            if isinstance(refs, list)
+            else upstream_key(refs)
+            for port, refs in references.items()
+        },
+        "models": {
+            provider: model.fingerprint() if model is not None else None
+            for provider, model in sorted(models.items())
+        }
+        or None,
+        "seed": seed if seeded else None,
+        "seed_path": [stage_name] if seeded else None,
+        "dtype": dtype if models else None,
+        "versions": library_versions(),
+    }
 
 
 def diff_preimages(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
-    """The (dotted path, old value, new value) leaves that differ between two preimages."""
+    """The (dotted path, old value, new value) leaves that differ between two preimages.
+
+    Dicts and equally long lists are compared item by item; a list that changed length
+    is one difference.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         changes = []
         for key in sorted(set(old) | set(new), key=str):
             child = f"{path}.{key}" if path else str(key)
             changes += diff_preimages(old.get(key, _MISSING), new.get(key, _MISSING), child)
         return changes
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            change
+            for index, (before, after) in enumerate(zip(old, new, strict=True))
+            for change in diff_preimages(before, after, f"{path}.{index}")
+        ]
     return [] if old == new else [(path, old, new)]
+
+
+def describe_changes(
+    old: dict[str, Any] | None, new: dict[str, Any], width: int | None = 40
+) -> list[str]:
+    """Why a key differs from its last run's, in words ``plan`` and ``explain`` share.
+
+    ``width`` shortens long values (``None`` keeps them whole).
+    """
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if width is None or len(text) <= width else text[: width - 3] + "..."
+
+    if old is None:
+        return ["never run"]
+    changes = diff_preimages(old, new)
+    if not changes:
+        return ["entry missing (removed or damaged)"]
+    parts = []
+    for path, before, after in changes:
+        segments = path.split(".")
+        if segments[0] == "inputs" and len(segments) > 1:
+            parts.append(_describe_input_change(segments, old, new))
+        elif segments[0] == "models":
+            provider = ".".join(segments[1:3]) if len(segments) > 2 else "a model"
+            parts.append(f"the model behind {provider} changed")
+        elif segments[0] == "versions" and len(segments) > 1:
+            parts.append(f"{segments[1]} version: {short(before)} -> {short(after)}")
+        elif segments[0] == "kind_version":
+            parts.append(f"stage version: {short(before)} -> {short(after)}")
+        else:
+            parts.append(f"{path}: {short(before)} -> {short(after)}")
+    return list(dict.fromkeys(parts))
+
+
+def describe_change(old: dict[str, Any] | None, new: dict[str, Any], limit: int = 3) -> str:
+    """:func:`describe_changes` on one line, at most ``limit`` reasons."""
+    parts = describe_changes(old, new)
+    more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
+
+
+def _describe_input_change(segments: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
+    port = segments[1]
+    before, after = old["inputs"].get(port), new["inputs"].get(port)
+    if before is None or after is None:
+        return f"input {port!r} {'connected' if before is None else 'disconnected'}"
+    if isinstance(after, list) and (not isinstance(before, list) or len(before) != len(after)):
+        count = len(before) if isinstance(before, list) else 1
+        return f"input {port!r} now reads {len(after)} references (was {count})"
+    origin = after[int(segments[2])] if isinstance(after, list) else after
+    source = origin.get("stage") or f"inputs.{origin.get('input')}"
+    return f"input {port!r} changed upstream ({source})"
 
 
 class _Missing:

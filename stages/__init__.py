@@ -9,13 +9,12 @@ from editflow.stages.base import ArtifactType, Params, Port, StageContext, Stage
 from editflow.stages.caption import CaptionBlip
 from editflow.stages.decode import DecodeVae
 from editflow.stages.direction import BankMean, DeriveDirection
-from editflow.stages.edit_friendly import InvertEditFriendly, SampleEditFriendly
 from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
 from editflow.stages.encode import EncodeVae
 from editflow.stages.figure import FigureGrid
-from editflow.stages.invert import InvertDdim
-from editflow.stages.pix2pix_zero import GuidePix2PixZeroReference, SamplePix2PixZero
-from editflow.stages.sample import SampleDdim
+from editflow.stages.guide import GuidePix2PixZeroReference
+from editflow.stages.invert import InvertDdim, InvertEditFriendly
+from editflow.stages.sample import SampleDdim, SampleEditFriendly, SamplePix2PixZero
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     CaptionBlip,

@@ -11,11 +11,13 @@ import enum
 import hashlib
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from editflow.models.specs import ComponentSpec
 
 
 class ArtifactType(enum.StrEnum):
@@ -24,7 +26,8 @@ class ArtifactType(enum.StrEnum):
     IMAGE = "image"  # float (N, 3, H, W) in [0, 1]
     MASK = "mask"  # float (N, 1, H, W) in [0, 1]
     LATENT = "latent"  # float (N, C, h, w)
-    NOISE_SEQUENCE = "noise_sequence"  # float (T, N, C, h, w), one chunk per step
+    NOISE_SEQUENCE = "noise_sequence"  # float (T, N, C, h, w) noise maps, one chunk per step
+    LATENT_TRAJECTORY = "latent_trajectory"  # float (T + 1, N, C, h, w) latents per level
     ATTENTION_MAPS = "attention_maps"  # float16, streamed per layer and step
     TEXT = "text"  # str
     EMBEDDING = "embedding"  # float (N, tokens, D)
@@ -99,6 +102,8 @@ class StageContext:
         progress: Called with (step, total) as long work advances.
         stream_writer: Opens a streamed output (attention maps) that is written step by step
             instead of returned whole; ``None`` when the engine does not offer one.
+        references: Input port name -> the recipe reference(s) it is connected to (for
+            labels; the values come as ``run``'s keyword arguments).
     """
 
     name: str
@@ -108,6 +113,7 @@ class StageContext:
     models: ModelComponents | None = None
     progress: Callable[[int, int], None] = lambda step, total: None
     stream_writer: Callable[..., Any] | None = None
+    references: Mapping[str, str | list[str]] = field(default_factory=dict)
 
     def generator(self, item: int = 0) -> torch.Generator:
         """A CPU generator seeded from (recipe seed, stage name, item)."""
@@ -116,6 +122,11 @@ class StageContext:
 
 class StageKind:
     """Base of a stage kind. Subclasses fill the class attributes and implement ``run``.
+
+    ``run(self, ctx, params, *, <one keyword argument per input port>)`` receives the
+    kind's own params model and its inputs by name (an optional port that is not connected
+    arrives as ``None``), and returns ``{output name: value}``. A test checks that every
+    kind's ``run`` signature names exactly its input ports.
 
     Attributes:
         kind: ``family.method``, unique across the registry (``invert.ddim``).
@@ -126,7 +137,8 @@ class StageKind:
         outputs: Named output ports.
         seeded: Whether the stage draws random numbers (then the seed and the stage name
             enter its key).
-        components: Model parts it needs; empty means the model is never loaded for it.
+        components: Model parts it needs, as specs; empty means no model is resolved or
+            loaded for it.
     """
 
     kind: ClassVar[str]
@@ -136,7 +148,7 @@ class StageKind:
     inputs: ClassVar[tuple[Port, ...]] = ()
     outputs: ClassVar[tuple[Port, ...]] = ()
     seeded: ClassVar[bool] = False
-    components: ClassVar[frozenset[str]] = frozenset()
+    components: ClassVar[tuple[ComponentSpec, ...]] = ()
 
     @classmethod
     def input_port(cls, name: str) -> Port | None:
@@ -147,26 +159,63 @@ class StageKind:
         return next((port for port in cls.outputs if port.name == name), None)
 
     @classmethod
-    def needed_components(cls, params: Any) -> frozenset[str]:
+    def component_specs(cls, params: Any) -> tuple[ComponentSpec, ...]:
         """The model parts this configuration uses (a kind may need none for some params)."""
         return cls.components
+
+    @classmethod
+    def check(
+        cls, params: Any, references: Mapping[str, str | list[str]]
+    ) -> list[tuple[str | None, str]]:
+        """Rules that tie parameters to the inputs the recipe connects.
+
+        Checked while planning, before anything runs.
+
+        Args:
+            params: The stage's validated params.
+            references: Input port name -> the reference (or list of references) connected.
+
+        Returns:
+            ``(field, message)`` per problem; ``field`` is a parameter or input name, or
+            ``None`` for the stage as a whole.
+        """
+        return []
 
     @classmethod
     def is_seeded(cls, params: Any) -> bool:
         """Whether this configuration draws random numbers (kinds may depend on params)."""
         return cls.seeded
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(self, ctx: StageContext, params: Any, **inputs: Any) -> dict[str, Any]:
         """Compute the outputs from the inputs; every declared output must be returned."""
         raise NotImplementedError
 
+    def call(self, ctx: StageContext, params: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``run`` with the inputs as a mapping; optional ports left out arrive as ``None``.
+
+        Raises:
+            TypeError: A required input is missing or an unknown one is given.
+        """
+        ports = {port.name for port in self.inputs}
+        unknown = set(inputs) - ports
+        missing = {port.name for port in self.inputs if not port.optional} - set(inputs)
+        if unknown or missing:
+            raise TypeError(
+                f"{self.kind}: unknown inputs {sorted(unknown)}, missing {sorted(missing)}"
+            )
+        return self.run(ctx, params, **{name: inputs.get(name) for name in ports})
+
 
 def step_reporter(
-    progress: Callable[[int, int], None], total: int
-) -> Callable[[dict[str, Any]], None]:
-    """Adapt a ``progress(step, total)`` callable to the loops' per-step ``callback(info)``."""
+    progress: Callable[[int, int], None], total: int, first: int = 0
+) -> Callable[[Mapping[str, Any]], None]:
+    """Adapt ``progress(step, total)`` to the loops' per-step ``callback(info)``.
 
-    def report(info: dict[str, Any]) -> None:
-        progress(int(info["i"]) + 1, total)
+    ``first`` is the loop index of the first step reported as step 1 (an edit that skips
+    levels starts at ``i = skip``).
+    """
+
+    def report(info: Mapping[str, Any]) -> None:
+        progress(int(info["i"]) - first + 1, total)
 
     return report

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from editflow.errors import EditflowError
+from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 
 
@@ -74,20 +75,22 @@ class CaptionBlip(StageKind):
     params = CaptionParams
     inputs = (Port("images", ArtifactType.IMAGE, "The image to describe, (1, 3, H, W)"),)
     outputs = (Port("caption", ArtifactType.TEXT, "The caption"),)
-    components = frozenset({"captioner"})
+    components = (specs.CAPTIONER,)
 
     @classmethod
-    def needed_components(cls, params: Any) -> frozenset[str]:
-        return frozenset() if params.caption is not None else cls.components
+    def component_specs(cls, params: CaptionParams) -> tuple[specs.ComponentSpec, ...]:
+        return () if params.caption is not None else cls.components
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(
+        self, ctx: StageContext, params: CaptionParams, *, images: torch.Tensor
+    ) -> dict[str, Any]:
         if params.caption is not None:
             return {"caption": params.caption}  # nothing is loaded
         captioner = ctx.models.get("captioner")
         # The first image's caption: pix2pix-zero inverts one image per recipe stage.
         try:
             captions = caption_images(
-                captioner.model, captioner.processor, inputs["images"][:1], params.max_new_tokens,
+                captioner.model, captioner.processor, images[:1], params.max_new_tokens,
                 params.prompt,
             )  # fmt: skip
         except ValueError as error:

@@ -24,18 +24,18 @@ StyleGAN2 noise regulariser it copies prescribes (the released code omits the fa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from editflow.stages.diffusion import NoisePredictor, guided_noise
-
-# Called once per step with {"i": step index, "t": timestep, "x": the new latent, "eps": the
-# (guided, possibly regularised) noise prediction used for the step}.
-StepCallback = Callable[[dict[str, Any]], None]
-
+from editflow.stages.diffusion import (
+    Callback,
+    NoisePredictor,
+    eps_to_model_output,
+    guided_noise,
+    split_model_output,
+)
 
 # ------------------------------------------------------------------------------------------
 # pix2pix-zero noise regularisation
@@ -155,37 +155,18 @@ def _require_timesteps(scheduler: Any) -> None:
         raise ValueError(f"call {type(scheduler).__name__}.set_timesteps(n) before the loop")
 
 
-def _model_output_to_eps(
-    output: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return alpha_prod**0.5 * output + (1 - alpha_prod) ** 0.5 * sample
-    raise ValueError(f"noise regularisation does not support prediction_type {prediction_type!r}")
-
-
-def _eps_to_model_output(
-    eps: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    if prediction_type == "epsilon":
-        return eps
-    # v = (eps - sqrt(1 - abar) x) / sqrt(abar), the inverse of the map above.
-    return (eps - (1 - alpha_prod) ** 0.5 * sample) / alpha_prod**0.5
-
-
 @torch.no_grad()
 def ddim_invert(
     predict: NoisePredictor,
     latents: torch.Tensor,
-    inverse_scheduler: Any,
+    scheduler: Any,
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
+    *,
     guidance_scale: float = 1.0,
     regularize: bool = False,
     generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
-    *,
+    callback: Callback | None = None,
     lambda_ac: float = 20.0,
     lambda_kl: float = 20.0,
     reg_rounds: int = 5,
@@ -193,7 +174,7 @@ def ddim_invert(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic DDIM inversion (Song et al. 2021, eq. 12 run from t to t + dt).
 
-    At each ascending timestep of ``inverse_scheduler`` the (optionally CFG-guided) noise is
+    At each ascending timestep of ``scheduler`` the (optionally CFG-guided) noise is
     predicted at the current latent and ``DDIMInverseScheduler.step`` moves the latent one
     level noisier. With ``regularize`` the predicted noise is first refined by
     :func:`regularize_noise` (pix2pix-zero, Parmar et al. 2023); for a
@@ -202,14 +183,15 @@ def ddim_invert(
     Args:
         predict: Noise predictor ``(x_t, t, embeds) -> model output``.
         latents: (N, C, h, w) clean latents x_0.
-        inverse_scheduler: A ``DDIMInverseScheduler`` built from the model's scheduler config,
+        scheduler: A ``DDIMInverseScheduler`` built from the model's scheduler config,
             with ``set_timesteps`` already called.
         cond: (N, tokens, D) prompt embeddings (pix2pix-zero: the caption).
         uncond: (N, tokens, D) unconditional embeddings for CFG, or ``None``.
         guidance_scale: CFG scale (1 = conditional branch only; pix2pix-zero inverts with 1).
         regularize: Apply the pix2pix-zero noise regulariser before every step.
         generator: CPU generator for the regulariser's shifts (unused otherwise).
-        callback: Called after every step, see :data:`StepCallback`.
+        callback: Called after every step with a ``StepInfo`` (``eps`` is the possibly
+            regularised model output the step used).
         lambda_ac: Auto-correlation weight of the regulariser.
         lambda_kl: KL weight of the regulariser.
         reg_rounds: Outer rounds of the regulariser.
@@ -219,23 +201,26 @@ def ddim_invert(
         ``(x_T, trajectory)``: x_T (N, C, h, w) and the latents at every level,
         (steps + 1, N, C, h, w), ``trajectory[0]`` the input, ``trajectory[-1]`` x_T.
     """
-    _require_timesteps(inverse_scheduler)
-    prediction_type = inverse_scheduler.config.prediction_type
+    _require_timesteps(scheduler)
+    prediction_type = scheduler.config.prediction_type
     x = latents
     trajectory = [x]
-    for i, t in enumerate(inverse_scheduler.timesteps):
-        model_input = inverse_scheduler.scale_model_input(x, t)
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(x, t)
         output = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)
         if regularize:
-            alpha_prod = inverse_scheduler.alphas_cumprod[int(t)].to(x.device, torch.float32)
-            eps = _model_output_to_eps(output.float(), x.float(), alpha_prod, prediction_type)
+            alpha_prod = scheduler.alphas_cumprod[int(t)].to(x.device, torch.float32)
+            alpha, sigma = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
+            eps, _ = split_model_output(output.float(), x.float(), alpha, sigma, prediction_type)
             eps = regularize_noise(eps, generator, lambda_ac, lambda_kl, reg_rounds, ac_steps)
-            output = _eps_to_model_output(eps, x.float(), alpha_prod, prediction_type)
+            output = eps_to_model_output(eps, x.float(), alpha, sigma, prediction_type)
             output = output.to(x.dtype)
-        x = inverse_scheduler.step(output, t, x).prev_sample
+        step = scheduler.step(output, t, x)
+        x = step.prev_sample
         trajectory.append(x)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "eps": output})
+            denoised = step.pred_original_sample
+            callback({"i": i, "t": t, "x": x, "denoised": denoised, "eps": output})
     return x, torch.stack(trajectory)
 
 
@@ -254,10 +239,11 @@ def ddim_sample(
     scheduler: Any,
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
+    *,
     guidance_scale: float = 1.0,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM denoising with classifier-free guidance (Song et al. 2021, eq. 12; Ho & Salimans
     2022, eq. 6).
@@ -275,7 +261,7 @@ def ddim_sample(
         guidance_scale: CFG scale (1 = conditional branch only).
         eta: DDIM stochasticity (0 = deterministic, 1 = DDPM-like).
         generator: CPU generator for the variance noise (used only when ``eta > 0``).
-        callback: Called after every step, see :data:`StepCallback`.
+        callback: Called after every step with a ``StepInfo``.
 
     Returns:
         (N, C, h, w) denoised latents x_0.
@@ -285,9 +271,11 @@ def ddim_sample(
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)
         output = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)
-        x = ddim_step(scheduler, output, t, x, eta, generator)
+        step = ddim_step(scheduler, output, t, x, eta, generator)
+        x = step.prev_sample
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "eps": output})
+            denoised = step.pred_original_sample
+            callback({"i": i, "t": t, "x": x, "denoised": denoised, "eps": output})
     return x
 
 
@@ -298,9 +286,13 @@ def ddim_step(
     x: torch.Tensor,
     eta: float,
     generator: torch.Generator | None,
-) -> torch.Tensor:
-    """One ``DDIMScheduler.step`` with CPU-drawn variance noise when ``eta > 0``."""
+) -> Any:
+    """One ``DDIMScheduler.step`` with CPU-drawn variance noise when ``eta > 0``.
+
+    Returns:
+        The scheduler's output (``prev_sample``, ``pred_original_sample``).
+    """
     if eta > 0:
         noise = ddim_variance_noise(x.shape, generator, x)
-        return scheduler.step(output, t, x, eta=eta, variance_noise=noise).prev_sample
-    return scheduler.step(output, t, x).prev_sample
+        return scheduler.step(output, t, x, eta=eta, variance_noise=noise)
+    return scheduler.step(output, t, x)

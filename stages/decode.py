@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import vae_decode
 
@@ -17,8 +20,8 @@ class DecodeVae(StageKind):
     outputs = (
         Port("images", ArtifactType.IMAGE, "Decoded images in [0, 1], (N, 3, H, W)", export=True),
     )
-    components = frozenset({"vae"})
+    components = (specs.VAE,)
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(self, ctx: StageContext, params: Params, *, latents: torch.Tensor) -> dict[str, Any]:
         vae = ctx.models.get("vae")
-        return {"images": vae_decode(vae, inputs["latents"].to(ctx.device)).cpu()}
+        return {"images": vae_decode(vae, latents.to(ctx.device)).cpu()}

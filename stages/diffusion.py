@@ -1,17 +1,96 @@
-"""Small shared pieces of latent-diffusion math: prompts, guided noise prediction, the VAE.
+"""Small shared pieces of diffusion math: the loop contract, parameterisations, prompts,
+guided noise prediction, the VAE.
 
 Every method stage builds on these; none of them knows about recipes, caches or files.
+
+The loop contract (k-diffusion's, with a diffusers scheduler in place of the sigmas): every
+sampling or inversion loop is one function
+``loop(predict, x, scheduler, cond, uncond=None, *, knobs..., callback=None) -> x`` whose
+knobs are keyword-only, and which calls ``callback(info)`` after every step with a
+:class:`StepInfo`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
 # A noise predictor: (x_t (N, C, h, w), timestep, text embeddings (N, tokens, D)) -> eps_hat.
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], torch.Tensor]
+
+
+class StepInfo(TypedDict):
+    """What every loop reports after each step (k-diffusion's ``{x, i, sigma, denoised}``).
+
+    Attributes:
+        i: The step's index in the loop (0 = the loop's first step).
+        t: The step's timestep.
+        x: (N, C, h, w) the latent after the step.
+        denoised: (N, C, h, w) the clean latent predicted at this step, ``x0_hat``.
+        eps: The (guided) model output the step used, where the loop has one.
+        z: The noise map the step added (edit-friendly loops).
+        loss: The guidance loss before the step, or ``None`` (pix2pix-zero's edit).
+    """
+
+    i: int
+    t: torch.Tensor | int
+    x: torch.Tensor
+    denoised: torch.Tensor
+    eps: NotRequired[torch.Tensor]
+    z: NotRequired[torch.Tensor]
+    loss: NotRequired[float | None]
+
+
+# Called once per step by every loop.
+Callback = Callable[[StepInfo], None]
+
+
+def split_model_output(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_hat, x0_hat) from a model output of any diffusers prediction type.
+
+    With ``x_t = alpha x0 + sigma eps``: ``epsilon`` predicts eps, ``sample`` predicts x0 and
+    ``v_prediction`` predicts ``v = alpha eps - sigma x0`` (Salimans & Ho 2022, eq. 9), so
+    ``eps = alpha v + sigma x_t`` and ``x0 = alpha x_t - sigma v``.
+    """
+    if prediction_type == "epsilon":
+        return model_output, (x_t - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * x_t, alpha * x_t - sigma * model_output
+    if prediction_type == "sample":
+        return (x_t - alpha * model_output) / sigma, model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def eps_to_model_output(
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """The model output of ``prediction_type`` that implies ``eps`` at ``x_t`` (the inverse of
+    :func:`split_model_output`'s first result)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return (eps - sigma * x_t) / alpha
+    if prediction_type == "sample":
+        return (x_t - sigma * eps) / alpha
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def ddim_posterior_variance(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
+    """DDIM's sigma_t^2 at eta = 1 (Song et al. 2021, eq. 16), the DDPM posterior variance:
+    ``(1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)``."""
+    return ((1 - abar_prev) / (1 - abar_t)) * (1 - abar_t / abar_prev)
 
 
 def unet_noise_predictor(unet: Any) -> NoisePredictor:

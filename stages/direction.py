@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
+from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import encode_prompts
 
@@ -222,15 +223,25 @@ class DeriveDirection(StageKind):
         Port("source_mean", ArtifactType.EMBEDDING, "Mean embedding of the source bank"),
         Port("target_mean", ArtifactType.EMBEDDING, "Mean embedding of the target bank"),
     )
-    components = frozenset({"text_encoder", "tokenizer"})
+    components = (specs.TEXT_ENCODER, specs.TOKENIZER)
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(
+        self,
+        ctx: StageContext,
+        params: DeriveDirectionParams,
+        *,
+        source_sentences: str | None,
+        target_sentences: str | None,
+        source_bank: torch.Tensor | None,
+        target_bank: torch.Tensor | None,
+    ) -> dict[str, Any]:
         tokenizer = ctx.models.get("tokenizer")
         text_encoder = ctx.models.get("text_encoder")
-        given = {side: inputs.get(f"{side}_bank") for side in ("source", "target")}
+        given = {"source": source_bank, "target": target_bank}
+        texts = {"source": source_sentences, "target": target_sentences}
         # Both banks are checked before the (slow) encoding, so every problem shows at once.
         banks = {
-            side: self._sentences(ctx, params, inputs, side)
+            side: self._sentences(ctx, params, texts[side], side)
             for side in ("source", "target")
             if given[side] is None
         }
@@ -244,8 +255,9 @@ class DeriveDirection(StageKind):
         }
 
     @staticmethod
-    def _sentences(ctx: StageContext, params: Any, inputs: dict[str, Any], side: str) -> list[str]:
-        text = inputs.get(f"{side}_sentences")
+    def _sentences(
+        ctx: StageContext, params: DeriveDirectionParams, text: str | None, side: str
+    ) -> list[str]:
         if text is not None:
             try:
                 return read_sentence_file(text)
@@ -287,10 +299,12 @@ class BankMean(StageKind):
     params = BankMeanParams
     inputs = (Port("sentences", ArtifactType.TEXT, "Sentences, one per line", optional=True),)
     outputs = (Port("mean", ArtifactType.EMBEDDING, "Mean embedding (1, 77, D)"),)
-    components = frozenset({"text_encoder", "tokenizer"})
+    components = (specs.TEXT_ENCODER, specs.TOKENIZER)
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        text = inputs.get("sentences")
+    def run(
+        self, ctx: StageContext, params: BankMeanParams, *, sentences: str | None
+    ) -> dict[str, Any]:
+        text = sentences
         if text is not None:
             try:
                 sentences = read_sentence_file(text)

@@ -18,8 +18,9 @@ from PIL import Image
 from pydantic import Field
 
 from editflow.errors import EditflowError
+from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
-from editflow.stages.edit_friendly import Scheduler, SchedulerName, build_scheduler, level_scales
+from editflow.stages.reverse_steps import Scheduler, SchedulerName, build_scheduler, level_scales
 
 FIGSIZE = (8.0, 3.0)  # inches
 DPI = 100  # so the figure is 800 x 300 pixels
@@ -155,14 +156,20 @@ class FigureNoiseStatistics(StageKind):
     )
     outputs = (Port("image", ArtifactType.IMAGE, "The plot", export=True),)
     seeded = True  # the native baseline draws its forward chain
-    # No weights are loaded: only ctx.models.scheduler_config is read (when latents are
-    # given); declaring the scheduler puts the model's schedule into the stage's key.
-    components = frozenset({"scheduler"})
+    # No weights are loaded: only the scheduler config is read (when latents are given);
+    # declaring it puts the model's schedule into the stage's key.
+    components = (specs.SCHEDULER_CONFIG,)
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        noise_maps = inputs["noise_maps"]
+    def run(
+        self,
+        ctx: StageContext,
+        params: FigureNoiseStatisticsParams,
+        *,
+        noise_maps: torch.Tensor,
+        latents: torch.Tensor | None,
+    ) -> dict[str, Any]:
         native = None
-        if inputs.get("latents") is not None:
+        if latents is not None:
             if ctx.models is None:
                 raise EditflowError(
                     "the native baseline needs the model's scheduler config",
@@ -171,9 +178,7 @@ class FigureNoiseStatistics(StageKind):
             scheduler = build_scheduler(
                 params.scheduler, ctx.models.scheduler_config, len(noise_maps)
             )
-            native = native_ddpm_forward_noise(
-                inputs["latents"].float(), scheduler, ctx.generator()
-            )
+            native = native_ddpm_forward_noise(latents.float(), scheduler, ctx.generator())
         image = plot_noise_statistics(noise_maps, native, params.title)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
         return {"image": pixels.permute(2, 0, 1).unsqueeze(0).contiguous()}

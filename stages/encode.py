@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import vae_encode
 
@@ -15,8 +18,8 @@ class EncodeVae(StageKind):
     params = Params
     inputs = (Port("images", ArtifactType.IMAGE, "Images in [0, 1], (N, 3, H, W)"),)
     outputs = (Port("latents", ArtifactType.LATENT, "Latents x0, (N, C, H/8, W/8)"),)
-    components = frozenset({"vae"})
+    components = (specs.VAE,)
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(self, ctx: StageContext, params: Params, *, images: torch.Tensor) -> dict[str, Any]:
         vae = ctx.models.get("vae")
-        return {"latents": vae_encode(vae, inputs["images"].to(ctx.device)).float()}
+        return {"latents": vae_encode(vae, images.to(ctx.device)).float()}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 
@@ -75,13 +76,6 @@ class FigureParams(Params):
         None, ge=8, le=2048, description="Display size of each tile's longer side"
     )
 
-    @model_validator(mode="after")
-    def _labels_match_images(self) -> FigureParams:
-        images = getattr(self, "images", None)
-        if self.labels is not None and images is not None and len(self.labels) != len(images):
-            raise ValueError(f"labels has {len(self.labels)} entries but images has {len(images)}")
-        return self
-
 
 class FigureGrid(StageKind):
     kind = "figure.grid"
@@ -91,11 +85,21 @@ class FigureGrid(StageKind):
     inputs = (Port("images", ArtifactType.IMAGE, "Images to show, in order", many=True),)
     outputs = (Port("image", ArtifactType.IMAGE, "The figure, (1, 3, H, W)", export=True),)
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        references: list[str] = list(params.images)
-        labels = list(params.labels or references)
+    @classmethod
+    def check(
+        cls, params: FigureParams, references: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        images = references.get("images", [])
+        if params.labels is not None and len(params.labels) != len(images):
+            return [(None, f"labels has {len(params.labels)} entries but images has {len(images)}")]
+        return []
+
+    def run(
+        self, ctx: StageContext, params: FigureParams, *, images: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        labels = list(params.labels or ctx.references.get("images", []))
         tiles, tile_labels = [], []
-        for batch, label in zip(inputs["images"], labels, strict=True):
+        for batch, label in zip(images, labels, strict=True):
             for index, image in enumerate(batch):
                 tiles.append(image)
                 tile_labels.append(label if len(batch) == 1 else f"{label} [{index}]")

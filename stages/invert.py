@@ -1,13 +1,20 @@
-"""Stage ``invert.ddim``: deterministic DDIM inversion, optionally with the pix2pix-zero
-noise regulariser (Parmar et al. 2023, Sec. 3.2)."""
+"""The ``invert`` family: image latents to the noise that regenerates them.
+
+- ``invert.ddim``: deterministic DDIM inversion, optionally with the pix2pix-zero noise
+  regulariser (Parmar et al. 2023, Sec. 3.2); math in :mod:`editflow.stages.ddim`.
+- ``invert.edit_friendly``: edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024);
+  math in :mod:`editflow.stages.edit_friendly`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import DDIMInverseScheduler
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from editflow.models import specs
 from editflow.stages.base import (
     ArtifactType,
     Params,
@@ -18,6 +25,8 @@ from editflow.stages.base import (
 )
 from editflow.stages.ddim import ddim_invert
 from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor
+from editflow.stages.edit_friendly import edit_friendly_invert
+from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
 
 
 class InvertDdimParams(Params):
@@ -54,32 +63,39 @@ class InvertDdim(StageKind):
     )
     outputs = (
         Port("latents", ArtifactType.LATENT, "Inverted latents x_T"),
-        Port("trajectory", ArtifactType.NOISE_SEQUENCE, "x_t after each inversion step"),
+        Port("trajectory", ArtifactType.LATENT_TRAJECTORY, "x_t after each inversion step"),
         Port("prompt_embeds", ArtifactType.EMBEDDING, "Embedding of the prompt"),
     )
-    components = frozenset({"unet", "text_encoder", "tokenizer"})
+    components = specs.DENOISER
 
     @classmethod
-    def is_seeded(cls, params: Any) -> bool:
-        return bool(params.regularize)  # the regulariser draws its roll shifts
+    def is_seeded(cls, params: InvertDdimParams) -> bool:
+        return params.regularize  # the regulariser draws its roll shifts
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(
+        self,
+        ctx: StageContext,
+        params: InvertDdimParams,
+        *,
+        latents: torch.Tensor,
+        caption: str | None,
+    ) -> dict[str, Any]:
         models = ctx.models
         cond, uncond = encode_prompt_pair(
             models,
-            inputs.get("caption", params.prompt),
+            caption if caption is not None else params.prompt,
             params.negative_prompt,
-            batch=len(inputs["latents"]),
+            batch=len(latents),
             guided=params.guidance_scale != 1.0,
         )
         scheduler = DDIMInverseScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
         x_T, trajectory = ddim_invert(
             unet_noise_predictor(models.get("unet")),
-            inputs["latents"].to(ctx.device, ctx.dtype),
+            latents.to(ctx.device, ctx.dtype),
             scheduler,
             cond,
-            uncond=uncond,
+            uncond,
             guidance_scale=params.guidance_scale,
             regularize=params.regularize,
             lambda_ac=params.lambda_ac,
@@ -90,3 +106,83 @@ class InvertDdim(StageKind):
             callback=step_reporter(ctx.progress, params.num_inference_steps),
         )
         return {"latents": x_T, "trajectory": trajectory, "prompt_embeds": cond}
+
+
+class InvertEditFriendlyParams(Params):
+    source_prompt: str = Field(
+        "", description="Prompt describing the input image; empty means no CFG"
+    )
+    cfg_src: float = Field(
+        3.5, ge=1.0, le=30.0, description="CFG scale on the source prompt during inversion"
+    )
+    num_inference_steps: int = Field(
+        100, ge=1, le=1000, description="Reverse steps T; the edit must use the same"
+    )
+    eta: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="DDIM eta (1 = DDPM); > 0 for noise maps to exist, 1 for dpmsolver++",
+    )
+    scheduler: SchedulerName = Field(
+        "ddim", description="Reverse step: DDIM(eta) or sde-dpmsolver++ order 2 (LEDITS++)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> InvertEditFriendlyParams:
+        check_eta(self.scheduler, self.eta)
+        return self
+
+
+class InvertEditFriendly(StageKind):
+    """Edit-friendly DDPM inversion: noise maps that make the reverse process return x0."""
+
+    kind = "invert.edit_friendly"
+    version = "1"
+    description = "Edit-friendly DDPM inversion x0 -> (x_T, noise maps) with independent noise"
+    params = InvertEditFriendlyParams
+    inputs = (Port("latents", ArtifactType.LATENT, "Clean latents x0 (VAE-encoded image)"),)
+    outputs = (
+        Port("x_T", ArtifactType.LATENT, "The noisiest level of the auxiliary path"),
+        Port(
+            "noise_maps", ArtifactType.NOISE_SEQUENCE, "(T, N, C, h, w) noise maps, noisiest first"
+        ),
+        Port(
+            "auxiliary_path",
+            ArtifactType.LATENT_TRAJECTORY,
+            "(T + 1, N, C, h, w) latents per level, x_T first and x0 last",
+        ),
+        Port("prompt_embeds", ArtifactType.EMBEDDING, "Source-prompt embeddings used"),
+    )
+    seeded = True
+    components = specs.DENOISER
+
+    def run(
+        self, ctx: StageContext, params: InvertEditFriendlyParams, *, latents: torch.Tensor
+    ) -> dict[str, Any]:
+        models = ctx.models
+        x0 = latents.to(ctx.device, ctx.dtype)
+        # An empty source prompt means no CFG.
+        cond, uncond = encode_prompt_pair(
+            models, params.source_prompt, "", len(x0), guided=bool(params.source_prompt)
+        )
+        scheduler = build_scheduler(
+            params.scheduler, models.scheduler_config, params.num_inference_steps, ctx.device
+        )
+        inversion = edit_friendly_invert(
+            unet_noise_predictor(models.get("unet")),
+            x0,
+            scheduler,
+            cond,
+            uncond,
+            guidance_scale=params.cfg_src,
+            eta=params.eta,
+            generator=ctx.generator(),
+            callback=step_reporter(ctx.progress, params.num_inference_steps),
+        )
+        return {
+            "x_T": inversion.x_T,
+            "noise_maps": inversion.noise_maps,
+            "auxiliary_path": inversion.auxiliary_path,
+            "prompt_embeds": cond,
+        }

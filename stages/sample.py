@@ -1,12 +1,25 @@
-"""Stage ``sample.ddim``: DDIM sampling with classifier-free guidance from given latents."""
+"""The ``sample`` family: from a start latent (or stored noise) to clean latents.
+
+- ``sample.ddim``: DDIM with classifier-free guidance (math in :mod:`editflow.stages.ddim`).
+- ``sample.edit_friendly``: the edit-friendly DDPM edit driven by stored noise maps
+  (Huberman-Spiegelglas et al. 2024; math in :mod:`editflow.stages.edit_friendly`).
+- ``sample.pix2pix_zero``: the pix2pix-zero edit with cross-attention guidance (Parmar et
+  al. 2023; math in :mod:`editflow.stages.pix2pix_zero`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from editflow.errors import EditflowError
+from editflow.models import specs
+from editflow.stages.attention import AttentionMaps, install_attention_recorder
 from editflow.stages.base import (
     ArtifactType,
     Params,
@@ -16,7 +29,14 @@ from editflow.stages.base import (
     step_reporter,
 )
 from editflow.stages.ddim import ddim_sample
-from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor
+from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor, vae_encode
+from editflow.stages.edit_friendly import (
+    ColourGuidance,
+    EditFriendlyInversion,
+    edit_friendly_sample,
+)
+from editflow.stages.pix2pix_zero import guided_edit, match_batch, no_weight_grads
+from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
 
 
 class SampleDdimParams(Params):
@@ -34,15 +54,17 @@ class SampleDdim(StageKind):
     params = SampleDdimParams
     inputs = (Port("latents", ArtifactType.LATENT, "Starting latents x_T"),)
     outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0"),)
-    components = frozenset({"unet", "text_encoder", "tokenizer"})
+    components = specs.DENOISER
 
     @classmethod
-    def is_seeded(cls, params: Any) -> bool:
+    def is_seeded(cls, params: SampleDdimParams) -> bool:
         return params.eta > 0
 
-    def run(self, ctx: StageContext, params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(
+        self, ctx: StageContext, params: SampleDdimParams, *, latents: torch.Tensor
+    ) -> dict[str, Any]:
         models = ctx.models
-        x_T = inputs["latents"].to(ctx.device, ctx.dtype)
+        x_T = latents.to(ctx.device, ctx.dtype)
         cond, uncond = encode_prompt_pair(
             models,
             params.prompt,
@@ -57,10 +79,305 @@ class SampleDdim(StageKind):
             x_T,
             scheduler,
             cond,
-            uncond=uncond,
+            uncond,
             guidance_scale=params.guidance_scale,
             eta=params.eta,
             generator=ctx.generator() if params.eta > 0 else None,
             callback=step_reporter(ctx.progress, params.num_inference_steps),
         )
         return {"latents": latents}
+
+
+class SampleEditFriendlyParams(Params):
+    target_prompt: str = Field(
+        "", description="Prompt describing the edited image; empty means no CFG"
+    )
+    cfg_tar: float = Field(15.0, ge=1.0, le=30.0, description="CFG scale on the target prompt")
+    skip: int = Field(
+        36, ge=0, le=1000, description="Steps skipped: the edit starts at level T - skip"
+    )
+    num_inference_steps: int = Field(
+        100, ge=1, le=1000, description="Reverse steps T; must be the inversion's"
+    )
+    eta: float = Field(
+        1.0, gt=0.0, le=1.0, description="DDIM eta; must be the inversion's (1 for dpmsolver++)"
+    )
+    scheduler: SchedulerName = Field("ddim", description="Reverse step; must be the inversion's")
+    shift: tuple[int, int] = Field(
+        (0, 0), description="(dy, dx) latent pixels to roll the start and every noise map by"
+    )
+    colour_strength: float = Field(
+        0.0, ge=0.0, le=10.0, description="Colour manipulation strength s (0 = off)"
+    )
+    colour_window: tuple[int, int] | None = Field(
+        None,
+        description="(start, end) edit steps with colour, counted from the first edit step,"
+        " inclusive; leave out for every edit step",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SampleEditFriendlyParams:
+        check_eta(self.scheduler, self.eta)
+        if self.skip >= self.num_inference_steps:
+            raise ValueError("skip must be < num_inference_steps")
+        if self.colour_window is not None:
+            start, end = self.colour_window
+            if start < 0:
+                raise ValueError("colour_window start must be >= 0")
+            if start > end:
+                raise ValueError("colour_window start must be <= end")
+            if end >= self.num_inference_steps - self.skip:
+                raise ValueError(
+                    "colour_window end must be < num_inference_steps - skip"
+                    " (the number of edit steps)"
+                )
+        return self
+
+
+class SampleEditFriendly(StageKind):
+    """Edit with edit-friendly noise maps: target prompt, skip, shift, colour."""
+
+    kind = "sample.edit_friendly"
+    version = "1"
+    description = "Reverse diffusion driven by stored edit-friendly noise maps (the edit)"
+    params = SampleEditFriendlyParams
+    inputs = (
+        Port("noise_maps", ArtifactType.NOISE_SEQUENCE, "Noise maps from invert.edit_friendly"),
+        Port(
+            "auxiliary_path",
+            ArtifactType.LATENT_TRAJECTORY,
+            "Auxiliary path from the same invert.edit_friendly stage",
+        ),
+        Port(
+            "colour_mask",
+            ArtifactType.MASK,
+            "Where to apply the colour (image resolution)",
+            optional=True,
+        ),
+        Port(
+            "colour_image",
+            ArtifactType.IMAGE,
+            "Colour image M (image resolution)",
+            optional=True,
+        ),
+    )
+    outputs = (Port("latents", ArtifactType.LATENT, "Edited clean latents"),)
+    # The vae is loaded only when colour inputs are given.
+    components = (*specs.DENOISER, specs.VAE)
+
+    @classmethod
+    def check(
+        cls, params: SampleEditFriendlyParams, references: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        mask, image = "colour_mask" in references, "colour_image" in references
+        if mask != image:
+            missing = "colour_image" if not image else "colour_mask"
+            return [(None, f"colour_mask and colour_image go together: {missing} is missing")]
+        if params.colour_strength > 0 and not mask:
+            return [(None, "colour_strength > 0 needs the colour_mask and colour_image inputs")]
+        return []
+
+    def run(
+        self,
+        ctx: StageContext,
+        params: SampleEditFriendlyParams,
+        *,
+        noise_maps: torch.Tensor,
+        auxiliary_path: torch.Tensor,
+        colour_mask: torch.Tensor | None,
+        colour_image: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        models = ctx.models
+        noise_maps = noise_maps.to(ctx.device, ctx.dtype)
+        path = auxiliary_path.to(ctx.device, ctx.dtype)
+        num_steps = len(noise_maps)
+        hint = "use the num_inference_steps, eta and scheduler of the inversion stage"
+        if num_steps != params.num_inference_steps:
+            raise EditflowError(
+                f"noise_maps has {num_steps} steps but num_inference_steps is"
+                f" {params.num_inference_steps}",
+                key=f"stages.{ctx.name}.num_inference_steps",
+                hint=hint,
+            )
+        if len(path) != num_steps + 1:
+            raise EditflowError(
+                f"auxiliary_path has {len(path)} levels, expected {num_steps + 1}",
+                key=f"stages.{ctx.name}.auxiliary_path",
+                hint="connect noise_maps and auxiliary_path of the same inversion stage",
+            )
+        scheduler = build_scheduler(
+            params.scheduler, models.scheduler_config, num_steps, ctx.device
+        )
+        inversion = EditFriendlyInversion(path[0], noise_maps, path, scheduler.timesteps)
+        # An empty target prompt means no CFG.
+        cond, uncond = encode_prompt_pair(
+            models, params.target_prompt, "", path.shape[1], guided=bool(params.target_prompt)
+        )
+        colour = _colour_guidance(ctx, params, colour_mask, colour_image, path.shape[-2:])
+        latents = edit_friendly_sample(
+            unet_noise_predictor(models.get("unet")),
+            inversion,
+            scheduler,
+            cond,
+            uncond,
+            guidance_scale=params.cfg_tar,
+            skip=params.skip,
+            eta=params.eta,
+            shift=params.shift,
+            colour=colour,
+            callback=step_reporter(ctx.progress, num_steps - params.skip, first=params.skip),
+        )
+        return {"latents": latents}
+
+
+def _colour_guidance(
+    ctx: StageContext,
+    params: SampleEditFriendlyParams,
+    mask: torch.Tensor | None,
+    image: torch.Tensor | None,
+    latent_size: tuple[int, int],
+) -> ColourGuidance | None:
+    if (mask is None) != (image is None):  # recipes are refused earlier, by check()
+        missing = "colour_image" if image is None else "colour_mask"
+        raise EditflowError(
+            "colour_mask and colour_image must be given together",
+            key=f"stages.{ctx.name}.{missing}",
+        )
+    if mask is None:
+        if params.colour_strength > 0:
+            raise EditflowError(
+                "colour_strength > 0 needs the colour_mask and colour_image inputs",
+                key=f"stages.{ctx.name}.colour_strength",
+                hint="add both inputs or set colour_strength = 0",
+            )
+        return None
+    if params.colour_strength == 0:
+        return None
+    vae = ctx.models.get("vae")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    expected = (latent_size[0] * factor, latent_size[1] * factor)
+    for name, value in (("colour_mask", mask), ("colour_image", image)):
+        if tuple(value.shape[-2:]) != expected:
+            raise EditflowError(
+                f"{name} is {value.shape[-2]}x{value.shape[-1]} but the edited image is"
+                f" {expected[0]}x{expected[1]}",
+                key=f"stages.{ctx.name}.{name}",
+                hint="give it the image's size with inputs.NAME.size",
+            )
+    colour_latent = vae_encode(vae, image).to(ctx.device, ctx.dtype)
+    mask = mask.to(ctx.device, ctx.dtype)
+    latent_mask = F.interpolate(mask, size=tuple(latent_size), mode="area")
+    return ColourGuidance(latent_mask, colour_latent, params.colour_strength, params.colour_window)
+
+
+class SamplePix2PixZeroParams(Params):
+    xa_guidance: float = Field(
+        0.1,
+        ge=0.0,
+        le=10.0,
+        description="Cross-attention guidance step (0.1 real, 0.15 synthetic, <= 0.01 SD 2.x)",
+    )
+    guidance_scale: float = Field(
+        5.0, ge=1.0, le=30.0, description="CFG scale; the caption is the negative prompt"
+    )
+    num_inference_steps: int = Field(
+        50, ge=1, le=1000, description="DDIM steps (must equal the reference pass's)"
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
+    direction_multiplier: float = Field(
+        1.0, ge=-10.0, le=10.0, description="Scale of the edit direction added to the caption"
+    )
+
+
+class SamplePix2PixZero(StageKind):
+    """pix2pix-zero edit: caption + direction, guided by the reference cross-attention maps."""
+
+    kind = "sample.pix2pix_zero"
+    version = "1"
+    description = "Edit x_T along a text direction with cross-attention guidance"
+    params = SamplePix2PixZeroParams
+    inputs = (
+        Port("x_T", ArtifactType.LATENT, "Inverted latents (the reference pass's start)"),
+        Port("prompt_embeds", ArtifactType.EMBEDDING, "Caption embedding"),
+        Port("direction", ArtifactType.DIRECTION, "Edit direction (1, 77, D)"),
+        Port(
+            "attention_maps",
+            ArtifactType.ATTENTION_MAPS,
+            "Reference maps from guide.attention_reference (needed when xa_guidance > 0)",
+            optional=True,
+        ),
+    )
+    outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0"),)
+    components = (specs.UNET, specs.SCHEDULER_CONFIG)
+
+    @classmethod
+    def is_seeded(cls, params: SamplePix2PixZeroParams) -> bool:
+        return params.eta > 0
+
+    @classmethod
+    def check(
+        cls, params: SamplePix2PixZeroParams, references: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        if params.xa_guidance > 0 and "attention_maps" not in references:
+            return [("attention_maps", _NO_MAPS.format(params.xa_guidance))]
+        return []
+
+    def run(
+        self,
+        ctx: StageContext,
+        params: SamplePix2PixZeroParams,
+        *,
+        x_T: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        direction: torch.Tensor,
+        attention_maps: Any,
+    ) -> dict[str, Any]:
+        unet = ctx.models.get("unet")
+        x_T = x_T.to(ctx.device, ctx.dtype)
+        caption = match_batch(
+            prompt_embeds.to(ctx.device, ctx.dtype), len(x_T), "prompt_embeds", ctx
+        )
+        direction = direction.to(ctx.device, ctx.dtype)
+        edit_embeds = caption + params.direction_multiplier * direction
+        reference = attention_maps
+        if params.xa_guidance > 0:
+            if reference is None:
+                raise EditflowError(
+                    _NO_MAPS.format(params.xa_guidance),
+                    key=f"stages.{ctx.name}.attention_maps",
+                    hint="connect a guide.attention_reference stage or set xa_guidance = 0",
+                )
+            if reference.num_steps != params.num_inference_steps:
+                raise EditflowError(
+                    f"attention_maps hold {reference.num_steps} steps but"
+                    f" num_inference_steps is {params.num_inference_steps}",
+                    key=f"stages.{ctx.name}.num_inference_steps",
+                    hint="use the reference stage's num_inference_steps",
+                )
+        scheduler = DDIMScheduler.from_config(ctx.models.scheduler_config)
+        scheduler.set_timesteps(params.num_inference_steps)
+
+        with no_weight_grads(unet), install_attention_recorder(unet) as recorder:
+            predict = unet_noise_predictor(unet)
+            latents = guided_edit(
+                predict,
+                x_T,
+                scheduler,
+                edit_embeds,
+                caption,
+                predict_maps=recorder.predictor(predict),
+                reference_maps=reference.step if reference is not None else _no_reference,
+                xa_guidance=params.xa_guidance,
+                guidance_scale=params.guidance_scale,
+                eta=params.eta,
+                generator=ctx.generator() if params.eta > 0 else None,
+                callback=step_reporter(ctx.progress, params.num_inference_steps),
+            )
+        return {"latents": latents}
+
+
+_NO_MAPS = "xa_guidance is {} but no attention_maps are connected"
+
+
+def _no_reference(step: int) -> AttentionMaps:
+    raise RuntimeError("reference maps requested with guidance off")

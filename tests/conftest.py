@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from editflow.cache import Cache
-from editflow.engine.tiny import ensure_tiny
+from editflow.models.tiny import ensure_tiny
 
 
 @pytest.fixture(autouse=True)

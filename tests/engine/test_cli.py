@@ -114,8 +114,8 @@ def test_cache_commands_list_measure_verify_and_remove(tmp_path: Path, capsys) -
     assert (code, out.strip()) == (0, "all entries intact")
     _, out, _ = _run(capsys, "cache", "--cache", cache, "rm", key_prefix)
     assert out.strip() == "removed 1 entries"
-    code, _, err = _run(capsys, "cache", "--cache", cache, "rm", "ffff")
-    assert (code, err.strip()) == (2, "cache rm: no entry match 'ffff'")
+    code, _, err = _run(capsys, "cache", "--cache", cache, "rm", "ffffffff")
+    assert (code, err.strip()) == (2, "cache rm: no entry match 'ffffffff'")
     _, out, _ = _run(capsys, "cache", "--cache", cache, "gc")
     assert out.startswith("removed 0 entries")
 
@@ -135,36 +135,146 @@ def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Pat
     from editflow.cache import Cache
     from editflow.engine.api import plan_recipe
 
-    recipe = str(ROOT / "manifests" / "pix2pix_zero" / "custom_sentences.toml")
+    recipe = str(ROOT / "manifests" / "edit_friendly" / "text_edit.toml")
     cache = tmp_path / "cache"
-    argv = [
-        "run",
-        recipe,
-        "--cache",
-        str(cache),
-        "--out",
-        str(tmp_path / "o"),
-        "--target",
-        "guided",
+    # The edit asks for more steps than its noise maps hold: the stage itself finds out.
+    overrides = [
+        "stages.invert.num_inference_steps=3",
+        "stages.edit.num_inference_steps=4",
+        "stages.edit.skip=0",
     ]
-    overrides = [f"stages.{n}.num_inference_steps=2" for n in ("invert", "reference", "guided")]
-    overrides.append("stages.invert.regularize_rounds=1")
     sets = [arg for o in overrides for arg in ("--set", o)]
-    # Drop the reference maps from the guided edit: the stage itself finds the problem.
-    text = Path(recipe).read_text().replace('attention_maps = "reference.attention_maps"\n', "")
+    argv = ["run", recipe, "--cache", str(cache), "--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *argv, "--target", "edit", *sets)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"{recipe}: stages.edit: stage 'edit' (sample.edit_friendly) failed: "
+        "stages.edit.num_inference_steps: noise_maps has 3 steps but num_inference_steps is 4 "
+        "(use the num_inference_steps, eta and scheduler of the inversion stage)"
+    )
+    plan = plan_recipe(recipe, overrides, cache=Cache(cache))
+    assert not Cache(cache).has(plan.stages["edit"].key)
+    assert Cache(cache).has(plan.stages["invert"].key)  # finished stages stay cached
+    assert not (tmp_path / "o").exists()
+
+
+def test_guidance_without_reference_maps_is_refused_before_anything_runs(
+    tmp_path: Path, capsys
+) -> None:
+    recipe = ROOT / "manifests" / "pix2pix_zero" / "custom_sentences.toml"
+    text = recipe.read_text().replace('attention_maps = "reference.attention_maps"\n', "")
     edited = tmp_path / "no_maps.toml"
     edited.write_text(text)
     for name in ("cat.txt", "dog.txt"):
-        (tmp_path / name).write_text((Path(recipe).parent / name).read_text())
-    argv[1] = str(edited)
-    code, _, err = _run(capsys, *argv, *sets)
-    assert code == 2
-    assert err.strip().splitlines()[-1] == (
-        f"{edited}: stages.guided: stage 'guided' (sample.pix2pix_zero) failed: "
-        "stages.guided.attention_maps: xa_guidance is 0.1 but no attention_maps are connected "
-        "(connect a guide.attention_reference stage or set xa_guidance = 0)"
+        (tmp_path / name).write_text((recipe.parent / name).read_text())
+    code, _, err = _run(
+        capsys, "run", str(edited), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")
     )
-    plan = plan_recipe(edited, overrides, cache=Cache(cache))
-    assert not Cache(cache).has(plan.stages["guided"].key)
-    assert Cache(cache).has(plan.stages["invert"].key)  # finished stages stay cached
-    assert not (tmp_path / "o").exists()
+    lines = text.splitlines()
+    line = next(n for n, line in enumerate(lines, 1) if line.strip() == "[stages.guided]")
+    assert code == 2
+    assert err.strip() == (
+        f"{edited}:{line}: stages.guided.attention_maps: xa_guidance is 0.1 but no "
+        "attention_maps are connected"
+    )
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_plan_and_explain_name_a_changed_list_input_in_the_same_words(
+    tmp_path: Path, capsys
+) -> None:
+    cache = str(tmp_path / "cache")
+    _run(capsys, "run", QUICKSTART, "--cache", cache, "--out", str(tmp_path / "o"), *FAST)
+    change = ["--set", "stages.edit.guidance_scale=5"]
+    _, out, _ = _run(capsys, "plan", QUICKSTART, "--cache", cache, *FAST, *change)
+    assert _plan_lines(out)["figure"].endswith(
+        "miss: input 'images' changed upstream (decode_edit)"
+    )
+    _, out, _ = _run(capsys, "explain", QUICKSTART, "figure", "--cache", cache, *FAST, *change)
+    assert out.splitlines()[2:] == ["  input 'images' changed upstream (decode_edit)"]
+
+    fewer = [
+        "--set",
+        'stages.figure.images=["inputs.photo"]',
+        "--set",
+        'stages.figure.labels=["in"]',
+    ]
+    _, out, _ = _run(capsys, "plan", QUICKSTART, "--cache", cache, *FAST, *fewer)
+    assert _plan_lines(out)["figure"].endswith(
+        "miss: input 'images' now reads 1 references (was 3); params.labels: "
+        "['input', 'reconstruction', 'edit: dog'] -> ['in']"
+    )
+
+
+def test_plan_columns_line_up(tmp_path: Path, capsys) -> None:
+    _, out, _ = _run(capsys, "plan", QUICKSTART, "--cache", str(tmp_path / "c"), *FAST)
+    lines = out.strip().splitlines()
+    keys = {line.index(line.split()[2]) for line in lines}
+    assert len(keys) == 1, "the key column starts at the same place on every line"
+
+
+def test_cache_actions_take_the_cache_option_after_the_action_too(tmp_path: Path, capsys) -> None:
+    cache = str(tmp_path / "cache")
+    out_dir = str(tmp_path / "o")
+    _run(capsys, "run", QUICKSTART, "--cache", cache, "--out", out_dir, "--target", "encode")
+    _, before, _ = _run(capsys, "cache", "--cache", cache, "ls")
+    code, after, _ = _run(capsys, "cache", "ls", "--cache", cache)
+    assert code == 0 and after == before and "encode.vae" in after
+    code, out, _ = _run(capsys, "cache", "du", "--cache", cache)
+    assert code == 0 and out.startswith("1 entries, ")
+
+
+def test_cache_rm_wants_a_unique_prefix_of_8_characters_or_all(tmp_path: Path, capsys) -> None:
+    cache = str(tmp_path / "cache")
+    _run(capsys, "run", QUICKSTART, "--cache", cache, "--out", str(tmp_path / "o"), "--target",
+         "invert", *FAST)  # fmt: skip
+    _, out, _ = _run(capsys, "cache", "ls", "--cache", cache)
+    first = out.split()[0]
+    code, _, err = _run(capsys, "cache", "rm", first[:1], "--cache", cache)
+    assert code == 2
+    assert err.strip() == (
+        f"cache rm: key prefix '{first[0]}' is shorter than 8 characters "
+        "(give a longer prefix (see 'editflow cache ls'), or --all to remove every entry)"
+    )
+    code, _, err = _run(capsys, "cache", "rm", "--cache", cache)
+    assert (code, err.strip()) == (2, "cache rm: give entry keys or --all (not both)")
+    _, out, _ = _run(capsys, "cache", "rm", first[:8], "--cache", cache)
+    assert out.strip() == "removed 1 entries"
+    _, out, _ = _run(capsys, "cache", "rm", "--all", "--cache", cache)
+    assert out.strip() == "removed 1 entries"
+    _, out, _ = _run(capsys, "cache", "ls", "--cache", cache)
+    assert out.strip() == "the cache is empty"
+
+
+def test_cache_ls_columns_line_up_with_long_stage_names(tmp_path: Path, capsys) -> None:
+    long_name = "encode_the_photograph_of_the_cat_with_the_vae"
+    text = Path(QUICKSTART).read_text().replace("[stages.encode]", f"[stages.{long_name}]")
+    text = text.replace('"encode.latents"', f'"{long_name}.latents"')
+    recipe = tmp_path / "long.toml"
+    recipe.write_text(text)
+    cache = str(tmp_path / "cache")
+    _run(capsys, "run", str(recipe), "--cache", cache, "--out", str(tmp_path / "o"), "--target",
+         "invert", *FAST)  # fmt: skip
+    _, out, _ = _run(capsys, "cache", "ls", "--cache", cache)
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    sizes = {line.index(" KiB") for line in lines}
+    assert len(sizes) == 1, f"the size column is aligned:\n{out}"
+
+
+def test_last_run_records_follow_the_recipe_inside_its_repository(tmp_path: Path, capsys) -> None:
+    """A fresh clone (another absolute path) sharing the cache knows what ran before."""
+    cache = str(tmp_path / "cache")
+    clones = []
+    for name in ("developer", "ci"):
+        clone = tmp_path / name / "repo"
+        (clone / ".git").mkdir(parents=True)
+        (clone / "recipes").mkdir()
+        (clone / "recipes" / "quick.toml").write_text(Path(QUICKSTART).read_text())
+        clones.append(clone / "recipes" / "quick.toml")
+    _run(capsys, "run", str(clones[0]), "--cache", cache, "--out", str(tmp_path / "o"), *FAST)
+    _, out, _ = _run(
+        capsys, "plan", str(clones[1]), "--cache", cache, *FAST,
+        "--set", "stages.edit.guidance_scale=5",
+    )  # fmt: skip
+    assert _plan_lines(out)["edit"].endswith("miss: params.guidance_scale: 3.0 -> 5.0")

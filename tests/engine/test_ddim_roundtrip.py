@@ -16,9 +16,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.cache import Cache
 from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
-from editflow.engine.inputs import load_input
-from editflow.engine.models import ModelRegistry
-from editflow.engine.tiny import ensure_tiny
+from editflow.inputs import load_input
+from editflow.models import ModelRegistry
+from editflow.models.tiny import ensure_tiny
 from editflow.stages import StageContext
 from editflow.stages.sample import SampleDdim
 
@@ -80,8 +80,8 @@ def test_engine_round_trip_equals_a_plain_diffusers_loop(tmp_path: Path, models_
     ours = _roundtrip(Cache(tmp_path / "cache"), steps)
     plan = plan_recipe(QUICKSTART, cache=Cache(tmp_path / "cache"))
     image = load_input(plan.inputs["photo"])
-    prompt = plan.stages["invert"].spec.prompt
-    assert prompt == plan.stages["reconstruct"].spec.prompt
+    prompt = plan.stages["invert"].params.prompt
+    assert prompt == plan.stages["reconstruct"].params.prompt
     theirs = _plain_diffusers_loop(ensure_tiny(models_dir), image, prompt, steps)
     for name in ("x0", "x_T", "reconstruction"):
         assert ours[name].shape == (1, 4, 8, 8)
@@ -119,7 +119,7 @@ def _sample_from(tmp_path: Path, x_T: torch.Tensor) -> torch.Tensor:
     cache = Cache(tmp_path / "c")
     plan = plan_recipe(QUICKSTART, cache=cache)
     registry = ModelRegistry(
-        plan.model,
+        plan.models["model.id"],
         device=torch.device("cpu"),
         dtype=torch.float32,
         models_dir=models_dir_for(cache),
@@ -128,4 +128,4 @@ def _sample_from(tmp_path: Path, x_T: torch.Tensor) -> torch.Tensor:
     params = SampleDdim.params(
         prompt="a photo of a cat", guidance_scale=1.0, num_inference_steps=50
     )
-    return SampleDdim().run(ctx, params, {"latents": x_T})["latents"]
+    return SampleDdim().call(ctx, params, {"latents": x_T})["latents"]

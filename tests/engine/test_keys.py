@@ -65,7 +65,7 @@ def _copy_recipe_with_photo(tmp_path: Path, pixel: int) -> Path:
 
 
 def _local_model(tmp_path: Path, models_dir: Path, name: str) -> Path:
-    from editflow.engine.tiny import ensure_tiny
+    from editflow.models.tiny import ensure_tiny
 
     folder = tmp_path / name
     shutil.copytree(ensure_tiny(models_dir), folder)

@@ -44,6 +44,20 @@ CASES = [
         "but this input takes a latent",
     ),
     (
+        "trajectory_as_noise_maps.toml",
+        [],
+        "{f}:17: stages.edit.noise_maps: 'invert.auxiliary_path' is a latent trajectory, "
+        "but this input takes a noise sequence\n"
+        "{f}:18: stages.edit.auxiliary_path: 'invert.noise_maps' is a noise sequence, "
+        "but this input takes a latent trajectory",
+    ),
+    (
+        "../../../manifests/quickstart.toml",
+        ["--set", "stages.decode_edit.latents=invert.trajectory"],
+        "--set stages.decode_edit.latents=invert.trajectory: stages.decode_edit.latents: "
+        "'invert.trajectory' is a latent trajectory, but this input takes a latent",
+    ),
+    (
         "negative_steps.toml",
         [],
         "{f}:14: stages.invert.num_inference_steps: must be >= 1, got -5",
@@ -151,6 +165,6 @@ def test_override_values_are_parsed_as_toml(tmp_path: Path) -> None:
         RECIPES.parent.parent / "manifests" / "quickstart.toml",
         ["stages.edit.guidance_scale=12", "stages.edit.prompt=a photo of a horse", "seed=3"],
     )
-    assert loaded.stages["edit"].guidance_scale == 12.0
-    assert loaded.stages["edit"].prompt == "a photo of a horse"
+    assert loaded.stages["edit"].params.guidance_scale == 12.0
+    assert loaded.stages["edit"].params.prompt == "a photo of a horse"
     assert loaded.recipe.seed == 3

@@ -8,10 +8,9 @@ import pytest
 import torch
 from support import MANIFESTS
 
-from editflow.cache import Cache
+from editflow.cache import Cache, StreamedMaps
 from editflow.cache.writer import MIN_CHUNK_BYTES
 from editflow.engine.api import run_recipe
-from editflow.engine.streams import StreamedMaps
 
 RECIPE = MANIFESTS / "pix2pix_zero" / "custom_sentences.toml"
 STEPS = 4

@@ -11,10 +11,10 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from editflow.cache import Cache
 from editflow.engine.api import plan_recipe, run_recipe
-from editflow.engine.inputs import load_input
-from editflow.engine.models import Captioner, ModelRegistry
-from editflow.engine.tiny import ensure_tiny
 from editflow.errors import EditflowError
+from editflow.inputs import load_input
+from editflow.models import Captioner, ModelRegistry
+from editflow.models.tiny import ensure_tiny
 from editflow.stages import StageContext
 from editflow.stages.caption import CaptionBlip, caption_images
 from editflow.stages.diffusion import encode_prompts
@@ -56,7 +56,7 @@ class _NoModels:
 def test_a_given_caption_is_passed_through_without_loading_anything(photo: torch.Tensor) -> None:
     ctx = StageContext("caption", 0, torch.device("cpu"), torch.float32, models=_NoModels())
     params = CaptionBlip.params(caption="a photo of a cat")
-    assert CaptionBlip().run(ctx, params, {"images": photo}) == {"caption": "a photo of a cat"}
+    assert CaptionBlip().call(ctx, params, {"images": photo}) == {"caption": "a photo of a cat"}
 
 
 class _TinyCaptioner:
@@ -81,12 +81,12 @@ def test_the_longest_caption_fits_the_captioners_positions(
     ctx = StageContext("caption", 0, torch.device("cpu"), torch.float32, models=models)
     for prompt in ("", "a photo of a"):
         params = CaptionBlip.params(max_new_tokens=77, prompt=prompt)
-        caption = CaptionBlip().run(ctx, params, {"images": photo})["caption"]
+        caption = CaptionBlip().call(ctx, params, {"images": photo})["caption"]
         assert isinstance(caption, str) and caption.startswith(prompt)
 
     too_long = CaptionBlip.params(prompt=" ".join(["cat"] * limit))
     with pytest.raises(EditflowError) as error:
-        CaptionBlip().run(ctx, too_long, {"images": photo})
+        CaptionBlip().call(ctx, too_long, {"images": photo})
     assert str(error.value) == (
         f"stages.caption.prompt: the prompt takes all {limit + 1} of the captioner's text "
         "positions (shorten the prompt)"
@@ -104,7 +104,10 @@ def test_the_caption_conditions_the_inversion(tmp_path: Path, models_dir: Path) 
     embeds = cache.get(result.keys["invert"]).tensor("prompt_embeds")
     plan = plan_recipe(RECIPE, overrides, cache=cache)
     registry = ModelRegistry(
-        plan.model, device=torch.device("cpu"), dtype=torch.float32, models_dir=models_dir
+        plan.models["model.id"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        models_dir=models_dir,
     )
     expected = encode_prompts(registry.get("tokenizer"), registry.get("text_encoder"), [caption])
     assert torch.equal(embeds, expected)
@@ -113,8 +116,8 @@ def test_the_caption_conditions_the_inversion(tmp_path: Path, models_dir: Path) 
 def test_a_given_caption_needs_no_captioner_on_disk(tmp_path: Path) -> None:
     overrides = ['stages.caption.caption="a photo of a cat"', "model.captioner=nobody/no-such-blip"]
     plan = plan_recipe(RECIPE, overrides, cache=Cache(tmp_path / "c"))  # no error: not resolved
-    assert plan.captioner is None
-    assert plan.stages["caption"].preimage["captioner"] is None
+    assert "model.captioner" not in plan.models
+    assert plan.stages["caption"].preimage["models"] is None
     result = run_recipe(
         RECIPE, overrides, cache=Cache(tmp_path / "c"), out_dir=None, device="cpu",
         targets=["caption"],

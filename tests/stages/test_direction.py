@@ -141,14 +141,14 @@ def test_stage_uses_built_in_banks_and_sentence_files(text):
     tokenizer, text_encoder = text
     stage = DeriveDirection()
     params = DeriveDirectionParams(source_word="cat", target_word="dog")
-    out = stage.run(context(text), params, {})
+    out = stage.call(context(text), params, {})
     assert set(out) == {"direction", "source_mean", "target_mean"}
     torch.testing.assert_close(
         out["source_mean"], bank_mean(tokenizer, text_encoder, sentences_for("cat"))
     )
     torch.testing.assert_close(out["direction"], out["target_mean"] - out["source_mean"])
 
-    from_file = stage.run(
+    from_file = stage.call(
         context(text),
         DeriveDirectionParams(target_word="dog", multiplier=0.5),
         {"source_sentences": "a cat\n\na photo of a cat\n"},
@@ -160,7 +160,7 @@ def test_stage_uses_built_in_banks_and_sentence_files(text):
 
 def test_stage_reports_an_empty_sentence_file_as_a_user_error(text):
     with pytest.raises(EditflowError) as error:
-        DeriveDirection().run(
+        DeriveDirection().call(
             context(text), DeriveDirectionParams(source_word="cat"), {"target_sentences": "\n \n"}
         )
     assert str(error.value) == (
@@ -171,7 +171,7 @@ def test_stage_reports_an_empty_sentence_file_as_a_user_error(text):
 
 def test_stage_needs_a_word_or_a_file_for_each_side(text):
     with pytest.raises(EditflowError, match="no target sentences"):
-        DeriveDirection().run(context(text), DeriveDirectionParams(source_word="cat"), {})
+        DeriveDirection().call(context(text), DeriveDirectionParams(source_word="cat"), {})
 
 
 def test_params_refuse_equal_words():

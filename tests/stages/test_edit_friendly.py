@@ -26,16 +26,8 @@ from editflow.stages.base import StageContext
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
 from editflow.stages.edit_friendly import (
     ColourGuidance,
-    InvertEditFriendly,
-    InvertEditFriendlyParams,
-    SampleEditFriendly,
-    SampleEditFriendlyParams,
-    build_scheduler,
-    ddim_posterior,
     edit_friendly_invert,
     edit_friendly_sample,
-    level_scales,
-    sde_dpmsolver_noise_scale,
 )
 from editflow.stages.edit_friendly_statistics import (
     FigureNoiseStatistics,
@@ -44,6 +36,14 @@ from editflow.stages.edit_friendly_statistics import (
     noise_map_statistics,
     plot_noise_statistics,
 )
+from editflow.stages.invert import InvertEditFriendly, InvertEditFriendlyParams
+from editflow.stages.reverse_steps import (
+    build_scheduler,
+    ddim_posterior,
+    level_scales,
+    sde_dpmsolver_noise_scale,
+)
+from editflow.stages.sample import SampleEditFriendly, SampleEditFriendlyParams
 
 SCHEDULERS = ["ddim", "dpmsolver++"]
 
@@ -90,9 +90,9 @@ def invert_toy(toy, name="ddim", steps=10, eta=1.0, seed=1, x0=None):
         scheduler,
         toy["source"],
         toy["uncond"],
-        3.5,
-        eta,
-        torch.Generator().manual_seed(seed),
+        guidance_scale=3.5,
+        eta=eta,
+        generator=torch.Generator().manual_seed(seed),
     )
     return scheduler, inversion
 
@@ -109,7 +109,14 @@ def test_reconstruction_is_exact_with_a_toy_predictor(toy, name, eta):
     assert torch.equal(inversion.x_T, inversion.auxiliary_path[0])
 
     edited = edit_friendly_sample(
-        toy["predict"], inversion, scheduler, toy["source"], toy["uncond"], 3.5, 0, eta
+        toy["predict"],
+        inversion,
+        scheduler,
+        toy["source"],
+        toy["uncond"],
+        guidance_scale=3.5,
+        skip=0,
+        eta=eta,
     )
     assert relative_error(edited, toy["x0"]) < 1e-5  # measured 6e-10 (ddim), 5e-8 (dpm)
 
@@ -120,7 +127,14 @@ def test_reconstruction_from_a_skipped_level_is_exact(toy, name):
     # from auxiliary_path[skip - 1] before its first step.
     scheduler, inversion = invert_toy(toy, name, steps=15)
     edited = edit_friendly_sample(
-        toy["predict"], inversion, scheduler, toy["source"], toy["uncond"], 3.5, 6, 1.0
+        toy["predict"],
+        inversion,
+        scheduler,
+        toy["source"],
+        toy["uncond"],
+        guidance_scale=3.5,
+        skip=6,
+        eta=1.0,
     )
     assert relative_error(edited, toy["x0"]) < 1e-5
 
@@ -136,9 +150,9 @@ def test_shift_reproduces_the_rolled_image_with_a_shift_equivariant_predictor(to
         scheduler,
         toy["source"],
         toy["uncond"],
-        3.5,
-        0,
-        1.0,
+        guidance_scale=3.5,
+        skip=0,
+        eta=1.0,
         shift=(2, -3),
     )
     assert relative_error(edited, toy["x0"].roll((2, -3), dims=(-2, -1))) < 1e-5
@@ -248,8 +262,9 @@ def test_same_seed_gives_identical_maps_and_another_seed_a_different_edit(toy):
     assert not torch.allclose(first.noise_maps, other.noise_maps)
 
     def edit(inversion):
-        args = (toy["predict"], inversion, scheduler, toy["target"], toy["uncond"], 15.0, 3, 1.0)
-        return edit_friendly_sample(*args)
+        args = (toy["predict"], inversion, scheduler, toy["target"], toy["uncond"])
+        knobs = {"guidance_scale": 15.0, "skip": 3, "eta": 1.0}
+        return edit_friendly_sample(*args, **knobs)
 
     assert torch.equal(edit(first), edit(again))
     assert relative_error(edit(first), edit(other)) > 1e-2  # measured 0.79
@@ -263,9 +278,12 @@ def colour_setup(x0: torch.Tensor, strength: float, window=None) -> ColourGuidan
 
 def test_colour_strength_zero_equals_no_colour(toy):
     scheduler, inversion = invert_toy(toy, "ddim", steps=10)
-    args = (toy["predict"], inversion, scheduler, toy["target"], toy["uncond"], 7.5, 2, 1.0)
-    plain = edit_friendly_sample(*args)
-    assert torch.equal(edit_friendly_sample(*args, colour=colour_setup(toy["x0"], 0.0)), plain)
+    args = (toy["predict"], inversion, scheduler, toy["target"], toy["uncond"])
+    knobs = {"guidance_scale": 7.5, "skip": 2, "eta": 1.0}
+    plain = edit_friendly_sample(*args, **knobs)
+    assert torch.equal(
+        edit_friendly_sample(*args, **knobs, colour=colour_setup(toy["x0"], 0.0)), plain
+    )
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -274,9 +292,10 @@ def test_colour_moves_the_masked_region_toward_the_colour_only(toy, name):
     # outside of the mask only through the model; here it cannot, and outside stays equal.
     toy = {**toy, "predict": CircularConvPredictor(kernel=1)}
     scheduler, inversion = invert_toy(toy, name, steps=10)
-    args = (toy["predict"], inversion, scheduler, toy["target"], toy["uncond"], 7.5, 2, 1.0)
-    plain = edit_friendly_sample(*args)
-    coloured = edit_friendly_sample(*args, colour=colour_setup(toy["x0"], 0.2))
+    args = (toy["predict"], inversion, scheduler, toy["target"], toy["uncond"])
+    knobs = {"guidance_scale": 7.5, "skip": 2, "eta": 1.0}
+    plain = edit_friendly_sample(*args, **knobs)
+    coloured = edit_friendly_sample(*args, **knobs, colour=colour_setup(toy["x0"], 0.2))
     assert torch.equal(coloured[..., 4:], plain[..., 4:])
     before, after = ((edit[..., :4] - 3.0).abs().mean() for edit in (plain, coloured))
     assert (
@@ -293,9 +312,9 @@ def test_colour_window_counts_edit_steps_from_the_first_reverse_step(toy):
         scheduler,
         toy["target"],
         toy["uncond"],
-        7.5,
-        4,
-        1.0,
+        guidance_scale=7.5,
+        skip=4,
+        eta=1.0,
         colour=colour_setup(toy["x0"], 1.0, window=(1, 2)),
         callback=lambda info: used.append(info),
     )
@@ -424,14 +443,14 @@ def context(tiny, name="edit") -> StageContext:
 
 def run_invert(tiny, x0, **params):
     params = InvertEditFriendlyParams(**params)
-    return InvertEditFriendly().run(context(tiny, "invert"), params, {"latents": x0})
+    return InvertEditFriendly().call(context(tiny, "invert"), params, {"latents": x0})
 
 
 def run_sample(tiny, inverted, **params):
     inputs = {name: inverted[name] for name in ("noise_maps", "auxiliary_path")}
     inputs.update(params.pop("inputs", {}))
     params = SampleEditFriendlyParams(**params)
-    return SampleEditFriendly().run(context(tiny), params, inputs)["latents"]
+    return SampleEditFriendly().call(context(tiny), params, inputs)["latents"]
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -482,8 +501,8 @@ def test_figure_stage_plots_maps_against_the_native_baseline(tiny, x0, toy):
     _, inversion = invert_toy(toy, "ddim", steps=10)
     stage, params = FigureNoiseStatistics(), FigureNoiseStatisticsParams()
     inputs = {"noise_maps": inversion.noise_maps, "latents": x0}
-    image = stage.run(context(tiny, "figure"), params, inputs)["image"]
-    again = stage.run(context(tiny, "figure"), params, inputs)["image"]
+    image = stage.call(context(tiny, "figure"), params, inputs)["image"]
+    again = stage.call(context(tiny, "figure"), params, inputs)["image"]
     assert image.shape == (1, 3, 300, 800) and 0 <= image.min() and image.max() <= 1
     assert torch.equal(image, again)
 
@@ -519,8 +538,8 @@ def ledits_invert(pipe, monkeypatch, image, noise, **kwargs):
 
 def our_invert(pipe, x0, scheduler, cond, uncond, seed):
     return edit_friendly_invert(
-        unet_noise_predictor(pipe.unet), x0, scheduler, cond, uncond, 3.5, 1.0,
-        torch.Generator().manual_seed(seed),
+        unet_noise_predictor(pipe.unet), x0, scheduler, cond, uncond, guidance_scale=3.5,
+        eta=1.0, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
 
 

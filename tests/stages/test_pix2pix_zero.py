@@ -44,14 +44,9 @@ from editflow.stages.attention import attention_loss, install_attention_recorder
 from editflow.stages.base import StageContext
 from editflow.stages.ddim import auto_correlation_loss, ddim_invert, kl_loss, regularize_noise
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
-from editflow.stages.pix2pix_zero import (
-    GuidePix2PixZeroReference,
-    InMemoryAttentionMaps,
-    SamplePix2PixZero,
-    SamplePix2PixZeroParams,
-    guided_edit,
-    reference_pass,
-)
+from editflow.stages.guide import GuidePix2PixZeroReference
+from editflow.stages.pix2pix_zero import InMemoryAttentionMaps, guided_edit, reference_pass
+from editflow.stages.sample import SamplePix2PixZero, SamplePix2PixZeroParams
 
 STEPS = 6
 Peer = StableDiffusionPix2PixZeroPipeline
@@ -167,7 +162,7 @@ def reference(tiny: Tiny, x_T: torch.Tensor, caption: torch.Tensor):
             x_T,
             tiny.scheduler(),
             caption,
-            lambda step, maps: steps.append({n: m.half() for n, m in maps.items()}),
+            record=lambda step, maps: steps.append({n: m.half() for n, m in maps.items()}),
         )
     return latents, steps
 
@@ -382,12 +377,12 @@ def edit(
         predict = unet_noise_predictor(tiny.unet)
         return guided_edit(
             predict,
-            recorder.predictor(predict),
             x_T,
             tiny.scheduler(),
             edit_embeds,
             caption,
-            reference_maps,
+            predict_maps=recorder.predictor(predict),
+            reference_maps=reference_maps,
             xa_guidance=xa_guidance,
             callback=callback,
         )
@@ -535,7 +530,7 @@ def test_reference_stage_streams_fp16_maps_step_by_step_through_the_writer(tiny,
 
     stage = GuidePix2PixZeroReference()
     params = stage.params(num_inference_steps=STEPS)
-    out = stage.run(context(tiny, stream_writer), params, {"x_T": x_T, "prompt_embeds": caption})
+    out = stage.call(context(tiny, stream_writer), params, {"x_T": x_T, "prompt_embeds": caption})
 
     (writer,) = writers
     assert writer.port == "attention_maps" and writer.dtype == torch.float16
@@ -545,7 +540,7 @@ def test_reference_stage_streams_fp16_maps_step_by_step_through_the_writer(tiny,
     )
     assert out["attention_maps"] is writer.store
     # Without a writer the stage keeps the same maps in memory.
-    fallback = stage.run(context(tiny), params, {"x_T": x_T, "prompt_embeds": caption})
+    fallback = stage.call(context(tiny), params, {"x_T": x_T, "prompt_embeds": caption})
     assert torch.equal(fallback["latents"], out["latents"])
     for i in range(STEPS):
         for name, m in out["attention_maps"].step(i).items():
@@ -553,7 +548,7 @@ def test_reference_stage_streams_fp16_maps_step_by_step_through_the_writer(tiny,
 
 
 def test_stages_with_zero_direction_and_no_guidance_reproduce_the_reference(tiny, x_T, caption):
-    reference = GuidePix2PixZeroReference().run(
+    reference = GuidePix2PixZeroReference().call(
         context(tiny, name="reference"),
         GuidePix2PixZeroReference.params(num_inference_steps=STEPS),
         {"x_T": x_T, "prompt_embeds": caption},
@@ -565,11 +560,11 @@ def test_stages_with_zero_direction_and_no_guidance_reproduce_the_reference(tiny
         "attention_maps": reference["attention_maps"],
     }
     stage = SamplePix2PixZero()
-    off = stage.run(
+    off = stage.call(
         context(tiny), SamplePix2PixZeroParams(xa_guidance=0.0, num_inference_steps=STEPS), inputs
     )
     assert torch.equal(off["latents"], reference["latents"])
-    on = stage.run(context(tiny), SamplePix2PixZeroParams(num_inference_steps=STEPS), inputs)
+    on = stage.call(context(tiny), SamplePix2PixZeroParams(num_inference_steps=STEPS), inputs)
     assert on["latents"].shape == x_T.shape and torch.isfinite(on["latents"]).all()
     assert all(p.requires_grad for p in tiny.unet.parameters())  # restored after the run
 
@@ -578,10 +573,10 @@ def test_sample_stage_explains_missing_or_mismatched_reference_maps(tiny, x_T, c
     stage = SamplePix2PixZero()
     inputs = {"x_T": x_T, "prompt_embeds": caption, "direction": torch.zeros(1, 77, 32)}
     with pytest.raises(EditflowError, match="stages.edit.attention_maps: xa_guidance is 0.1"):
-        stage.run(context(tiny), SamplePix2PixZeroParams(num_inference_steps=STEPS), inputs)
+        stage.call(context(tiny), SamplePix2PixZeroParams(num_inference_steps=STEPS), inputs)
     maps = InMemoryAttentionMaps({"layer": (3, 4, 64, 77)})
     with pytest.raises(EditflowError, match="attention_maps hold 0 steps but num_inference"):
-        stage.run(
+        stage.call(
             context(tiny),
             SamplePix2PixZeroParams(num_inference_steps=STEPS),
             {**inputs, "attention_maps": maps},

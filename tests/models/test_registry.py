@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from editflow.engine import models, tiny
-from editflow.engine.models import ModelRegistry, ModelSpec, resolve_model
 from editflow.errors import ModelUnavailableError
+from editflow.models import ModelRegistry, ModelSpec, registry, resolve_model, tiny
+from editflow.models import identity as model_identity
 
 OLD_NS = 1_600_000_000 * 10**9  # an mtime well outside the "racy" window
 
@@ -192,7 +192,7 @@ def test_resolving_tiny_loads_nothing_and_identity_is_stable_across_processes(
 
     code = (
         "import json, sys; from pathlib import Path\n"
-        "from editflow.engine.models import ModelSpec, resolve_model\n"
+        "from editflow.models import ModelSpec, resolve_model\n"
         f"models_dir = Path({str(tmp_path)!r})\n"
         "r = resolve_model(ModelSpec('tiny'), base_dir=models_dir, models_dir=models_dir,"
         " hash_memo=None)\n"
@@ -279,7 +279,7 @@ def test_registry_refuses_missing_and_unlisted_components(
 def test_allow_listed_classes_exist() -> None:
     import importlib
 
-    for class_name, library in models.ALLOWED_CLASSES.items():
+    for class_name, library in registry.ALLOWED_CLASSES.items():
         assert isinstance(getattr(importlib.import_module(library), class_name), type)
 
 
@@ -289,13 +289,13 @@ def test_folder_identity_follows_weights_and_memo_spares_rehashing(
     folder = fake_model_folder(tmp_path / "recipe" / "model")
     memo = tmp_path / "memo" / "file-hashes.json"
     hashed: list[str] = []
-    real_sha256 = models.sha256_file
+    real_sha256 = model_identity.sha256_file
 
     def counting_sha256(path: Path) -> str:
         hashed.append(path.name)
         return real_sha256(path)
 
-    monkeypatch.setattr(models, "sha256_file", counting_sha256)
+    monkeypatch.setattr(model_identity, "sha256_file", counting_sha256)
 
     def identity() -> dict:
         return resolve_model(

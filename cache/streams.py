@@ -2,21 +2,21 @@
 same way, so neither the stage that records them nor the one that consumes them ever holds
 the whole sequence in memory.
 
-Protocol seen by stages (see ``stages/pix2pix_zero.py``): ``ctx.stream_writer(output,
-layers={layer: (steps, *per_step_shape)}, dtype=...)`` returns an object with
-``write(step, {layer: tensor})`` and ``close() -> handle``; the handle is the stage's output
-value. A consumer receives a :class:`StreamedMaps` with ``num_steps``, ``layers`` and
-``step(i)``.
+The engine offers stages a writer through ``ctx.stream_writer(output, layers={layer:
+(steps, *per_step_shape)}, dtype=...)``: an object with ``write(step, {layer: tensor})`` and
+``close() -> handle``; the handle is the stage's output value. A consumer receives a
+:class:`StreamedMaps` with ``num_steps``, ``layers`` and ``step(i)``. Nothing here knows
+which stage writes or reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from editflow.cache import Cache
+from .store import Cache
 
 STREAMS_ATTR = "streams"
 
@@ -30,7 +30,7 @@ class StreamWriter:
         output: str,
         layers: Mapping[str, tuple[int, ...]],
         dtype: torch.dtype,
-        reader: StreamedMaps,
+        reader: StreamedMaps | None,
     ) -> None:
         self.arrays = {layer: f"{output}.{index}" for index, layer in enumerate(layers)}
         self.num_steps = next(iter(layers.values()))[0] if layers else 0
@@ -73,18 +73,13 @@ class StreamedMaps:
     looked up on first use.
     """
 
-    def __init__(
-        self, cache: Cache, key: str, output: str, ready: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, cache: Cache, key: str, output: str) -> None:
         self.cache, self.key, self.output = cache, key, output
-        self.ready = ready  # waits until the producing stage's entry is published
         self._entry: Any = None
         self.bytes_read = 0
 
     def _open(self) -> Any:
         if self._entry is None:
-            if self.ready is not None:
-                self.ready()
             self._entry = self.cache.get(self.key)
             if self._entry is None:
                 raise RuntimeError(f"streamed output {self.output} of {self.key} is not published")

@@ -7,22 +7,62 @@ tests can use a real image without downloading anything.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from editflow.engine.keys import file_digest
-from editflow.engine.recipe import InputSection
 from editflow.errors import EditflowError, Problem
-from editflow.stages import ArtifactType
+from editflow.stages.base import ArtifactType
 
 SKIMAGE_PREFIX = "skimage:"
+
+
+class InputSection(BaseModel):
+    """A file the recipe reads (``[inputs.NAME]``). Exactly one of image, mask or text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str | None = Field(
+        None, description="Image path relative to the recipe, or 'skimage:NAME'"
+    )
+    mask: str | None = Field(None, description="Mask image path (white = 1)")
+    text: str | None = Field(None, description="UTF-8 text file path")
+    size: tuple[int, int] | None = Field(
+        None, description="[height, width] to resize to; each a multiple of 8"
+    )
+    resize: Literal["center-crop", "stretch", "pad"] = Field(
+        "center-crop", description="How to reach `size` when the aspect ratio differs"
+    )
+
+    @model_validator(mode="after")
+    def _one_file(self) -> InputSection:
+        if sum(value is not None for value in (self.image, self.mask, self.text)) != 1:
+            raise ValueError("give exactly one of 'image', 'mask' or 'text'")
+        if self.size is not None and any(side <= 0 or side % 8 for side in self.size):
+            raise ValueError(f"size must be positive multiples of 8, got {list(self.size)}")
+        return self
+
+    def source(self) -> tuple[str, str]:
+        """(field name, value) of the one file this input names."""
+        given = [(name, getattr(self, name)) for name in ("image", "mask", "text")]
+        given = [(name, value) for name, value in given if value is not None]
+        return given[0]
+
+    @property
+    def type(self) -> ArtifactType:
+        """The artifact type this input provides."""
+        field, _ = self.source()
+        return {"image": ArtifactType.IMAGE, "mask": ArtifactType.MASK}.get(
+            field, ArtifactType.TEXT
+        )
 
 
 @dataclass(frozen=True)
@@ -37,10 +77,7 @@ class ResolvedInput:
 
     @property
     def type(self) -> ArtifactType:
-        field, _ = self.section.source()
-        return {"image": ArtifactType.IMAGE, "mask": ArtifactType.MASK}.get(
-            field, ArtifactType.TEXT
-        )
+        return self.section.type
 
 
 def _skimage_path(name: str) -> Path | None:
@@ -79,7 +116,7 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
             data.decode("utf-8")
         except UnicodeDecodeError:
             return Problem(f"not UTF-8 text: {value}", file=label, key=key)
-    return ResolvedInput(name, section, path, data, file_digest(data))
+    return ResolvedInput(name, section, path, data, hashlib.sha256(data).hexdigest())
 
 
 def load_input(item: ResolvedInput) -> Any:

@@ -16,47 +16,37 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-import editflow
-from editflow.engine.plan import Plan, PlannedStage
-from editflow.stages import ArtifactType
 from editflow.stages.figure import to_pil
 
 
-def provenance(plan: Plan, stage: PlannedStage) -> dict[str, str]:
-    """The text chunks every exported PNG carries."""
-    return {
-        "editflow:version": editflow.__version__,
-        "editflow:recipe": plan.loaded.path.name,
-        "editflow:recipe_sha256": plan.recipe_hash,
-        "editflow:stage": stage.name,
-        "editflow:kind": stage.kind.kind,
-        "editflow:stage_key": stage.key,
-    }
-
-
-def _names(stage: PlannedStage, count: int) -> dict[str, list[str]]:
+def _names(stage: str, ports: list[str], count: int) -> dict[str, list[str]]:
     """File names per exported image port: ``stage.png``, or ``stage-0.png`` ... for a batch."""
-    ports = [port for port in stage.kind.outputs if port.export and port.type == ArtifactType.IMAGE]
     names = {}
     for port in ports:
-        stem = stage.name if len(ports) == 1 else f"{stage.name}.{port.name}"
-        names[port.name] = (
-            [f"{stem}.png"] if count == 1 else [f"{stem}-{i}.png" for i in range(count)]
-        )
+        stem = stage if len(ports) == 1 else f"{stage}.{port}"
+        names[port] = [f"{stem}.png"] if count == 1 else [f"{stem}-{i}.png" for i in range(count)]
     return names
 
 
-def current_exports(plan: Plan, stage: PlannedStage, out_dir: Path) -> list[Path] | None:
-    """The stage's files in ``out_dir`` if all are there with this run's provenance, else None."""
-    expected = provenance(plan, stage)
-    first = out_dir / _names(stage, 1).popitem()[1][0]
-    batch = out_dir / _names(stage, 2).popitem()[1][0]
+def current_exports(
+    stage: str, ports: list[str], provenance: dict[str, str], out_dir: Path
+) -> list[Path] | None:
+    """The stage's files in ``out_dir`` if all are there with this provenance, else None.
+
+    Args:
+        stage: The stage's name (the files' stem).
+        ports: Its exported image outputs.
+        provenance: The text chunks a rerun would write.
+        out_dir: The output folder.
+    """
+    first = out_dir / _names(stage, ports, 1).popitem()[1][0]
+    batch = out_dir / _names(stage, ports, 2).popitem()[1][0]
     probe = first if first.exists() else batch
-    count = _count(probe, expected)
+    count = _count(probe, provenance)
     if count is None:
         return None
-    paths = [out_dir / name for names in _names(stage, count).values() for name in names]
-    return paths if all(_count(path, expected) == count for path in paths) else None
+    paths = [out_dir / name for names in _names(stage, ports, count).values() for name in names]
+    return paths if all(_count(path, provenance) == count for path in paths) else None
 
 
 def _count(path: Path, expected: dict[str, str]) -> int | None:
@@ -71,16 +61,20 @@ def _count(path: Path, expected: dict[str, str]) -> int | None:
 
 
 def export_images(
-    plan: Plan, stage: PlannedStage, outputs: dict[str, Any], out_dir: Path
+    stage: str,
+    ports: list[str],
+    outputs: dict[str, Any],
+    provenance: dict[str, str],
+    out_dir: Path,
 ) -> list[Path]:
-    """Write a stage's exported image outputs; returns the paths written."""
+    """Write a stage's exported image outputs ((N, 3, H, W) in [0, 1]) as PNGs carrying
+    ``provenance`` in text chunks; returns the paths written."""
     written = []
-    ports = [port for port in stage.kind.outputs if port.export and port.type == ArtifactType.IMAGE]
-    count = len(outputs[ports[0].name]) if ports else 0
-    for port, names in _names(stage, count).items():
+    count = len(outputs[ports[0]]) if ports else 0
+    for port, names in _names(stage, ports, count).items():
         for name, image in zip(names, outputs[port], strict=True):
             info = PngImagePlugin.PngInfo()
-            for key, value in provenance(plan, stage).items():
+            for key, value in provenance.items():
                 info.add_text(key, value)
             info.add_text("editflow:count", str(count))
             written.append(_write_atomically(out_dir / name, to_pil(image), info))

@@ -1,0 +1,97 @@
+"""A stage's outputs in one cache entry, each stored by its layout.
+
+The cache knows storage layouts, not artifact types: the engine says how each output is kept.
+
+- ``"text"``: a string, kept in the entry's attributes (covered by the manifest).
+- ``"maps"``: streamed maps (``StreamWriter``/``StreamedMaps``), one chunk per layer-step.
+- ``"steps"``: a tensor stored one step per chunk along axis 0, so one step can be read alone.
+- ``"whole"``: any other tensor, one array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .entry import Entry
+from .store import Cache
+from .streams import STREAMS_ATTR, StreamedMaps, StreamWriter
+from .writer import EntryWriter
+
+LAYOUTS = ("text", "maps", "steps", "whole")
+
+
+class LazyEntry:
+    """An entry opened when first written: a streaming stage opens it while it runs, any
+    other when it returns. ``abandon`` discards what was written; ``publish`` makes it live."""
+
+    def __init__(self, cache: Cache, key: str, attrs: dict[str, Any]) -> None:
+        self.cache, self.key, self.attrs = cache, key, attrs
+        self._writer: EntryWriter | None = None
+
+    def writer(self) -> EntryWriter:
+        if self._writer is None:
+            self._writer = self.cache.writer(self.key, self.attrs)
+            self._writer.__enter__()
+        return self._writer
+
+    def abandon(self, error: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.__exit__(type(error), error, error.__traceback__)
+
+    def publish(self) -> None:
+        self.writer().__exit__(None, None, None)
+
+
+def write_outputs(
+    writer: EntryWriter,
+    outputs: Mapping[str, Any],
+    layouts: Mapping[str, str],
+    streams: dict[str, StreamWriter],
+    seconds: float,
+) -> None:
+    """Write every output into an open entry (outputs already in ``streams`` are there).
+
+    Args:
+        writer: The open entry.
+        outputs: Output name -> value.
+        layouts: Output name -> one of :data:`LAYOUTS`.
+        streams: Outputs streamed while the stage ran (filled in for maps kept in memory).
+        seconds: The stage's compute time, recorded in the attributes.
+    """
+    texts = {}
+    for name, layout in layouts.items():
+        value = outputs[name]
+        if layout == "text":
+            texts[name] = value
+        elif name in streams:
+            continue
+        elif layout == "maps":
+            # Maps a stage kept in memory: stored whole, one chunk per layer-step.
+            layers = {layer: (value.num_steps, *shape) for layer, shape in value.layers.items()}
+            streams[name] = stream = StreamWriter(writer, name, layers, torch.float16, None)
+            for step in range(value.num_steps):
+                stream.write(step, value.step(step))
+        else:
+            axis = 0 if layout == "steps" else None
+            writer.write(name, value.detach().cpu(), stream_axis=axis)
+    writer.set_attrs(
+        texts=texts,
+        seconds=seconds,
+        **{STREAMS_ATTR: {name: stream.description() for name, stream in streams.items()}},
+    )
+
+
+def read_outputs(cache: Cache, entry: Entry, layouts: Mapping[str, str]) -> dict[str, Any]:
+    """Every output of an entry: texts, maps as step-by-step readers, tensors as copies."""
+    outputs: dict[str, Any] = {}
+    for name, layout in layouts.items():
+        if layout == "text":
+            outputs[name] = entry.attrs["texts"][name]
+        elif layout == "maps":
+            outputs[name] = StreamedMaps(cache, entry.key, name)
+        else:
+            outputs[name] = entry.tensor(name)
+    return outputs

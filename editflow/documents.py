@@ -1,0 +1,183 @@
+"""Recipe documents: TOML or JSON files read into plain data, with every key path located.
+
+Errors in the file itself (syntax, encoding) become located ``RecipeError``s; ``--set``
+overrides are applied to the parsed document; an older ``schema_version`` is migrated
+(:data:`MIGRATIONS`), with a warning, never silently misread; :func:`toml_locator` maps a dotted key path
+back to the TOML line that sets it, and :func:`error_message` words a pydantic error as one
+short line, so every later problem can name its line and say what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from editflow.errors import Problem, RecipeError
+
+SCHEMA_VERSION = 1
+
+# Migrations from an older schema_version to the next one, applied in order on load, each
+# with a warning. Version 1 is the first published format, so there are none yet.
+MIGRATIONS: dict[int, Any] = {}
+
+
+def read_document(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse a TOML or JSON recipe file; syntax errors become located RecipeErrors."""
+    label = str(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", file=label)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
+    else:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            match = re.search(r"\(at line (\d+), column \d+\)", str(error))
+            message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
+            line = int(match.group(1)) if match else None
+            raise RecipeError(f"invalid TOML: {message}", file=label, line=line) from None
+    if not isinstance(document, dict):
+        raise RecipeError("the recipe must be a table/object at the top level", file=label)
+    return document, text
+
+
+def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set dotted.key=value`` overrides; values are parsed as TOML, else strings."""
+    document = json.loads(json.dumps(document))
+    problems: list[Problem] = []
+    for override in overrides:
+        where = f"--set {override}"
+        path, sep, text = override.partition("=")
+        keys = path.strip().split(".")
+        if not sep or not all(keys):
+            problems.append(Problem("expected KEY.PATH=VALUE", file=where))
+            continue
+        table = document
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(table.get(key), dict):
+                missing = ".".join(keys[: depth + 1])
+                problems.append(Problem(f"the recipe has no table '{missing}'", file=where))
+                break
+            table = table[key]
+        else:
+            table[keys[-1]] = _parse_value(text.strip())
+    if problems:
+        raise RecipeError(problems=problems)
+    return document
+
+
+def overridden(overrides: list[str]) -> dict[str, str]:
+    """Dotted key path -> the --set argument that set it."""
+    return {override.partition("=")[0].strip(): override for override in overrides}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def toml_locator(text: str) -> Callable[[str], int | None]:
+    """Map a dotted key path to the TOML line that sets it (or its table's header)."""
+    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    assignment = re.compile(r"^\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
+    positions: dict[str, int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if match := header.match(line):
+            table = _split_key(match.group(1))
+            positions.setdefault(".".join(table), number)
+        elif match := assignment.match(line):
+            full = table + _split_key(match.group(1))
+            for depth in range(len(table) + 1, len(full) + 1):
+                positions.setdefault(".".join(full[:depth]), number)
+
+    def locate(key: str) -> int | None:
+        parts = key.split(".")
+        while parts:
+            if ".".join(parts) in positions:
+                return positions[".".join(parts)]
+            parts.pop()
+        return None
+
+    return locate
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in text.split("."))
+
+
+def error_message(item: dict[str, Any], known_keys: list[str]) -> str:
+    """One pydantic error item (``ValidationError.errors()``) as a short line for users.
+
+    Args:
+        item: The error item.
+        known_keys: The keys allowed where an unknown key was found (for "did you mean").
+    """
+    kind, ctx, given = item["type"], item.get("ctx", {}), item.get("input")
+    bounds = {
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+    }
+    if kind in bounds:
+        symbol, field = bounds[kind]
+        return f"must be {symbol} {ctx[field]}, got {given!r}"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(item["loc"][-1]), known_keys, n=1)
+        return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "value_error":
+        return str(ctx.get("error", item["msg"]))
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {given!r}"
+    message = item["msg"]
+    message = message[0].lower() + message[1:]
+    return f"{message}, got {given!r}" if given is not None and kind != "model_type" else message
+
+
+def migrate(document: dict[str, Any], label: str) -> dict[str, Any]:
+    """Bring an older recipe to the current schema_version, warning once per step."""
+    version = document.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        if version is None:
+            message = f"required key is missing (add schema_version = {SCHEMA_VERSION})"
+        else:
+            message = f"must be an integer, got {version!r}"
+        raise RecipeError(message, file=label, key="schema_version")
+    if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and version not in MIGRATIONS):
+        oldest = min([*MIGRATIONS, SCHEMA_VERSION])
+        raise RecipeError(
+            f"unsupported version {version}; this editflow reads {oldest} to {SCHEMA_VERSION}",
+            file=label,
+            key="schema_version",
+        )
+    while document["schema_version"] < SCHEMA_VERSION:
+        old = document["schema_version"]
+        document = MIGRATIONS[old](document)
+        warnings.warn(f"{label}: migrated from schema_version {old}", stacklevel=2)
+    return document
+
+
+def document_identity(path: Path) -> str:
+    """The recipe as its last-run records name it: its path inside its git repository (so a
+    fresh clone in CI finds the records a developer's run left in a shared cache), else its
+    absolute path."""
+    resolved = path.resolve()
+    for folder in resolved.parents:
+        if (folder / ".git").exists():
+            return resolved.relative_to(folder).as_posix()
+    return str(resolved)

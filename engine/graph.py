@@ -1,0 +1,149 @@
+"""Graph checks: the stage graph, its references, types, wiring rules, cycles and targets.
+
+Everything here reads only the recipe: no file, no model. Every problem found is returned,
+located, so that a recipe shows all of them at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+from editflow.engine.recipe import LoadedRecipe
+from editflow.errors import Problem
+from editflow.stages import ArtifactType, StageKind
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    """The checked graph of a recipe.
+
+    Attributes:
+        graph: Stage names, with an edge from each producer to each consumer.
+        order: Every valid stage, in a stable topological order (file order where free).
+        needed: The stages the targets need (themselves and their ancestors).
+    """
+
+    graph: nx.DiGraph
+    order: list[str]
+    needed: frozenset[str]
+
+
+def producer_of(ref: str) -> str:
+    """'invert.latents' -> 'invert'; 'inputs.photo' -> 'inputs.photo'."""
+    head, _, _ = ref.partition(".")
+    return ref if head == "inputs" else head
+
+
+def references_of(value: str | list[str]) -> list[str]:
+    """A port's reference(s) as a list."""
+    return value if isinstance(value, list) else [value]
+
+
+def type_name(artifact: ArtifactType) -> str:
+    article = "an" if artifact.value[0] in "aeiou" else "a"
+    return f"{article} {artifact.value.replace('_', ' ')}"
+
+
+def check_graph(
+    loaded: LoadedRecipe, targets: list[str] | None
+) -> tuple[StageGraph | None, list[Problem]]:
+    """Build the stage graph and find every problem in it.
+
+    Args:
+        loaded: The recipe; its stages that failed validation still take part, so that a
+            reference to them is not reported as dangling.
+        targets: Stages asked for on the command line (``--target``), else the recipe's.
+
+    Returns:
+        The graph (``None`` when there are problems) and the problems, located.
+    """
+    kinds: dict[str, type[StageKind]] = {name: spec.kind for name, spec in loaded.stages.items()}
+    kinds.update({name: kind for name, (kind, _) in loaded.loose.items()})
+    wiring = {name: spec.references for name, spec in loaded.stages.items()}
+    wiring.update({name: references for name, (_, references) in loaded.loose.items()})
+    problems: list[Problem] = []
+
+    def problem(message: str, key: str, hint: str | None = None) -> None:
+        # Located in the file, or at the --set that gave the key.
+        problems.append(loaded.located(Problem(message, key=key, hint=hint)))
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(kinds)
+    for name, kind in kinds.items():
+        for port in kind.inputs:
+            if port.name not in wiring[name]:
+                continue
+            for index, ref in enumerate(references_of(wiring[name][port.name])):
+                key = f"stages.{name}.{port.name}" + (f".{index}" if port.many else "")
+                if not isinstance(ref, str):
+                    continue  # already reported as a bad value
+                message = _check_reference(ref, port.type, kinds, loaded.recipe.inputs)
+                if message:
+                    problem(message, key)
+                elif not ref.startswith("inputs."):
+                    graph.add_edge(producer_of(ref), name)
+    for name, spec in loaded.stages.items():
+        for field, message in spec.kind.check(spec.params, spec.references):
+            problem(message, f"stages.{name}" + (f".{field}" if field else ""))
+    try:
+        cycle = nx.find_cycle(graph)
+        names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        problem(f"cycle between stages: {' -> '.join(names)}", f"stages.{names[0]}")
+    except nx.NetworkXNoCycle:
+        pass
+
+    chosen = targets if targets is not None else loaded.recipe.targets
+    for index, target in enumerate(chosen or []):
+        if target not in kinds:
+            close = difflib.get_close_matches(target, list(kinds), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else None
+            if targets is not None:
+                problems.append(Problem(f"no stage named {target!r}", file="--target", hint=hint))
+            else:
+                problem(f"no stage named {target!r}", f"targets.{index}", hint)
+    if problems or loaded.problems:
+        return None, problems
+
+    wanted = list(chosen) if chosen is not None else [n for n in kinds if graph.out_degree(n) == 0]
+    needed = set(wanted)
+    for name in wanted:
+        needed |= nx.ancestors(graph, name)
+    position = {name: index for index, name in enumerate(kinds)}
+    order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    return StageGraph(graph, order, frozenset(needed)), []
+
+
+def _check_reference(
+    ref: str,
+    wanted: ArtifactType,
+    kinds: Mapping[str, type[StageKind]],
+    declared_inputs: Mapping[str, Any],
+) -> str | None:
+    head, _, tail = ref.partition(".")
+    if head == "inputs":
+        if tail not in declared_inputs:
+            close = difflib.get_close_matches(tail, list(declared_inputs), n=1)
+            hint = f" (did you mean 'inputs.{close[0]}'?)" if close else ""
+            return f"{ref!r} refers to no input named {tail!r}{hint}"
+        produced = declared_inputs[tail].type
+        source = f"input {tail!r}"
+    else:
+        if head not in kinds:
+            close = difflib.get_close_matches(head, list(kinds), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return f"{ref!r} refers to no stage named {head!r}{hint}"
+        kind = kinds[head]
+        port = kind.output_port(tail)
+        if port is None:
+            outputs = ", ".join(port.name for port in kind.outputs)
+            return f"stage {head!r} ({kind.kind}) has no output {tail!r}; its outputs: {outputs}"
+        produced = port.type
+        source = f"{ref!r}"
+    if produced != wanted:
+        return f"{source} is {type_name(produced)}, but this input takes {type_name(wanted)}"
+    return None

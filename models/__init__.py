@@ -1,0 +1,38 @@
+"""Models: references, identity, lazy loading of declared components, the built-in tiny model.
+
+Stages declare :class:`ComponentSpec` values; the engine resolves the providers they name
+with :func:`resolve_providers` (no weights are read) and gives each running stage a view of
+:class:`RunModels` that loads exactly what it declared.
+"""
+
+from editflow.models.providers import (
+    PROVIDERS,
+    TINY_ID,
+    ModelSpec,
+    ResolvedModel,
+    models_dir,
+    resolve_captioner,
+    resolve_model,
+    resolve_providers,
+)
+from editflow.models.registry import Captioner, ModelRegistry, RunModels, StageModels
+from editflow.models.section import ModelSection, resolve_device
+from editflow.models.specs import ComponentSpec
+
+__all__ = [
+    "PROVIDERS",
+    "TINY_ID",
+    "Captioner",
+    "ComponentSpec",
+    "ModelRegistry",
+    "ModelSection",
+    "ModelSpec",
+    "ResolvedModel",
+    "RunModels",
+    "StageModels",
+    "models_dir",
+    "resolve_captioner",
+    "resolve_model",
+    "resolve_providers",
+    "resolve_device",
+]

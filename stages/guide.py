@@ -1,0 +1,93 @@
+"""The ``guide`` family: passes that record what a guided edit is steered towards.
+
+``guide.attention_reference`` is pix2pix-zero's reference pass (Parmar et al. 2023): it
+reconstructs x_T with the caption and streams every step's cross-attention maps into the
+cache; the loop is :func:`editflow.stages.pix2pix_zero.reference_pass`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from pydantic import Field
+
+from editflow.models import specs
+from editflow.stages.attention import AttentionMaps, install_attention_recorder
+from editflow.stages.base import (
+    ArtifactType,
+    Params,
+    Port,
+    StageContext,
+    StageKind,
+    step_reporter,
+)
+from editflow.stages.diffusion import unet_noise_predictor
+from editflow.stages.pix2pix_zero import InMemoryAttentionMaps, match_batch, reference_pass
+
+
+class GuideReferenceParams(Params):
+    num_inference_steps: int = Field(
+        50, ge=1, le=1000, description="DDIM steps (the edit must use the same number)"
+    )
+
+
+class GuidePix2PixZeroReference(StageKind):
+    """pix2pix-zero reference pass: reconstruct x_T and stream its cross-attention maps."""
+
+    kind = "guide.attention_reference"
+    version = "1"
+    description = "Denoise x_T with the caption and record every step's cross-attention maps"
+    params = GuideReferenceParams
+    inputs = (
+        Port("x_T", ArtifactType.LATENT, "Inverted latents (regularised DDIM inversion)"),
+        Port("prompt_embeds", ArtifactType.EMBEDDING, "Caption embedding used for inversion"),
+    )
+    outputs = (
+        Port(
+            "attention_maps",
+            ArtifactType.ATTENTION_MAPS,
+            "Conditional cross-attention maps per layer and step (fp16, streamed)",
+        ),
+        Port("latents", ArtifactType.LATENT, "The reconstruction x_0"),
+    )
+    components = (specs.UNET, specs.SCHEDULER_CONFIG)
+
+    def run(
+        self,
+        ctx: StageContext,
+        params: GuideReferenceParams,
+        *,
+        x_T: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> dict[str, Any]:
+        unet = ctx.models.get("unet")
+        x_T = x_T.to(ctx.device, ctx.dtype)
+        embeds = match_batch(
+            prompt_embeds.to(ctx.device, ctx.dtype), len(x_T), "prompt_embeds", ctx
+        )
+        steps = params.num_inference_steps
+        scheduler = DDIMScheduler.from_config(ctx.models.scheduler_config)
+        scheduler.set_timesteps(steps)
+        writer = None
+
+        def record(step: int, maps: AttentionMaps) -> None:
+            nonlocal writer
+            maps = {name: m.detach().to("cpu", torch.float16) for name, m in maps.items()}
+            if writer is None:
+                layers = {name: (steps, *m.shape) for name, m in maps.items()}
+                open_writer = ctx.stream_writer or (lambda _, **kw: InMemoryAttentionMaps(**kw))
+                writer = open_writer("attention_maps", layers=layers, dtype=torch.float16)
+            writer.write(step, maps)
+
+        with install_attention_recorder(unet) as recorder:
+            latents = reference_pass(
+                recorder.predictor(unet_noise_predictor(unet)),
+                x_T,
+                scheduler,
+                embeds,
+                record=record,
+                callback=step_reporter(ctx.progress, steps),
+            )
+        return {"attention_maps": writer.close(), "latents": latents}
