@@ -35,8 +35,8 @@ Storage: arrays written with a stream axis (noise sequences ``(T, C, H, W)``, at
 ``(steps, ...)``) have one step per chunk once a step reaches 64 KiB (an SD 1.x latent), so
 ``Entry.step`` reads one chunk; smaller steps share chunks of about 64 KiB. The chunks are
 grouped into shards (16 MiB on local disk, 64 MiB on object stores) read by byte range, so a
-100-step sequence is a handful of files, not a hundred. Other arrays are one chunk. Chunks are zstd (level 1) plus crc32c, so a corrupt
-chunk fails even a one-step read. bfloat16 is stored as float32 and restored on read. Reads
+100-step sequence is a handful of files, not a hundred. Other arrays are one chunk. Chunks are zstd (level 1). One checksum layer: a corrupt
+chunk fails even a one-step read through that step's sha256. bfloat16 is stored as float32 and restored on read. Reads
 return new tensors and verify sha256 (whole array, or the step's own digest); a mismatch or
 decode failure raises ``DamagedEntryError``, remembers the entry as damaged (``has`` turns
 False) and the next writer of that key replaces it. No pickle: arrays are zarr, the rest JSON.

@@ -47,14 +47,6 @@ class PlannedStage:
     key: str = ""
     needed: bool = False
 
-    def upstream(self) -> list[str]:
-        """Producer names (stages and 'inputs.X') this stage reads, in port order."""
-        return [
-            producer_of(ref)
-            for refs in self.references.values()
-            for ref in (refs if isinstance(refs, list) else [refs])
-        ]
-
 
 @dataclass
 class Plan:
@@ -80,13 +72,6 @@ class Plan:
     @property
     def needed(self) -> list[PlannedStage]:
         return [stage for stage in self.stages.values() if stage.needed]
-
-    def output_key(self, ref: str) -> str:
-        """The key of the producer of a reference."""
-        producer = producer_of(ref)
-        if producer.startswith("inputs."):
-            return self.input_keys[producer.split(".", 1)[1]]
-        return self.stages[producer].key
 
 
 def build_plan(

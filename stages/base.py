@@ -32,9 +32,6 @@ class ArtifactType(enum.StrEnum):
     TEXT = "text"  # str
     EMBEDDING = "embedding"  # float (N, tokens, D)
     DIRECTION = "direction"  # float (1, tokens, D)
-    SCORES = "scores"  # float (N,)
-    WEIGHTS = "weights"  # a state dict delta
-    KEYPOINTS = "keypoints"  # float (N, K, 3): x, y, confidence
 
 
 @dataclass(frozen=True)
@@ -149,10 +146,6 @@ class StageKind:
     outputs: ClassVar[tuple[Port, ...]] = ()
     seeded: ClassVar[bool] = False
     components: ClassVar[tuple[ComponentSpec, ...]] = ()
-
-    @classmethod
-    def input_port(cls, name: str) -> Port | None:
-        return next((port for port in cls.inputs if port.name == name), None)
 
     @classmethod
     def output_port(cls, name: str) -> Port | None:

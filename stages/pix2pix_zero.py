@@ -218,10 +218,6 @@ class InMemoryAttentionMaps:
         """The maps of step ``i``."""
         return self._steps[i]
 
-    def as_tensors(self) -> dict[str, torch.Tensor]:
-        """``{layer: (steps, N * heads, q, k)}``, for an engine that stores them whole."""
-        return {name: torch.stack([s[name] for s in self._steps]) for name in self.layers}
-
 
 # ------------------------------------------------------------------------------------------
 # Helpers the stage kinds share
