@@ -9,7 +9,7 @@ A cache root is a local folder or any fsspec URL (``memory://``, ``file://``, ``
     records/<quoted-name>.json       small JSON documents (``put_record``)
 
 The manifest holds the key, the object id, the creation time, stored bytes, the JSON attrs
-(key preimage, recipe, stage, timings, device) and, per array: shape, stored dtype, torch
+(key preimage, recipe, stage, timings, device, texts) with their sha256 and, per array: shape, stored dtype, torch
 dtype, chunks, shards, stream axis, the sha256 of the stored C-order bytes, and the sha256 of
 each step along the stream axis.
 

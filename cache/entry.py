@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from editflow.errors import CacheError
 from .dtypes import from_stored, sha256_of, sha256_update
 from .layout import Layout
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: attrs_sha256 covers the attributes (texts included)
 
 
 class DamagedEntryError(CacheError):
@@ -136,6 +137,12 @@ class _CountingStore(WrapperStore[Store]):
         return buffers
 
 
+def attrs_sha256(attrs: Any) -> str:
+    """sha256 of an entry's attributes as canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(attrs, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def stored_sha256(array: zarr.Array, stream_axis: int | None) -> str:
     """Recompute an array's sha256 from storage; axis-0 streams are read one step at a time."""
     digest = hashlib.sha256()
@@ -181,6 +188,8 @@ class Entry:
                 raise ValueError(
                     f"manifest is for {manifest['key']!r}, format {manifest.get('format')!r}"
                 )
+            if attrs_sha256(manifest["attrs"]) != manifest["attrs_sha256"]:
+                raise ValueError("attributes fail their sha256")
             return cls(layout, manifest)
         except (KeyError, TypeError, ValueError) as error:
             layout.mark_damaged(key, None, f"manifest unreadable: {error}")

@@ -307,9 +307,10 @@ class Layout:
             found = self.read_json(marker)
         except Exception as error:  # any failure here: unusable location
             raise CacheError(f"cannot read cache location {self.url}: {error}") from error
-        if found is not None and found.get("format") != FORMAT:
+        if found is not None and (not isinstance(found, dict) or found.get("format") != FORMAT):
+            seen = found.get("format") if isinstance(found, dict) else found
             raise CacheError(
-                f"cache at {self.url} has layout format {found.get('format')!r}, this editflow "
+                f"cache at {self.url} has layout format {seen!r}, this editflow "
                 f"reads format {FORMAT}",
                 hint="use another cache location or a matching editflow version",
             )

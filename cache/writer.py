@@ -31,7 +31,14 @@ from .dtypes import (
     to_stored,
     torch_dtype_name,
 )
-from .entry import MANIFEST_FORMAT, ArrayInfo, DamagedEntryError, Entry, stored_sha256
+from .entry import (
+    MANIFEST_FORMAT,
+    ArrayInfo,
+    DamagedEntryError,
+    Entry,
+    attrs_sha256,
+    stored_sha256,
+)
 from .layout import Layout, check_array_name, check_key
 
 ZSTD_LEVEL = 1
@@ -354,6 +361,7 @@ class EntryWriter:
             "created": time.time(),
             "stored_bytes": sum(stat.size for stat in layout.files(self._path)),
             "attrs": self._attrs,
+            "attrs_sha256": attrs_sha256(self._attrs),
             "arrays": {name: info.to_json() for name, info in sorted(self._arrays.items())},
         }
         data = json.dumps(manifest, sort_keys=True, indent=1, allow_nan=False).encode()

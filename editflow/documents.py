@@ -13,10 +13,14 @@ import difflib
 import json
 import re
 import tomllib
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from editflow.errors import Problem, RecipeError
 
@@ -27,28 +31,94 @@ SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, Any] = {}
 
 
+class Table(BaseModel):
+    """Base of every table a recipe holds: unknown keys are errors, values keep their type.
+
+    Recipes are code kept in git, so nothing is coerced (``seed = "0"``, ``regularize =
+    "yes"`` and ``cfg_tar = true`` are refused); the one exception is an integer where a
+    number is expected. TOML and JSON have no tuples, so an array is taken for a tuple field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arrays_as_tuples(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            name: tuple(value)
+            if isinstance(value, list) and name in fields and _takes_tuple(fields[name].annotation)
+            else value
+            for name, value in data.items()
+        }
+
+
+def _takes_tuple(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_tuple(arg) for arg in typing.get_args(annotation))
+    return annotation is tuple or typing.get_origin(annotation) is tuple
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of text; anything bigger is the wrong file
+MAX_DEPTH = 32  # tables and arrays nested deeper than any recipe needs
+
+
 def read_document(path: Path) -> tuple[dict[str, Any], str]:
-    """Parse a TOML or JSON recipe file; syntax errors become located RecipeErrors."""
+    """Parse a TOML or JSON recipe file; every way it can be unreadable is a located
+    RecipeError (missing, too big, not UTF-8, bad syntax, nested too deeply)."""
     label = str(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", file=label)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
-    else:
-        try:
-            document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            match = re.search(r"\(at line (\d+), column \d+\)", str(error))
-            message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
-            line = int(match.group(1)) if match else None
-            raise RecipeError(f"invalid TOML: {message}", file=label, line=line) from None
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"cannot read the recipe: {error.strerror}", file=label) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe", file=label)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise RecipeError(
+            f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})",
+            file=label,
+            line=line,
+            hint="save the recipe as UTF-8",
+        ) from None
+    try:
+        document = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
+    except tomllib.TOMLDecodeError as error:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(error))
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
+        line = int(match.group(1)) if match else None
+        raise RecipeError(f"invalid TOML: {message}", file=label, line=line) from None
+    except RecursionError:
+        document = None
+    if document is None or _depth(document) > MAX_DEPTH:
+        raise RecipeError(f"tables or arrays nested deeper than {MAX_DEPTH} levels", file=label)
     if not isinstance(document, dict):
         raise RecipeError("the recipe must be a table/object at the top level", file=label)
     return document, text
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of tables and arrays, counted without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                pending += [
+                    (child, depth + 1)
+                    for child in (item.values() if isinstance(item, dict) else item)
+                ]
+    return deepest
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -118,6 +188,18 @@ def _split_key(text: str) -> tuple[str, ...]:
     return tuple(part.strip().strip("\"'") for part in text.split("."))
 
 
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "tuple_type": "an array",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+
+
 def error_message(item: dict[str, Any], known_keys: list[str]) -> str:
     """One pydantic error item (``ValidationError.errors()``) as a short line for users.
 
@@ -140,6 +222,11 @@ def error_message(item: dict[str, Any], known_keys: list[str]) -> str:
         return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
     if kind == "missing":
         return "required key is missing"
+    if kind in _EXPECTED:
+        return f"must be {_EXPECTED[kind]}, got {given!r}"
+    if kind == "too_short" and isinstance(given, list | tuple):
+        least = ctx.get("min_length")
+        return f"must hold at least {least} item{'s' if least != 1 else ''}, got {given!r}"
     if kind == "value_error":
         return str(ctx.get("error", item["msg"]))
     if kind == "literal_error":

@@ -17,18 +17,22 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from editflow.documents import Table
 from editflow.errors import EditflowError, Problem
 from editflow.stages.base import ArtifactType
 
 SKIMAGE_PREFIX = "skimage:"
+MAX_SIDE = 8192  # px; bigger images do not fit a diffusion model (SD 1.x works at 512)
+MIN_SIDE = 8  # px; the VAE maps 8x8 pixels to one latent
+MAX_TEXT_BYTES = 16 << 20
+MAX_IMAGE_BYTES = 256 << 20
+_IMAGE_SUFFIXES = (".png", ".jpg")
 
 
-class InputSection(BaseModel):
+class InputSection(Table):
     """A file the recipe reads (``[inputs.NAME]``). Exactly one of image, mask or text."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str | None = Field(
         None, description="Image path relative to the recipe, or 'skimage:NAME'"
@@ -48,6 +52,11 @@ class InputSection(BaseModel):
             raise ValueError("give exactly one of 'image', 'mask' or 'text'")
         if self.size is not None and any(side <= 0 or side % 8 for side in self.size):
             raise ValueError(f"size must be positive multiples of 8, got {list(self.size)}")
+        if self.size is not None and max(self.size) > MAX_SIDE:
+            raise ValueError(
+                f"size must be at most {MAX_SIDE} px per side (diffusion models work at a few"
+                f" hundred), got {list(self.size)}"
+            )
         return self
 
     def source(self) -> tuple[str, str]:
@@ -80,14 +89,18 @@ class ResolvedInput:
         return self.section.type
 
 
-def _skimage_path(name: str) -> Path | None:
+def skimage_photos() -> dict[str, Path]:
+    """The photographs scikit-image ships in its wheel, by name (``chelsea``, ``coffee`` ...)."""
     try:
         import skimage
     except ImportError:
-        return None
+        return {}
     folder = Path(skimage.__file__).parent / "data"
-    matches = sorted(folder.glob(f"{name}.*"))
-    return matches[0] if matches else None
+    return {
+        path.stem: path
+        for path in sorted(folder.iterdir())
+        if path.suffix in _IMAGE_SUFFIXES and path.is_file()
+    }
 
 
 def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) -> Any:
@@ -95,28 +108,54 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
     field, value = section.source()
     key = f"inputs.{name}.{field}"
     if value.startswith(SKIMAGE_PREFIX):
-        path = _skimage_path(value[len(SKIMAGE_PREFIX) :])
+        photos = skimage_photos()
+        path = photos.get(value[len(SKIMAGE_PREFIX) :])
         if path is None:
-            return Problem(f"scikit-image has no image {value!r}", file=label, key=key)
+            known = ", ".join(photos) or "none (scikit-image is not installed)"
+            return Problem(
+                f"scikit-image has no photo {value!r}", file=label, key=key, hint=f"it has: {known}"
+            )
     else:
         path = (base_dir / value).resolve()
     if not path.is_file():
         return Problem(f"file not found: {value}", file=label, key=key)
-    data = path.read_bytes()
-    if field in ("image", "mask"):
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.verify()  # checks structure and checksums without decoding pixels
-        except Exception as error:  # PIL raises many types for bad files
-            # PIL appends the file object or name; the recipe key already says which file.
-            reason = re.sub(r"\s*(<[^>]*>|'[^']*')$", "", str(error)) or type(error).__name__
-            return Problem(f"cannot read image {value!r}: {reason}", file=label, key=key)
-    else:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            return Problem(f"not UTF-8 text: {value}", file=label, key=key)
+    limit = MAX_TEXT_BYTES if field == "text" else MAX_IMAGE_BYTES
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)  # a bound on what validation reads
+    if len(data) > limit:
+        return Problem(f"{value} is larger than {limit >> 20} MiB", file=label, key=key)
+    reason = _check_image(data, section) if field != "text" else _check_text(data)
+    if reason is not None:
+        return Problem(reason.format(value=value), file=label, key=key)
     return ResolvedInput(name, section, path, data, hashlib.sha256(data).hexdigest())
+
+
+def _check_image(data: bytes, section: InputSection) -> str | None:
+    """Why an image file cannot be used (``{value}`` names it), or ``None``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header: nothing is decoded
+            image.verify()  # checks structure and checksums without decoding pixels
+    except Exception as error:  # PIL raises many types for bad files
+        # PIL appends the file object or name; the recipe key already says which file.
+        reason = re.sub(r"\s*(<[^>]*>|'[^']*')$", "", str(error)) or type(error).__name__
+        return f"cannot read image {{value!r}}: {reason}"
+    if section.size is None and min(width, height) < MIN_SIDE:
+        return f"{{value}} is {width}x{height} px; images need at least {MIN_SIDE} px per side (or set size)"
+    if section.size is None and max(width, height) > MAX_SIDE:
+        return f"{{value}} is {width}x{height} px; set size (at most {MAX_SIDE} px per side)"
+    return None
+
+
+def _check_text(data: bytes) -> str | None:
+    """Why a text file cannot be used (``{value}`` names it), or ``None``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8 text: {value}"
+    if not text.strip():
+        return "{value} is empty"
+    return None
 
 
 def load_input(item: ResolvedInput) -> Any:

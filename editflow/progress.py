@@ -62,6 +62,8 @@ class ProgressDisplay:
             task = self.tasks[event.stage]
             total = self.progress.tasks[task].total or 1
             self.progress.update(task, completed=total, total=total)
+        elif event.type == "damaged":
+            self.console.print(f"  [yellow]damaged[/yellow]  {label}: {event.message}")
         elif event.type == "written":
             self.console.print(f"  wrote {event.message}")
 

@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-EVENT_TYPES = ("pending", "cached", "running", "step", "done", "failed", "loaded", "written")
+EVENT_TYPES = (
+    "pending", "cached", "damaged", "running", "step", "done", "failed", "loaded", "written",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,8 @@ class Event:
     """Something that happened in a run.
 
     Attributes:
-        type: One of EVENT_TYPES ('loaded' is a model component load, 'written' an output).
+        type: One of EVENT_TYPES ('damaged': a cache entry found damaged and recomputed,
+            'loaded': a model component load, 'written': an output).
         stage: The stage name ('' for run-level events).
         kind: The stage kind.
         key: The stage's cache key.

@@ -107,6 +107,7 @@ class _Run:
         self.plan, self.session = plan, session
         self.cache = session.cache
         self.values: dict[str, dict[str, Any]] = {}
+        self.producers = {stage.key: stage.name for stage in plan.stages.values()}
         self.result = RunResult(keys={stage.name: stage.key for stage in plan.needed})
 
     def all(self) -> None:
@@ -141,24 +142,31 @@ class _Run:
                 session.events(Event("written", stage.name, stage.kind.kind, message=str(path)))
 
     def materialize(self, name: str) -> dict[str, Any]:
-        """The outputs of a stage: from this run, else from the cache, else computed."""
+        """The outputs of a stage: from this run, else from the cache, else computed.
+
+        A damaged entry is discarded and recomputed (once), and the run says so.
+        """
         if name in self.values:
             return self.values[name]
         stage = self.plan.stages[name]
-        entry = self.cache.get(stage.key)
-        if entry is not None:
-            try:
+        try:
+            entry = self.cache.get(stage.key)
+            if entry is not None:
                 self.values[name] = read_outputs(self.cache, entry, layouts(stage))
                 return self.values[name]
-            except DamagedEntryError as error:
-                self.cache.discard(stage.key)
-                self.session.events(
-                    Event("failed", name, stage.kind.kind, stage.key, message=str(error))
-                )
-                if name in self.result.hits:
-                    self.result.hits.remove(name)
+        except DamagedEntryError as error:
+            self.discard_damaged(name, error)
         self.values[name] = self.compute(stage, self.gather_inputs(stage))
         return self.values[name]
+
+    def discard_damaged(self, name: str, error: DamagedEntryError) -> None:
+        stage = self.plan.stages[name]
+        self.cache.discard(stage.key)
+        self.values.pop(name, None)
+        if name in self.result.hits:
+            self.result.hits.remove(name)
+        message = f"cache entry damaged ({error.reason}); recomputing it"
+        self.session.events(Event("damaged", name, stage.kind.kind, stage.key, message=message))
 
     def gather_inputs(self, stage: PlannedStage) -> dict[str, Any]:
         """The values of the connected input ports."""
@@ -180,7 +188,9 @@ class _Run:
             for port, refs in stage.references.items()
         }
 
-    def compute(self, stage: PlannedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+    def compute(
+        self, stage: PlannedStage, inputs: dict[str, Any], retry: bool = True
+    ) -> dict[str, Any]:
         plan, session, kind = self.plan, self.session, stage.kind.kind
         record = self.cache.get_record(last_run_record(plan, stage.name))
         reason = describe_change(record.get("preimage") if record else None, stage.preimage)
@@ -197,6 +207,11 @@ class _Run:
             write_outputs(entry.writer(), outputs, layouts(stage), streams, seconds)
         except BaseException as error:
             entry.abandon(error)  # discards anything already written
+            producer = self.producers.get(getattr(error, "key", None))
+            if isinstance(error, DamagedEntryError) and producer and retry:
+                # An input read step by step (streamed maps) was damaged: heal it, retry once.
+                self.discard_damaged(producer, error)
+                return self.compute(stage, self.gather_inputs(stage), retry=False)
             session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
             if isinstance(error, EditflowError):
                 raise StageFailedError(

@@ -99,17 +99,25 @@ def build_plan(
     if problems or graph is None:
         raise RecipeError(problems=sort_problems(problems))
 
-    stages = {
-        name: PlannedStage(
-            name,
-            loaded.stages[name].kind,
-            loaded.stages[name].params,
-            loaded.stages[name].references,
-            loaded.stages[name].kind.component_specs(loaded.stages[name].params),
-            needed=name in graph.needed,
+    stages: dict[str, PlannedStage] = {}
+    for name in graph.order:  # producers first, so what a stage inherits is resolved
+        spec = loaded.stages[name]
+        producers = {
+            port: (producer, stages[producer].params)
+            for port, ref in spec.references.items()
+            if isinstance(ref, str) and (producer := producer_of(ref)) in stages
+        }
+        params, issues = spec.kind.inherit(spec.params, producers)
+        problems += [
+            loaded.located(Problem(message, key=f"stages.{name}" + (f".{field}" if field else "")))
+            for field, message in issues
+        ]
+        components = spec.kind.component_specs(params)
+        stages[name] = PlannedStage(
+            name, spec.kind, params, spec.references, components, needed=name in graph.needed
         )
-        for name in graph.order
-    }
+    if problems:
+        raise RecipeError(problems=sort_problems(problems))
     models = resolve_models(
         loaded, [stage for stage in stages.values() if stage.needed], models_dir
     )

@@ -1,18 +1,15 @@
 """Recipe models and loading: TOML or JSON in, a validated :class:`Recipe` out.
 
-The stage union is derived from the stage kinds registered in ``editflow.stages``: each kind
-contributes one pydantic model (its parameters plus one reference field per input port),
-discriminated on ``kind``. Every problem is collected and reported at once, each with its
+The stage union is derived from the stage kinds registered in ``editflow.stages``
+(:mod:`editflow.stages.recipe_models`), discriminated on ``kind``. Every problem is collected and reported at once, each with its
 key path and, for TOML, its line.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
-from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -20,11 +17,11 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
-    create_model,
 )
 
 from editflow.documents import (
     SCHEMA_VERSION,
+    Table,
     apply_overrides,
     error_message,
     migrate,
@@ -35,22 +32,12 @@ from editflow.documents import (
 from editflow.errors import Problem, RecipeError, sort_problems, unique_problems
 from editflow.inputs import InputSection
 from editflow.models import ModelSection
-from editflow.stages import KINDS_BY_NAME, STAGE_KINDS, Params, StageKind
+from editflow.stages import KINDS_BY_NAME, Params, StageKind
+from editflow.stages.recipe_models import stage_models, stage_union
 
-NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
-REFERENCE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*\.[A-Za-z_][A-Za-z0-9_]*$"
-Reference = Annotated[
-    str,
-    Field(
-        pattern=REFERENCE_PATTERN,
-        description="'stage.output' or 'inputs.name'",
-        json_schema_extra={"examples": ["invert.latents", "inputs.photo"]},
-    ),
-]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# Names become file names in the output folder, so they stay short and portable.
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+NAME_RULE = "letters, digits, '_' and '-', starting with a letter or '_', at most 64 characters"
 
 
 @dataclass(frozen=True)
@@ -82,41 +69,13 @@ def split_stage(model: BaseModel) -> StageSpec:
     return StageSpec(kind, params, references)
 
 
-def stage_model(kind: type[StageKind]) -> type[BaseModel]:
-    """The recipe model of one stage kind: its params plus a reference field per input."""
-    fields: dict[str, Any] = {
-        "kind": (Literal[kind.kind], Field(description=kind.description)),  # type: ignore[valid-type]
-    }
-    for port in kind.inputs:
-        annotation: Any = list[Reference] if port.many else Reference
-        description = f"{port.type.value}: {port.description}"
-        if port.optional:
-            fields[port.name] = (annotation | None, Field(None, description=description))
-        else:
-            fields[port.name] = (annotation, Field(description=description))
-    clash = set(kind.params.model_fields) & {port.name for port in kind.inputs}
-    if clash or "kind" in kind.params.model_fields:
-        raise TypeError(f"{kind.kind}: parameter names clash with inputs: {sorted(clash)}")
-    name = "Stage_" + re.sub(r"\W", "_", kind.kind)
-    return create_model(name, __base__=kind.params, __doc__=kind.description, **fields)
-
-
-@cache
-def stage_models() -> dict[str, type[BaseModel]]:
-    return {kind.kind: stage_model(kind) for kind in STAGE_KINDS}
-
-
-@cache
-def stage_union() -> Any:
-    models = tuple(stage_models().values())
-    return Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007
-
-
-class Recipe(Strict):
+class Recipe(Table):
     """An edit recipe: a model, input files, a seed and a graph of named stages."""
 
     schema_version: int = Field(description=f"Recipe format version (current: {SCHEMA_VERSION})")
-    seed: int = Field(0, ge=0, description="Seed from which every random draw is derived")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Seed from which every random draw is derived"
+    )
     model: ModelSection = Field(default_factory=ModelSection)
     inputs: dict[Annotated[str, Field(pattern=NAME_PATTERN)], InputSection] = Field(
         default_factory=dict, description="Named input files"
@@ -261,10 +220,12 @@ def _problems(
         # pydantic puts the discriminator tag into the location; users never wrote it.
         if prefix and len(loc) > 2 and loc[2] in stage_models():
             loc = loc[:2] + loc[3:]
-        if not prefix and loc[:1] == ("stages",) and len(loc) > 2:
+        message = _message(item, loc, known_fields)
+        if loc[-1:] == ("[key]",):  # a bad table key: name the key itself
+            loc = loc[:-1]
+        elif not prefix and loc[:1] == ("stages",) and len(loc) > 2:
             continue  # stages are validated one by one, with better messages
         key = ".".join(str(part) for part in loc)
-        message = _message(item, loc, known_fields)
         problems.append(Problem(message, file=label, key=key or None, line=locate(key)))
     return problems
 
@@ -276,6 +237,8 @@ def _message(item: dict[str, Any], loc: tuple, known_fields: list[str] | None = 
         return f"unknown kind {item.get('ctx', {}).get('tag')!r}; known kinds: {known}"
     if kind == "union_tag_not_found":
         return "missing 'kind' (every stage needs one)"
+    if kind == "string_pattern_mismatch" and loc[-1:] == ("[key]",):
+        return f"not a valid name: use {NAME_RULE}"
     if kind == "string_pattern_mismatch" and len(loc) > 1 and loc[0] == "stages":
         return f"must be a reference like 'stage.output' or 'inputs.name', got {given!r}"
     if kind == "extra_forbidden" and known_fields is None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from editflow.documents import Table
 from editflow.errors import EditflowError
 
 if TYPE_CHECKING:
@@ -18,10 +19,8 @@ if TYPE_CHECKING:
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 
 
-class ModelSection(BaseModel):
+class ModelSection(Table):
     """Which diffusion model (and helper models) the stages use, and in which dtype."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field("tiny", description="'tiny', a hub id, or a folder relative to the recipe")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")

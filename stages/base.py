@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ValidationError
 
+from editflow.documents import Table, error_message
 from editflow.models.specs import ComponentSpec
 
 
@@ -55,10 +56,8 @@ class Port:
     export: bool = False
 
 
-class Params(BaseModel):
-    """Base of every stage's parameter model: strict keys, immutable, documented fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Params(Table):
+    """Base of every stage's parameter model: strict keys and types, immutable, documented."""
 
 
 class ModelComponents(Protocol):
@@ -146,6 +145,10 @@ class StageKind:
     outputs: ClassVar[tuple[Port, ...]] = ()
     seeded: ClassVar[bool] = False
     components: ClassVar[tuple[ComponentSpec, ...]] = ()
+    # Input port -> {parameter: fallback}: parameters the stage takes from the stage that
+    # produces that input (an edit takes its inversion's step count), so the two cannot
+    # disagree; the fallback applies when the input is not connected to such a stage.
+    inherits: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     @classmethod
     def output_port(cls, name: str) -> Port | None:
@@ -155,6 +158,40 @@ class StageKind:
     def component_specs(cls, params: Any) -> tuple[ComponentSpec, ...]:
         """The model parts this configuration uses (a kind may need none for some params)."""
         return cls.components
+
+    @classmethod
+    def inherit(
+        cls, params: Any, producers: Mapping[str, tuple[str, Any]]
+    ) -> tuple[Any, list[tuple[str | None, str]]]:
+        """Fill the parameters of :attr:`inherits` left out (``None``) from their producers.
+
+        Args:
+            params: The stage's params as the recipe gives them.
+            producers: Input port -> (producing stage's name, its resolved params).
+
+        Returns:
+            The resolved params, and ``(field, message)`` per problem: a value given that
+            disagrees with the producer's, or resolved params that break a rule.
+        """
+        updates: dict[str, Any] = {}
+        problems: list[tuple[str | None, str]] = []
+        for port, fallbacks in cls.inherits.items():
+            stage, theirs = producers.get(port, ("", None))
+            for name, fallback in fallbacks.items():
+                own, given = getattr(params, name), getattr(theirs, name, None)
+                if own is None:
+                    updates[name] = given if given is not None else fallback
+                elif given is not None and own != given:
+                    problems.append(
+                        (name, f"is {own!r} but {port} come from {stage!r}, which has {given!r}"
+                               " (leave it out to take the producer's)")
+                    )  # fmt: skip
+        if not updates:
+            return params, problems
+        try:
+            return cls.params.model_validate({**params.model_dump(), **updates}), problems
+        except ValidationError as error:
+            return params, problems + [(None, error_message(item, [])) for item in error.errors()]
 
     @classmethod
     def check(
@@ -184,7 +221,8 @@ class StageKind:
         raise NotImplementedError
 
     def call(self, ctx: StageContext, params: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """``run`` with the inputs as a mapping; optional ports left out arrive as ``None``.
+        """``run`` with the inputs as a mapping; optional ports left out arrive as ``None``,
+        and inherited parameters left out take their fallbacks.
 
         Raises:
             TypeError: A required input is missing or an unknown one is given.
@@ -196,6 +234,9 @@ class StageKind:
             raise TypeError(
                 f"{self.kind}: unknown inputs {sorted(unknown)}, missing {sorted(missing)}"
             )
+        params, problems = self.inherit(params, {})
+        if problems:
+            raise ValueError(f"{self.kind}: {problems[0][1]}")
         return self.run(ctx, params, **{name: inputs.get(name) for name in ports})
 
 

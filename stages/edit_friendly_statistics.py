@@ -132,8 +132,10 @@ def plot_noise_statistics(
 
 
 class FigureNoiseStatisticsParams(Params):
-    scheduler: SchedulerName = Field(
-        "ddim", description="Scheduler of the inversion (its levels drive the native baseline)"
+    scheduler: SchedulerName | None = Field(
+        None,
+        description="Scheduler of the inversion, whose levels drive the native baseline"
+        " (default: the inversion's; must match it)",
     )
     title: str = Field("", description="Figure title")
 
@@ -156,6 +158,7 @@ class FigureNoiseStatistics(StageKind):
     )
     outputs = (Port("image", ArtifactType.IMAGE, "The plot", export=True),)
     seeded = True  # the native baseline draws its forward chain
+    inherits = {"noise_maps": {"scheduler": "ddim"}}
     # No weights are loaded: only the scheduler config is read (when latents are given);
     # declaring it puts the model's schedule into the stage's key.
     components = (specs.SCHEDULER_CONFIG,)

@@ -29,7 +29,7 @@ from editflow.stages.pix2pix_zero import InMemoryAttentionMaps, match_batch, ref
 
 class GuideReferenceParams(Params):
     num_inference_steps: int = Field(
-        50, ge=1, le=1000, description="DDIM steps (the edit must use the same number)"
+        50, ge=1, le=999, description="DDIM steps (the edit must use the same number)"
     )
 
 

@@ -32,7 +32,7 @@ from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_
 class InvertDdimParams(Params):
     prompt: str = Field("", description="Prompt the inversion is conditioned on (a caption)")
     negative_prompt: str = Field("", description="Unconditional prompt for CFG")
-    num_inference_steps: int = Field(50, ge=1, le=1000, description="DDIM steps")
+    num_inference_steps: int = Field(50, ge=1, le=999, description="DDIM steps")
     guidance_scale: float = Field(
         1.0, ge=1.0, le=30.0, description="CFG scale during inversion (1 = no CFG)"
     )
@@ -116,7 +116,7 @@ class InvertEditFriendlyParams(Params):
         3.5, ge=1.0, le=30.0, description="CFG scale on the source prompt during inversion"
     )
     num_inference_steps: int = Field(
-        100, ge=1, le=1000, description="Reverse steps T; the edit must use the same"
+        100, ge=1, le=999, description="Reverse steps T; the edit must use the same"
     )
     eta: float = Field(
         1.0,

@@ -42,7 +42,7 @@ from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_
 class SampleDdimParams(Params):
     prompt: str = Field("", description="Target prompt")
     negative_prompt: str = Field("", description="Negative prompt for CFG")
-    num_inference_steps: int = Field(50, ge=1, le=1000, description="DDIM steps")
+    num_inference_steps: int = Field(50, ge=1, le=999, description="DDIM steps")
     guidance_scale: float = Field(7.5, ge=1.0, le=30.0, description="CFG scale (1 = no CFG)")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
 
@@ -94,15 +94,17 @@ class SampleEditFriendlyParams(Params):
     )
     cfg_tar: float = Field(15.0, ge=1.0, le=30.0, description="CFG scale on the target prompt")
     skip: int = Field(
-        36, ge=0, le=1000, description="Steps skipped: the edit starts at level T - skip"
+        36, ge=0, le=999, description="Steps skipped: the edit starts at level T - skip"
     )
-    num_inference_steps: int = Field(
-        100, ge=1, le=1000, description="Reverse steps T; must be the inversion's"
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=999, description="Reverse steps T (default: the inversion's; must match it)"
     )
-    eta: float = Field(
-        1.0, gt=0.0, le=1.0, description="DDIM eta; must be the inversion's (1 for dpmsolver++)"
+    eta: float | None = Field(
+        None, gt=0.0, le=1.0, description="DDIM eta (default: the inversion's; must match it)"
     )
-    scheduler: SchedulerName = Field("ddim", description="Reverse step; must be the inversion's")
+    scheduler: SchedulerName | None = Field(
+        None, description="Reverse step (default: the inversion's; must match it)"
+    )
     shift: tuple[int, int] = Field(
         (0, 0), description="(dy, dx) latent pixels to roll the start and every noise map by"
     )
@@ -117,8 +119,11 @@ class SampleEditFriendlyParams(Params):
 
     @model_validator(mode="after")
     def _check(self) -> SampleEditFriendlyParams:
-        check_eta(self.scheduler, self.eta)
-        if self.skip >= self.num_inference_steps:
+        # Inherited values may still be None here; the rules apply once they are known.
+        if self.scheduler is not None and self.eta is not None:
+            check_eta(self.scheduler, self.eta)
+        steps = self.num_inference_steps
+        if steps is not None and self.skip >= steps:
             raise ValueError("skip must be < num_inference_steps")
         if self.colour_window is not None:
             start, end = self.colour_window
@@ -126,7 +131,7 @@ class SampleEditFriendlyParams(Params):
                 raise ValueError("colour_window start must be >= 0")
             if start > end:
                 raise ValueError("colour_window start must be <= end")
-            if end >= self.num_inference_steps - self.skip:
+            if steps is not None and end >= steps - self.skip:
                 raise ValueError(
                     "colour_window end must be < num_inference_steps - skip"
                     " (the number of edit steps)"
@@ -164,6 +169,8 @@ class SampleEditFriendly(StageKind):
     outputs = (Port("latents", ArtifactType.LATENT, "Edited clean latents"),)
     # The vae is loaded only when colour inputs are given.
     components = (*specs.DENOISER, specs.VAE)
+    # The inversion's settings (METHODS.md defaults when the maps come from elsewhere).
+    inherits = {"noise_maps": {"num_inference_steps": 100, "eta": 1.0, "scheduler": "ddim"}}
 
     @classmethod
     def check(
@@ -280,8 +287,8 @@ class SamplePix2PixZeroParams(Params):
     guidance_scale: float = Field(
         5.0, ge=1.0, le=30.0, description="CFG scale; the caption is the negative prompt"
     )
-    num_inference_steps: int = Field(
-        50, ge=1, le=1000, description="DDIM steps (must equal the reference pass's)"
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=999, description="DDIM steps (default: the reference pass's; must match it)"
     )
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
     direction_multiplier: float = Field(
@@ -309,6 +316,7 @@ class SamplePix2PixZero(StageKind):
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0"),)
     components = (specs.UNET, specs.SCHEDULER_CONFIG)
+    inherits = {"attention_maps": {"num_inference_steps": 50}}
 
     @classmethod
     def is_seeded(cls, params: SamplePix2PixZeroParams) -> bool:

@@ -135,26 +135,22 @@ def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Pat
     from editflow.cache import Cache
     from editflow.engine.api import plan_recipe
 
-    recipe = str(ROOT / "manifests" / "edit_friendly" / "text_edit.toml")
+    recipe = str(ROOT / "manifests" / "pix2pix_zero" / "cat2dog.toml")
     cache = tmp_path / "cache"
-    # The edit asks for more steps than its noise maps hold: the stage itself finds out.
-    overrides = [
-        "stages.invert.num_inference_steps=3",
-        "stages.edit.num_inference_steps=4",
-        "stages.edit.skip=0",
-    ]
+    # A prompt longer than the captioner's text positions: only the stage can tell.
+    overrides = ['stages.caption.prompt="' + " ".join(["cat"] * 100) + '"']
     sets = [arg for o in overrides for arg in ("--set", o)]
     argv = ["run", recipe, "--cache", str(cache), "--out", str(tmp_path / "o")]
-    code, _, err = _run(capsys, *argv, "--target", "edit", *sets)
+    code, _, err = _run(capsys, *argv, "--target", "invert", *sets,
+                        "--set", "stages.invert.num_inference_steps=2")  # fmt: skip
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        f"{recipe}: stages.edit: stage 'edit' (sample.edit_friendly) failed: "
-        "stages.edit.num_inference_steps: noise_maps has 3 steps but num_inference_steps is 4 "
-        "(use the num_inference_steps, eta and scheduler of the inversion stage)"
+        f"{recipe}: stages.caption: stage 'caption' (caption.blip) failed: "
+        "stages.caption.prompt: the prompt takes all 101 of the captioner's text positions "
+        "(shorten the prompt)"
     )
     plan = plan_recipe(recipe, overrides, cache=Cache(cache))
-    assert not Cache(cache).has(plan.stages["edit"].key)
-    assert Cache(cache).has(plan.stages["invert"].key)  # finished stages stay cached
+    assert not Cache(cache).has(plan.stages["caption"].key)
     assert not (tmp_path / "o").exists()
 
 

@@ -57,9 +57,9 @@ def test_an_empty_sentence_file_is_a_clear_error(
     code = main(["run", str(recipe), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
                  "--target", "direction"])  # fmt: skip
     assert code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == (
-        f"{recipe}: stages.dog_bank: stage 'dog_bank' (direction.bank_mean) failed: "
-        "stages.dog_bank.sentences: the sentence file has no sentences: write one "
-        "sentence per line"
+    # Found while planning: nothing upstream (captioning, encoding) ran first.
+    assert (
+        capsys.readouterr().err.strip()
+        == f"{recipe}:19: inputs.dog_sentences.text: dog.txt is empty"
     )
+    assert not (tmp_path / "c").exists()

@@ -347,7 +347,11 @@ def test_functions_reject_eta_they_cannot_invert(toy):
 @pytest.mark.parametrize(
     ("model", "values", "message"),
     [
-        (SampleEditFriendlyParams, {"skip": 100}, "skip must be < num_inference_steps"),
+        (
+            SampleEditFriendlyParams,
+            {"skip": 100, "num_inference_steps": 100},
+            "skip must be < num_inference_steps",
+        ),
         (
             SampleEditFriendlyParams,
             {"skip": 10, "num_inference_steps": 10},
@@ -357,7 +361,7 @@ def test_functions_reject_eta_they_cannot_invert(toy):
         (SampleEditFriendlyParams, {"colour_window": (-1, 2)}, "colour_window start must be >= 0"),
         (
             SampleEditFriendlyParams,
-            {"colour_window": (0, 64)},
+            {"colour_window": (0, 64), "num_inference_steps": 100},
             "colour_window end must be < num_inference_steps - skip",
         ),
         (InvertEditFriendlyParams, {"eta": 0.0}, "Input should be greater than 0"),
