@@ -67,9 +67,14 @@ class Cache:
         return self._layout.local_root
 
     def has(self, key: str) -> bool:
-        """Whether ``key`` is published and not known to be damaged (reads no data)."""
-        layout = self._layout
-        return layout.exists(layout.ref_path(check_key(key))) and not layout.is_damaged(key)
+        """Whether ``key`` is published with an intact manifest and not known to be damaged.
+
+        Reads the small manifest (checking its attributes' sha256), not the arrays.
+        """
+        try:
+            return self.get(key) is not None
+        except DamagedEntryError:
+            return False
 
     def get(self, key: str) -> Entry | None:
         """The published entry for ``key``, or None when there is none.

@@ -1,3 +1,3 @@
-from editflow.engine.cli import main
+from editflow.engine.cli import entry
 
-raise SystemExit(main())
+entry()

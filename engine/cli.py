@@ -7,7 +7,10 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +19,9 @@ from editflow import __version__
 from editflow.errors import EditflowError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# What the machine, not editflow, got wrong: said in one line, like a recipe problem.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
 
 
 def _recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe and its graph")
     _recipe_options(validate)
     _cache_option(validate)
+    _target_option(validate)
 
     commands.add_parser("schema", help="print the recipe JSON Schema")
 
@@ -110,17 +117,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> None:
+    """The ``editflow`` command: :func:`main`, then exit with its status.
+
+    After Ctrl-C the process ends at once: interpreter shutdown could otherwise meet the
+    interrupt again in a library's thread or finaliser and print a traceback. Everything
+    that must be undone (staged cache objects, half-written files) was undone while the
+    interrupt unwound the stack.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_library_progress()
+    """Run one command; returns the exit status (0, 2 for user errors, 130 when interrupted)."""
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except EditflowError as error:
         print(error.render(), file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as error:
+        if error.errno not in USER_OS_ERRORS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{where}{error.strerror}", file=sys.stderr)  # the cache stays consistent
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot interrupt this
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _quiet_library_progress() -> None:
@@ -143,6 +173,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from editflow.progress import JsonLines, ProgressDisplay
 
     out_dir = args.out or Path("out") / args.recipe.stem
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
+    _quiet_library_progress()
     display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
     try:
@@ -193,7 +226,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from editflow.engine.api import plan_recipe
 
-    plan = plan_recipe(args.recipe, args.overrides, cache=_cache(args))
+    plan = plan_recipe(args.recipe, args.overrides, cache=_cache(args), targets=args.targets)
     print(f"{args.recipe}: ok ({len(plan.stages)} stages, {len(plan.inputs)} inputs)")
     return 0
 
@@ -280,4 +313,4 @@ COMMANDS = {
 }
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -101,7 +101,7 @@ def check_graph(
     for index, target in enumerate(chosen or []):
         if target not in kinds:
             close = difflib.get_close_matches(target, list(kinds), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else None
+            hint = f"did you mean '{close[0]}'?" if close else f"stages: {', '.join(kinds)}"
             if targets is not None:
                 problems.append(Problem(f"no stage named {target!r}", file="--target", hint=hint))
             else:

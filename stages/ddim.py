@@ -1,15 +1,17 @@
 """DDIM sampling and inversion, with pix2pix-zero's optional noise regulariser.
 
-Two loops of the same shape (k-diffusion style: a noise predictor, a start latent, a
-diffusers scheduler whose ``set_timesteps`` the caller has already called, the prompt
-embeddings, knobs; tensors in, tensors out):
+Two loops with the loop contract of :mod:`editflow.stages.diffusion` (a noise predictor, a
+start latent, a diffusers scheduler whose ``set_timesteps`` the caller has already called,
+the prompt embeddings, keyword-only knobs; tensors in, tensors out):
 
 - :func:`ddim_sample`: DDIM denoising (Song et al. 2021, eq. 12) with classifier-free
   guidance, one ``DDIMScheduler.step`` per timestep.
 - :func:`ddim_invert`: deterministic DDIM inversion (Song et al. 2021, sec. 4.3: the DDIM
   ODE integrated from x_0 towards x_T) through ``DDIMInverseScheduler.step``,
   optionally refining each predicted noise with the pix2pix-zero regulariser (Parmar et al.
-  2023, "noise regularization") before it is used.
+  2023, "noise regularization") before it is used. It runs every step of the inverse
+  schedule from the clean level (50 of 50 by default, as diffusers' inverse scheduler
+  does); the released pix2pix-zero code runs 48, treating x0 as the level of timestep 20.
 
 Both schedulers must be built from the model's own scheduler config
 (``DDIMInverseScheduler.from_config(cfg)``): their constructor defaults (``clip_sample=True``,

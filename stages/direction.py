@@ -10,7 +10,7 @@ per line, for either side.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import torch
@@ -225,6 +225,19 @@ class DeriveDirection(StageKind):
     )
     components = (specs.TEXT_ENCODER, specs.TOKENIZER)
 
+    @classmethod
+    def check(
+        cls, params: DeriveDirectionParams, references: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        problems: list[tuple[str | None, str]] = []
+        for side in ("source", "target"):
+            word = getattr(params, f"{side}_word")
+            given = {f"{side}_sentences", f"{side}_bank"} & set(references)
+            if not given and (word is None or not word.strip()):
+                message = f"no {side} sentences: set {side}_word or connect {side}_sentences"
+                problems.append((f"{side}_word" if word is not None else None, message))
+        return problems
+
     def run(
         self,
         ctx: StageContext,
@@ -300,6 +313,14 @@ class BankMean(StageKind):
     inputs = (Port("sentences", ArtifactType.TEXT, "Sentences, one per line", optional=True),)
     outputs = (Port("mean", ArtifactType.EMBEDDING, "Mean embedding (1, 77, D)"),)
     components = (specs.TEXT_ENCODER, specs.TOKENIZER)
+
+    @classmethod
+    def check(
+        cls, params: BankMeanParams, references: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        if "sentences" not in references and (params.word is None or not params.word.strip()):
+            return [(None, "no sentences: set word or connect sentences")]
+        return []
 
     def run(
         self, ctx: StageContext, params: BankMeanParams, *, sentences: str | None

@@ -282,7 +282,9 @@ class SamplePix2PixZeroParams(Params):
         0.1,
         ge=0.0,
         le=10.0,
-        description="Cross-attention guidance step (0.1 real, 0.15 synthetic, <= 0.01 SD 2.x)",
+        description="Cross-attention guidance step (0.1 real, 0.15 synthetic, <= 0.01 SD 2.x);"
+        " it steps the one latent with the edited prompt's maps, where the released code steps"
+        " both CFG halves, so the same value acts about twice as strongly here",
     )
     guidance_scale: float = Field(
         5.0, ge=1.0, le=30.0, description="CFG scale; the caption is the negative prompt"

@@ -274,3 +274,25 @@ def test_last_run_records_follow_the_recipe_inside_its_repository(tmp_path: Path
         "--set", "stages.edit.guidance_scale=5",
     )  # fmt: skip
     assert _plan_lines(out)["edit"].endswith("miss: params.guidance_scale: 3.0 -> 5.0")
+
+
+@pytest.mark.parametrize("delay", [1.5, 3.0, 4.5])
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path, delay: float) -> None:
+    """Interrupted while importing, planning or computing: never a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = [f"stages.{n}.num_inference_steps=400" for n in ("invert", "reconstruct", "edit")]
+    argv = [sys.executable, "-m", "editflow", "run", QUICKSTART, "--cache", str(tmp_path / "c"),
+            "--out", str(tmp_path / "o"), *[a for s in steps for a in ("--set", s)]]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted"

@@ -37,6 +37,32 @@ def test_skip_zero_same_prompt_reconstructs_x0_exactly(tmp_path: Path) -> None:
     assert error < 1e-5, error
 
 
+@pytest.mark.parametrize(
+    "inversion",
+    [["stages.invert.eta=0.5"], ['stages.invert.scheduler="dpmsolver++"']],
+    ids=["eta 0.5", "dpmsolver++"],
+)
+def test_the_edit_takes_the_inversions_settings_and_stays_exact(
+    tmp_path: Path, inversion: list[str]
+) -> None:
+    """Only the inversion names eta or the scheduler; the edit inherits them (an edit that
+    disagreed would lose exact reconstruction, so it is refused by validate instead)."""
+    cache = Cache(tmp_path / "cache")
+    result = run_recipe(
+        FOLDER / "text_edit.toml", [*STEPS, "stages.edit.skip=7", *inversion], cache=cache,
+        out_dir=None, device="cpu",
+        targets=["reconstruct"],
+    )  # fmt: skip
+    x0 = cache.get(result.keys["encode"]).tensor("latents")
+    reconstruction = cache.get(result.keys["reconstruct"]).tensor("latents")
+    assert ((reconstruction - x0).norm() / x0.norm()).item() < 1e-5
+    preimage = cache.get(result.keys["reconstruct"]).attrs["preimage"]["params"]
+    invert = cache.get(result.keys["invert"]).attrs["preimage"]["params"]
+    assert {k: preimage[k] for k in ("num_inference_steps", "eta", "scheduler")} == {
+        k: invert[k] for k in ("num_inference_steps", "eta", "scheduler")
+    }
+
+
 def test_a_second_recipe_with_the_same_inversion_reuses_it(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     run_recipe(

@@ -168,3 +168,43 @@ def test_rerun_into_the_same_folder_leaves_current_files_alone(
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert after["decode_edit.png"] == before["decode_edit.png"]  # current: untouched
     assert Image.open(figure).text["editflow:stage"] == "figure"  # damaged: rewritten
+
+
+def _ref(cache: Cache, key: str) -> Path:
+    assert cache.local_root is not None
+    return cache.local_root / "refs" / key[:2] / f"{key}.json"
+
+
+@pytest.mark.parametrize("damage", ["", "{not json", '{"key": "x"}'])
+def test_a_damaged_manifest_heals_on_the_next_run(
+    cache: Cache, tmp_path: Path, damage: str
+) -> None:
+    first, _ = _run(cache, tmp_path / "a")
+    _ref(cache, first.keys["invert"]).write_text(damage)
+    second, events = _run(cache, tmp_path / "b")
+    assert second.computed == ["invert"]
+    [line] = events.of("damaged")
+    assert line.stage == "invert" and line.message.startswith("cache entry damaged (")
+    assert line.message.endswith("); recomputing it")
+    third, events = _run(cache, tmp_path / "c")
+    assert third.computed == [] and events.of("damaged") == []
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "c")
+
+
+def test_an_edited_text_output_is_damage_not_a_silent_change(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    recipe = ROOT / "manifests" / "pix2pix_zero" / "cat2dog.toml"
+    first = run_recipe(recipe, cache=cache, out_dir=None, device="cpu", targets=["caption"])
+    key = first.keys["caption"]
+    ref = _ref(cache, key)
+    manifest = ref.read_text()
+    caption = cache.get(key).attrs["texts"]["caption"]
+    ref.write_text(manifest.replace(f'"caption": "{caption}"', '"caption": "a photo of a dog"'))
+    assert [damage.key for damage in cache.verify()] == [key]
+    ref.write_text(manifest.replace('"texts"', '"gone"'))
+    events = CollectEvents()
+    second = run_recipe(
+        recipe, cache=cache, out_dir=None, device="cpu", targets=["caption"], events=events
+    )
+    assert second.computed == ["caption"] and len(events.of("damaged")) == 1
+    assert cache.get(key).attrs["texts"]["caption"] == caption

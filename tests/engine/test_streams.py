@@ -81,3 +81,34 @@ def test_unguided_edit_with_zero_direction_reproduces_the_reference_pass(tmp_pat
     reference = cache.get(result.keys["reference"]).tensor("latents")
     unguided = cache.get(result.keys["unguided"]).tensor("latents")
     assert torch.equal(reference, unguided)
+
+
+def test_a_damaged_map_chunk_is_recomputed_once_and_the_edit_still_runs(tmp_path: Path) -> None:
+    from editflow.engine.events import CollectEvents
+
+    cache = Cache(tmp_path / "cache")
+    first = run_recipe(RECIPE, FAST, cache=cache, out_dir=None, device="cpu", targets=["guided"])
+    reference = cache.get(first.keys["reference"])
+    assert cache.local_root is not None
+    objects = cache.local_root / "objects" / reference.key / reference.object_id
+    chunk = max(
+        (p for p in objects.rglob("*") if p.is_file() and "attention_maps" in str(p)),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+    changed = FAST + ["stages.guided.xa_guidance=0.3"]
+    for attempt in range(2):
+        events = CollectEvents()
+        result = run_recipe(
+            RECIPE, changed, cache=cache, out_dir=None, device="cpu", targets=["guided"],
+            events=events,
+        )  # fmt: skip
+        if attempt == 0:  # the edit meets the damage, the reference pass reruns, then the edit
+            assert result.computed == ["reference", "guided"]
+            assert [event.stage for event in events.of("damaged")] == ["reference"]
+        else:
+            assert result.computed == [] and events.of("damaged") == []
+    assert cache.verify() == []

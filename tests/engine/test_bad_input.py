@@ -1,0 +1,197 @@
+"""Every bad input is refused before any compute: one located line, exit 2, nothing written.
+
+Each case builds a recipe (a file of its own, or an example manifest with ``--set``
+overrides) and states the exact message. None of them may leave a cache or output folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from support import MANIFESTS, RECIPES
+
+from editflow.engine.cli import main
+from editflow.inputs import skimage_photos
+
+OK = (RECIPES / "ok.toml").read_text()
+TEXT_EDIT = MANIFESTS / "edit_friendly" / "text_edit.toml"
+CAT2DOG = MANIFESTS / "pix2pix_zero" / "cat2dog.toml"
+PHOTOS = ", ".join(skimage_photos())
+
+
+def write(folder: Path, name: str, data: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def ok_with(text: str) -> str:
+    """ok.toml with its photo section or stages changed."""
+    return OK + text
+
+
+# (id, how to make the recipe -> path, extra arguments, expected stderr ({f}: the recipe))
+CASES = [
+    ("latin-1 byte", lambda d: write(d, "r.toml", b"schema_version = 1\n# caf\xe9\n"), [],
+     "{f}:2: not UTF-8 text (byte 0xe9 at offset 24) (save the recipe as UTF-8)"),
+    ("utf-16", lambda d: write(d, "r.toml", "schema_version = 1\n".encode("utf-16")), [],
+     "{f}:1: not UTF-8 text (byte 0xff at offset 0) (save the recipe as UTF-8)"),
+    ("png as recipe", lambda d: shutil.copy(skimage_photos()["chelsea"], d / "r.toml"), [],
+     "{f}:1: not UTF-8 text (byte 0x89 at offset 0) (save the recipe as UTF-8)"),
+    ("deep toml", lambda d: write(d, "r.toml", "a = " + "[" * 3000 + "]" * 3000), [],
+     "{f}: tables or arrays nested deeper than 32 levels"),
+    ("deep json", lambda d: write(d, "r.json", '{"a": ' + "[" * 90000 + "]" * 90000 + "}"), [],
+     "{f}: tables or arrays nested deeper than 32 levels"),
+    ("seed too big", lambda d: write(d, "r.toml", OK.replace("1\n", "1\nseed = 9223372036854775808\n", 1)), [],
+     "{f}:3: seed: must be <= 9223372036854775807, got 9223372036854775808"),
+    ("huge size", lambda d: write(d, "r.toml", OK.replace("[64, 64]", "[100000, 100000]")), [],
+     "{f}:4: inputs.photo: size must be at most 8192 px per side (diffusion models work at a "
+     "few hundred), got [100000, 100000]"),
+    ("thin size", lambda d: write(d, "r.toml", OK.replace("[64, 64]", "[8, 8000000]")), [],
+     "{f}:4: inputs.photo: size must be at most 8192 px per side (diffusion models work at a "
+     "few hundred), got [8, 8000000]"),
+    ("1000 steps", lambda d: TEXT_EDIT, ["--set", "stages.invert.num_inference_steps=1000"],
+     "--set stages.invert.num_inference_steps=1000: stages.invert.num_inference_steps: "
+     "must be <= 999, got 1000"),
+    ("long stage name", lambda d: write(d, "r.toml", OK.replace("[stages.decode]", "[stages." + "d" * 300 + "]")), [],
+     "{f}:12: stages." + "d" * 300 + ": not a valid name: use letters, digits, '_' and '-', "
+     "starting with a letter or '_', at most 64 characters"),
+    ("1x1 image", lambda d: _tiny_image(d), [],
+     "{f}:5: inputs.photo.image: dot.png is 1x1 px; images need at least 8 px per side (or set size)"),
+    ("empty figure", lambda d: write(d, "r.toml", ok_with('[stages.figure]\nkind = "figure.grid"\nimages = []\n')), [],
+     "{f}:17: stages.figure.images: must hold at least 1 item, got []"),
+    ("skimage glob", lambda d: write(d, "r.toml", OK.replace("skimage:chelsea", "skimage:c*")), [],
+     "{f}:5: inputs.photo.image: scikit-image has no photo 'skimage:c*' (it has: " + PHOTOS + ")"),
+    ("skimage path", lambda d: write(d, "r.toml", OK.replace("skimage:chelsea", "skimage:../../../etc/ssl/openssl")), [],
+     "{f}:5: inputs.photo.image: scikit-image has no photo 'skimage:../../../etc/ssl/openssl' "
+     "(it has: " + PHOTOS + ")"),
+    ("huge text", lambda d: _huge_text(d), [],
+     "{f}:17: inputs.notes.text: notes.txt is larger than 16 MiB"),
+    ("unknown target", lambda d: RECIPES / "ok.toml", ["--target", "zzz"],
+     "--target: no stage named 'zzz' (stages: encode, decode)"),
+    # Part 2: what the recipe fixes statically is checked while planning.
+    ("eta differs", lambda d: TEXT_EDIT, ["--set", "stages.edit.eta=0.5"],
+     "--set stages.edit.eta=0.5: stages.edit.eta: is 0.5 but noise_maps come from 'invert', "
+     "which has 1.0 (leave it out to take the producer's)"),
+    ("scheduler differs", lambda d: TEXT_EDIT, ["--set", 'stages.edit.scheduler="dpmsolver++"'],
+     "--set stages.edit.scheduler=\"dpmsolver++\": stages.edit.scheduler: is 'dpmsolver++' but "
+     "noise_maps come from 'invert', which has 'ddim' (leave it out to take the producer's)"),
+    ("steps differ", lambda d: TEXT_EDIT, ["--set", "stages.edit.num_inference_steps=50"],
+     "--set stages.edit.num_inference_steps=50: stages.edit.num_inference_steps: is 50 but "
+     "noise_maps come from 'invert', which has 100 (leave it out to take the producer's)"),
+    ("guided steps differ", lambda d: CAT2DOG, ["--set", "stages.guided.num_inference_steps=10"],
+     "--set stages.guided.num_inference_steps=10: stages.guided.num_inference_steps: is 10 but "
+     "attention_maps come from 'reference', which has 20 (leave it out to take the producer's)"),
+    ("no target word", lambda d: CAT2DOG, ["--set", 'stages.direction.target_word=" "'],
+     "--set stages.direction.target_word=\" \": stages.direction.target_word: no target "
+     "sentences: set target_word or connect target_sentences"),
+    # Part 3: recipe values keep their types.
+    ("bool as string", lambda d: CAT2DOG, ["--set", 'stages.invert.regularize="yes"'],
+     "--set stages.invert.regularize=\"yes\": stages.invert.regularize: must be true or false, "
+     "got 'yes'"),
+    ("seed as bool", lambda d: write(d, "r.toml", OK.replace("1\n", "1\nseed = true\n", 1)), [],
+     "{f}:3: seed: must be an integer, got True"),
+    ("seed as string", lambda d: write(d, "r.toml", OK.replace("1\n", '1\nseed = "0"\n', 1)), [],
+     "{f}:3: seed: must be an integer, got '0'"),
+    ("number as string", lambda d: TEXT_EDIT, ["--set", 'stages.edit.cfg_tar="3.5"'],
+     "--set stages.edit.cfg_tar=\"3.5\": stages.edit.cfg_tar: must be a number, got '3.5'"),
+    ("number as bool", lambda d: TEXT_EDIT, ["--set", "stages.edit.cfg_tar=true"],
+     "--set stages.edit.cfg_tar=true: stages.edit.cfg_tar: must be a number, got True"),
+]  # fmt: skip
+
+
+def _tiny_image(folder: Path) -> Path:
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")
+    return write(
+        folder, "r.toml", OK.replace("skimage:chelsea", "dot.png").replace("size = [64, 64]\n", "")
+    )
+
+
+def _huge_text(folder: Path) -> Path:
+    with open(folder / "notes.txt", "wb") as handle:
+        handle.truncate((16 << 20) + 1)
+    return write(folder, "r.toml", OK + '\n[inputs.notes]\ntext = "notes.txt"\n')
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_input_is_one_located_line_exit_2_and_nothing_written(
+    make, extra, expected, command, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    recipe = Path(make(folder))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = [command, str(recipe), "--cache", str(cache), *extra]
+    if command == "run":
+        argv += ["--out", str(out)]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip() == expected.format(f=recipe)
+    assert "Traceback" not in captured.err + captured.out
+    assert not cache.exists() and not out.exists()
+
+
+def test_out_naming_an_existing_file_is_refused_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    taken = write(tmp_path, "taken", "not a folder")
+    code = main(
+        ["run", str(RECIPES / "ok.toml"), "--cache", str(tmp_path / "c"), "--out", str(taken)]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"--out: {taken} is a file, not a folder"
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_cache_stays_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from editflow.cache import Cache, EntryWriter
+
+    def full(self, name, value, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c"))
+
+    monkeypatch.setattr(EntryWriter, "write", full)
+    argv = [
+        "run",
+        str(RECIPES / "ok.toml"),
+        "--cache",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"{tmp_path / 'c'}: No space left on device"
+    )
+    assert Cache(tmp_path / "c").ls() == [] and Cache(tmp_path / "c").verify() == []
+
+
+def test_a_cache_marker_with_unexpected_json_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "c").mkdir()
+    write(tmp_path / "c", "editflow-cache.json", "[1, 2]")
+    code = main(["validate", str(RECIPES / "ok.toml"), "--cache", str(tmp_path / "c")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cache at {tmp_path / 'c'} has layout format [1, 2], this editflow reads format 1 "
+        "(use another cache location or a matching editflow version)"
+    )
+
+
+def test_validate_takes_targets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(
+        ["validate", str(RECIPES / "ok.toml"), "--cache", str(tmp_path / "c"), "--target", "encode"]
+    )
+    assert code == 0
+    assert capsys.readouterr().out.strip().endswith("ok (2 stages, 1 inputs)")
