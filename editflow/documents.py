@@ -16,7 +16,8 @@ import tomllib
 import types
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,29 @@ def _depth(value: Any) -> int:
                     for child in (item.values() if isinstance(item, dict) else item)
                 ]
     return deepest
+
+
+@dataclass(frozen=True)
+class Locator:
+    """Where a key path of a recipe was written: a line of its file, or a ``--set``."""
+
+    file: str
+    lines: Callable[[str], int | None]
+    set_by: Mapping[str, str]  # key path -> the --set argument that gave it
+
+    @classmethod
+    def of(cls, path: Path, text: str, overrides: list[str]) -> Locator:
+        lines = toml_locator(text) if path.suffix != ".json" else (lambda key: None)
+        return cls(str(path), lines, overridden(overrides))
+
+    def line_of(self, key: str) -> int | None:
+        return None if key in self.set_by else self.lines(key)
+
+    def locate(self, problem: Problem) -> Problem:
+        """The problem pointed at the file and line, or at the --set that gave its key."""
+        if problem.key in self.set_by:
+            return replace(problem, file=f"--set {self.set_by[problem.key]}", line=None)
+        return replace(problem, file=self.file, line=self.line_of(problem.key or ""))
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -83,10 +83,7 @@ class ResolvedInput:
     path: Path
     data: bytes
     digest: str
-
-    @property
-    def type(self) -> ArtifactType:
-        return self.section.type
+    size: tuple[int, int] | None = None  # (height, width) of an image as stages will see it
 
 
 def skimage_photos() -> dict[str, Path]:
@@ -127,7 +124,19 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
     reason = _check_image(data, section) if field != "text" else _check_text(data)
     if reason is not None:
         return Problem(reason.format(value=value), file=label, key=key)
-    return ResolvedInput(name, section, path, data, hashlib.sha256(data).hexdigest())
+    digest = hashlib.sha256(data).hexdigest()
+    return ResolvedInput(name, section, path, data, digest, _pixel_size(data, section, field))
+
+
+def _pixel_size(data: bytes, section: InputSection, field: str) -> tuple[int, int] | None:
+    """What :func:`load_input` will make of an image: ``size``, else cropped to multiples of 8."""
+    if field == "text":
+        return None
+    if section.size is not None:
+        return tuple(section.size)
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return height - height % 8, width - width % 8
 
 
 def _check_image(data: bytes, section: InputSection) -> str | None:

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from editflow import __version__
 from editflow.errors import EditflowError
@@ -22,18 +23,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # What the machine, not editflow, got wrong: said in one line, like a recipe problem.
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
-
-
-def _recipe_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", type=Path, help="recipe file (.toml or .json)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a recipe value, e.g. --set stages.edit.guidance_scale=12 (repeatable)",
-    )
 
 
 def _cache_option(parser: argparse.ArgumentParser, default: object = None) -> None:
@@ -45,15 +34,31 @@ def _cache_option(parser: argparse.ArgumentParser, default: object = None) -> No
     )
 
 
-def _target_option(parser: argparse.ArgumentParser) -> None:
+def _recipe_command(
+    commands: Any, name: str, help: str, targets: bool = True
+) -> argparse.ArgumentParser:
+    """A command on one recipe: the recipe, --set, --cache and (usually) --target."""
+    parser = commands.add_parser(name, help=help)
+    parser.add_argument("recipe", type=Path, help="recipe file (.toml or .json)")
     parser.add_argument(
-        "--target",
-        dest="targets",
+        "--set",
+        dest="overrides",
         action="append",
-        default=None,
-        metavar="STAGE",
-        help="produce only this stage and what it needs (repeatable)",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set stages.edit.guidance_scale=12 (repeatable)",
     )
+    _cache_option(parser)
+    if targets:
+        parser.add_argument(
+            "--target",
+            dest="targets",
+            action="append",
+            default=None,
+            metavar="STAGE",
+            help="produce only this stage and what it needs (repeatable)",
+        )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,34 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"editflow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="run a recipe, reusing cached stages")
-    _recipe_options(run)
-    _cache_option(run)
-    _target_option(run)
-    run.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: out/<recipe name>)"
-    )
+    run = _recipe_command(commands, "run", "run a recipe, reusing cached stages")
+    run.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
-
-    plan = commands.add_parser("plan", help="show what would run and why; loads no weights")
-    _recipe_options(plan)
-    _cache_option(plan)
-    _target_option(plan)
-
-    validate = commands.add_parser("validate", help="check a recipe and its graph")
-    _recipe_options(validate)
-    _cache_option(validate)
-    _target_option(validate)
-
+    _recipe_command(commands, "plan", "show what would run and why; loads no weights")
+    _recipe_command(commands, "validate", "check a recipe and its graph")
     commands.add_parser("schema", help="print the recipe JSON Schema")
-
-    explain = commands.add_parser(
-        "explain", help="what changed in a stage's key since its last run"
+    explain = _recipe_command(
+        commands, "explain", "what changed in a stage's key since its last run", targets=False
     )
-    _recipe_options(explain)
-    _cache_option(explain)
     explain.add_argument("stage", help="stage name")
 
     cache = commands.add_parser("cache", help="inspect and maintain the cache")
@@ -101,14 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--keep-damaged", action="store_true", help="report only")
     gc = actions.add_parser("gc", help="remove unpublished leftovers and old entries")
     gc.add_argument(
-        "--older-than-days",
-        type=float,
-        default=None,
-        help="also remove entries created more than this many days ago",
+        "--older-than-days", type=float, help="also remove entries older than this many days"
     )
-    rm = actions.add_parser(
-        "rm", help="remove entries by key or unique key prefix (8 characters or more)"
-    )
+    rm = actions.add_parser("rm", help="remove entries by key or unique prefix (>= 8 characters)")
     rm.add_argument("keys", nargs="*", metavar="KEY")
     rm.add_argument("--all", action="store_true", help="remove every entry")
     for action in (ls, du, verify, gc, rm):

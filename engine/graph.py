@@ -50,7 +50,9 @@ def type_name(artifact: ArtifactType) -> str:
 
 
 def check_graph(
-    loaded: LoadedRecipe, targets: list[str] | None
+    loaded: LoadedRecipe,
+    targets: list[str] | None,
+    input_sizes: Mapping[str, tuple[int, int] | None],
 ) -> tuple[StageGraph | None, list[Problem]]:
     """Build the stage graph and find every problem in it.
 
@@ -58,6 +60,7 @@ def check_graph(
         loaded: The recipe; its stages that failed validation still take part, so that a
             reference to them is not reported as dangling.
         targets: Stages asked for on the command line (``--target``), else the recipe's.
+        input_sizes: Input name -> its image's (height, width), for the kinds' checks.
 
     Returns:
         The graph (``None`` when there are problems) and the problems, located.
@@ -87,8 +90,10 @@ def check_graph(
                     problem(message, key)
                 elif not ref.startswith("inputs."):
                     graph.add_edge(producer_of(ref), name)
+    size_of = _sizes(kinds, wiring, input_sizes)
     for name, spec in loaded.stages.items():
-        for field, message in spec.kind.check(spec.params, spec.references):
+        sizes = {port: size_of(refs) for port, refs in spec.references.items()}
+        for field, message in spec.kind.check(spec.params, spec.references, sizes):
             problem(message, f"stages.{name}" + (f".{field}" if field else ""))
     try:
         cycle = nx.find_cycle(graph)
@@ -116,6 +121,34 @@ def check_graph(
     position = {name: index for index, name in enumerate(kinds)}
     order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
     return StageGraph(graph, order, frozenset(needed)), []
+
+
+def _sizes(
+    kinds: Mapping[str, type[StageKind]],
+    wiring: Mapping[str, Mapping[str, Any]],
+    input_sizes: Mapping[str, tuple[int, int] | None],
+) -> Any:
+    """A function from a reference to the pixel size of the image it derives from (or None),
+    following each output's ``size_of`` input back to an input file."""
+    seen: set[str] = set()
+
+    def size_of(refs: Any) -> tuple[int, int] | None:
+        ref = refs[0] if isinstance(refs, list) and refs else refs
+        if not isinstance(ref, str) or ref in seen:
+            return None  # a bad value or a cycle, reported elsewhere
+        head, _, tail = ref.partition(".")
+        if head == "inputs":
+            return input_sizes.get(tail)
+        port = kinds[head].output_port(tail) if head in kinds else None
+        if port is None or port.size_of is None or port.size_of not in wiring[head]:
+            return None
+        seen.add(ref)
+        try:
+            return size_of(wiring[head][port.size_of])
+        finally:
+            seen.discard(ref)
+
+    return size_of
 
 
 def _check_reference(

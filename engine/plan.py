@@ -10,7 +10,7 @@ or a missing file fails with every problem listed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,11 @@ def build_plan(
     for name, section in loaded.recipe.inputs.items():
         resolved = resolve_input(name, section, loaded.folder, str(loaded.path))
         if isinstance(resolved, Problem):
-            problems.append(replace(resolved, line=loaded.line_of(resolved.key)))
+            problems.append(loaded.located(resolved))
         else:
             inputs[name] = resolved
-    graph, graph_problems = check_graph(loaded, targets)
+    sizes = {name: item.size for name, item in inputs.items()}
+    graph, graph_problems = check_graph(loaded, targets, sizes)
     problems = loaded.problems + problems + graph_problems
     if problems or graph is None:
         raise RecipeError(problems=sort_problems(problems))

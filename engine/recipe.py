@@ -7,7 +7,7 @@ key path and, for TOML, its line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,13 +21,12 @@ from pydantic import (
 
 from editflow.documents import (
     SCHEMA_VERSION,
+    Locator,
     Table,
     apply_overrides,
     error_message,
     migrate,
-    overridden,
     read_document,
-    toml_locator,
 )
 from editflow.errors import Problem, RecipeError, sort_problems, unique_problems
 from editflow.inputs import InputSection
@@ -119,21 +118,15 @@ class LoadedRecipe(BaseModel):
     raw: dict[str, Any]  # the document after overrides and migrations
     problems: list[Problem] = []
     loose: dict[str, tuple[Any, dict[str, Any]]] = {}
-    locate: Any = None
-    set_by: dict[str, str] = {}  # key path -> the --set argument that gave it
+    locator: Locator
 
     @property
     def folder(self) -> Path:
         return self.path.parent
 
-    def line_of(self, key: str) -> int | None:
-        return self.locate(key) if self.locate else None
-
     def located(self, problem: Problem) -> Problem:
         """The problem pointed at the file and line, or at the --set that gave its key."""
-        if problem.key in self.set_by:
-            return replace(problem, file=f"--set {self.set_by[problem.key]}", line=None)
-        return replace(problem, file=str(self.path), line=self.line_of(problem.key or ""))
+        return self.locator.locate(problem)
 
 
 def load_recipe(
@@ -150,18 +143,13 @@ def load_recipe(
     document, text = read_document(path)
     document = apply_overrides(document, overrides or [])
     document = migrate(document, label)
-    file_line = toml_locator(text) if path.suffix != ".json" else (lambda key: None)
-    set_by = overridden(overrides or [])
-
-    def locate(key: str) -> int | None:
-        return None if key in set_by else file_line(key)
-
+    locator = Locator.of(path, text, overrides or [])
     problems: list[Problem] = []
     recipe: Recipe | None = None
     try:
         recipe = Recipe.model_validate(document)
     except ValidationError as error:
-        problems.extend(_problems(error, (), label, locate))
+        problems.extend(_problems(error, (), locator))
 
     stages: dict[str, Any] = {}
     loose: dict[str, tuple[Any, dict[str, Any]]] = {}
@@ -170,26 +158,19 @@ def load_recipe(
     if isinstance(raw_stages, dict):
         for name, raw in raw_stages.items():
             if name == "inputs":
-                key = "stages.inputs"
                 message = "'inputs' is reserved for input files; rename this stage"
-                problems.append(Problem(message, file=label, key=key, line=locate(key)))
+                problems.append(locator.locate(Problem(message, key="stages.inputs")))
                 continue
             try:
                 stages[name] = split_stage(adapter.validate_python(raw))
             except ValidationError as error:
                 kind = KINDS_BY_NAME.get(raw.get("kind")) if isinstance(raw, dict) else None
                 known = list(stage_models()[kind.kind].model_fields) if kind else None
-                problems.extend(_problems(error, ("stages", name), label, locate, known))
+                problems.extend(_problems(error, ("stages", name), locator, known))
                 if kind is not None:
                     ports = {port.name for port in kind.inputs}
                     loose[name] = (kind, {k: v for k, v in raw.items() if k in ports})
-    # A problem with a value given by --set points at the override, not at the file.
-    problems = [
-        replace(problem, file=f"--set {set_by[problem.key]}", line=None)
-        if problem.key in set_by
-        else problem
-        for problem in unique_problems(problems)
-    ]
+    problems = unique_problems(problems)
     if recipe is None or (problems and not defer):
         raise RecipeError(problems=sort_problems(problems))
     return LoadedRecipe(
@@ -199,8 +180,7 @@ def load_recipe(
         raw=document,
         problems=problems,
         loose=loose,
-        locate=locate,
-        set_by=set_by,
+        locator=locator,
     )
 
 
@@ -210,8 +190,7 @@ def load_recipe(
 def _problems(
     error: ValidationError,
     prefix: tuple,
-    label: str,
-    locate: Any,
+    locator: Locator,
     known_fields: list[str] | None = None,
 ) -> list[Problem]:
     problems = []
@@ -226,7 +205,7 @@ def _problems(
         elif not prefix and loc[:1] == ("stages",) and len(loc) > 2:
             continue  # stages are validated one by one, with better messages
         key = ".".join(str(part) for part in loc)
-        problems.append(Problem(message, file=label, key=key or None, line=locate(key)))
+        problems.append(locator.locate(Problem(message, key=key or None)))
     return problems
 
 

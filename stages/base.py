@@ -46,6 +46,8 @@ class Port:
         optional: An input that may be left out of the recipe.
         many: An input that takes a list of references (for example a figure's images).
         export: An output the engine writes to the output folder (images as PNG).
+        size_of: For an output: the input whose image it has the pixel size of (latents of
+            an image, an edit of those latents ...), so sizes are known while planning.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Port:
     optional: bool = False
     many: bool = False
     export: bool = False
+    size_of: str | None = None
 
 
 class Params(Table):
@@ -195,7 +198,10 @@ class StageKind:
 
     @classmethod
     def check(
-        cls, params: Any, references: Mapping[str, str | list[str]]
+        cls,
+        params: Any,
+        references: Mapping[str, str | list[str]],
+        sizes: Mapping[str, tuple[int, int] | None],
     ) -> list[tuple[str | None, str]]:
         """Rules that tie parameters to the inputs the recipe connects.
 
@@ -204,6 +210,8 @@ class StageKind:
         Args:
             params: The stage's validated params.
             references: Input port name -> the reference (or list of references) connected.
+            sizes: Input port name -> the (height, width) in pixels of the image its value
+                comes from, where the plan knows it.
 
         Returns:
             ``(field, message)`` per problem; ``field`` is a parameter or input name, or

@@ -18,7 +18,13 @@ class DecodeVae(StageKind):
     params = Params
     inputs = (Port("latents", ArtifactType.LATENT, "Latents, (N, C, h, w)"),)
     outputs = (
-        Port("images", ArtifactType.IMAGE, "Decoded images in [0, 1], (N, 3, H, W)", export=True),
+        Port(
+            "images",
+            ArtifactType.IMAGE,
+            "Decoded images in [0, 1], (N, 3, H, W)",
+            export=True,
+            size_of="latents",
+        ),
     )
     components = (specs.VAE,)
 

@@ -227,7 +227,7 @@ class DeriveDirection(StageKind):
 
     @classmethod
     def check(
-        cls, params: DeriveDirectionParams, references: Mapping[str, Any]
+        cls, params: DeriveDirectionParams, references: Mapping[str, Any], sizes: Mapping[str, Any]
     ) -> list[tuple[str | None, str]]:
         problems: list[tuple[str | None, str]] = []
         for side in ("source", "target"):
@@ -316,7 +316,7 @@ class BankMean(StageKind):
 
     @classmethod
     def check(
-        cls, params: BankMeanParams, references: Mapping[str, Any]
+        cls, params: BankMeanParams, references: Mapping[str, Any], sizes: Mapping[str, Any]
     ) -> list[tuple[str | None, str]]:
         if "sentences" not in references and (params.word is None or not params.word.strip()):
             return [(None, "no sentences: set word or connect sentences")]

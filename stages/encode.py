@@ -17,7 +17,9 @@ class EncodeVae(StageKind):
     description = "Encode images to latents with the VAE (posterior mean times scaling factor)"
     params = Params
     inputs = (Port("images", ArtifactType.IMAGE, "Images in [0, 1], (N, 3, H, W)"),)
-    outputs = (Port("latents", ArtifactType.LATENT, "Latents x0, (N, C, H/8, W/8)"),)
+    outputs = (
+        Port("latents", ArtifactType.LATENT, "Latents x0, (N, C, H/8, W/8)", size_of="images"),
+    )
     components = (specs.VAE,)
 
     def run(self, ctx: StageContext, params: Params, *, images: torch.Tensor) -> dict[str, Any]:

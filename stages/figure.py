@@ -87,7 +87,7 @@ class FigureGrid(StageKind):
 
     @classmethod
     def check(
-        cls, params: FigureParams, references: Mapping[str, Any]
+        cls, params: FigureParams, references: Mapping[str, Any], sizes: Mapping[str, Any]
     ) -> list[tuple[str | None, str]]:
         images = references.get("images", [])
         if params.labels is not None and len(params.labels) != len(images):

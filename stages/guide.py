@@ -50,7 +50,7 @@ class GuidePix2PixZeroReference(StageKind):
             ArtifactType.ATTENTION_MAPS,
             "Conditional cross-attention maps per layer and step (fp16, streamed)",
         ),
-        Port("latents", ArtifactType.LATENT, "The reconstruction x_0"),
+        Port("latents", ArtifactType.LATENT, "The reconstruction x_0", size_of="x_T"),
     )
     components = (specs.UNET, specs.SCHEDULER_CONFIG)
 

@@ -62,8 +62,13 @@ class InvertDdim(StageKind):
         ),
     )
     outputs = (
-        Port("latents", ArtifactType.LATENT, "Inverted latents x_T"),
-        Port("trajectory", ArtifactType.LATENT_TRAJECTORY, "x_t after each inversion step"),
+        Port("latents", ArtifactType.LATENT, "Inverted latents x_T", size_of="latents"),
+        Port(
+            "trajectory",
+            ArtifactType.LATENT_TRAJECTORY,
+            "x_t after each inversion step",
+            size_of="latents",
+        ),
         Port("prompt_embeds", ArtifactType.EMBEDDING, "Embedding of the prompt"),
     )
     components = specs.DENOISER
@@ -143,14 +148,23 @@ class InvertEditFriendly(StageKind):
     params = InvertEditFriendlyParams
     inputs = (Port("latents", ArtifactType.LATENT, "Clean latents x0 (VAE-encoded image)"),)
     outputs = (
-        Port("x_T", ArtifactType.LATENT, "The noisiest level of the auxiliary path"),
         Port(
-            "noise_maps", ArtifactType.NOISE_SEQUENCE, "(T, N, C, h, w) noise maps, noisiest first"
+            "x_T",
+            ArtifactType.LATENT,
+            "The noisiest level of the auxiliary path",
+            size_of="latents",
+        ),
+        Port(
+            "noise_maps",
+            ArtifactType.NOISE_SEQUENCE,
+            "(T, N, C, h, w) noise maps, noisiest first",
+            size_of="latents",
         ),
         Port(
             "auxiliary_path",
             ArtifactType.LATENT_TRAJECTORY,
             "(T + 1, N, C, h, w) latents per level, x_T first and x0 last",
+            size_of="latents",
         ),
         Port("prompt_embeds", ArtifactType.EMBEDDING, "Source-prompt embeddings used"),
     )

@@ -53,7 +53,7 @@ class SampleDdim(StageKind):
     description = "DDIM sampling with CFG from x_T (e.g. inverted latents) to x0"
     params = SampleDdimParams
     inputs = (Port("latents", ArtifactType.LATENT, "Starting latents x_T"),)
-    outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0"),)
+    outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="latents"),)
     components = specs.DENOISER
 
     @classmethod
@@ -166,7 +166,7 @@ class SampleEditFriendly(StageKind):
             optional=True,
         ),
     )
-    outputs = (Port("latents", ArtifactType.LATENT, "Edited clean latents"),)
+    outputs = (Port("latents", ArtifactType.LATENT, "Edited clean latents", size_of="noise_maps"),)
     # The vae is loaded only when colour inputs are given.
     components = (*specs.DENOISER, specs.VAE)
     # The inversion's settings (METHODS.md defaults when the maps come from elsewhere).
@@ -174,15 +174,30 @@ class SampleEditFriendly(StageKind):
 
     @classmethod
     def check(
-        cls, params: SampleEditFriendlyParams, references: Mapping[str, Any]
+        cls,
+        params: SampleEditFriendlyParams,
+        references: Mapping[str, Any],
+        sizes: Mapping[str, Any],
     ) -> list[tuple[str | None, str]]:
         mask, image = "colour_mask" in references, "colour_image" in references
         if mask != image:
             missing = "colour_image" if not image else "colour_mask"
             return [(None, f"colour_mask and colour_image go together: {missing} is missing")]
+        problems: list[tuple[str | None, str]] = []
         if params.colour_strength > 0 and not mask:
-            return [(None, "colour_strength > 0 needs the colour_mask and colour_image inputs")]
-        return []
+            problems.append(
+                (None, "colour_strength > 0 needs the colour_mask and colour_image inputs")
+            )
+        edited = sizes.get("noise_maps")
+        for name in ("colour_mask", "colour_image"):
+            size = sizes.get(name)
+            if edited is not None and size is not None and size != edited:
+                message = (
+                    f"{name} is {size[0]}x{size[1]} but the edited image is"
+                    f" {edited[0]}x{edited[1]}: give it the image's size with inputs.NAME.size"
+                )
+                problems.append((name, message))
+        return problems
 
     def run(
         self,
@@ -316,7 +331,7 @@ class SamplePix2PixZero(StageKind):
             optional=True,
         ),
     )
-    outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0"),)
+    outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0", size_of="x_T"),)
     components = (specs.UNET, specs.SCHEDULER_CONFIG)
     inherits = {"attention_maps": {"num_inference_steps": 50}}
 
@@ -326,7 +341,10 @@ class SamplePix2PixZero(StageKind):
 
     @classmethod
     def check(
-        cls, params: SamplePix2PixZeroParams, references: Mapping[str, Any]
+        cls,
+        params: SamplePix2PixZeroParams,
+        references: Mapping[str, Any],
+        sizes: Mapping[str, Any],
     ) -> list[tuple[str | None, str]]:
         if params.xa_guidance > 0 and "attention_maps" not in references:
             return [("attention_maps", _NO_MAPS.format(params.xa_guidance))]

@@ -106,9 +106,8 @@ def test_inversion_seeds_give_different_edits_and_reruns_the_same(tmp_path: Path
         ),
         (
             ["inputs.region.size=[32, 32]"],
-            "{f}: stages.recolour: stage 'recolour' (sample.edit_friendly) failed: "
-            "stages.recolour.colour_mask: colour_mask is 32x32 but the edited image is 64x64 "
-            "(give it the image's size with inputs.NAME.size)",
+            "{f}:36: stages.recolour.colour_mask: colour_mask is 32x32 but the edited image is "
+            "64x64: give it the image's size with inputs.NAME.size",
         ),
     ],
 )
