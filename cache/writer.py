@@ -9,7 +9,6 @@ removes once it is older than its threshold.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,24 +24,27 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .dtypes import (
-    sha256_of,
-    sha256_update,
+    checksum_of,
+    checksum_update,
+    new_checksum,
     stored_dtype,
     to_stored,
     torch_dtype_name,
 )
 from .entry import (
     MANIFEST_FORMAT,
+    PARALLEL,
     ArrayInfo,
     DamagedEntryError,
     Entry,
     attrs_sha256,
-    stored_sha256,
+    stored_checksum,
 )
 from .layout import Layout, check_array_name, check_key
 
 ZSTD_LEVEL = 1
-"""Fast zstd: cached tensors are mostly float noise that higher levels barely shrink."""
+"""Fast zstd, for arrays written with ``compress=True``; float noise barely shrinks at any level."""
+
 
 SHARD_BYTES = 64 * 2**20
 """Target shard size for streamed arrays on object stores (few objects, one-chunk reads)."""
@@ -131,8 +133,8 @@ class StreamHandle:
         self.stream_axis = stream_axis
         self._array = array
         self._shards = shards
-        self._step_sha256: list[str | None] = [None] * self.shape[stream_axis]
-        self._digest = hashlib.sha256()  # whole-array sha256 while axis-0 steps arrive in order
+        self._step_checksums: list[str | None] = [None] * self.shape[stream_axis]
+        self._digest = new_checksum()  # of the whole array, while axis-0 steps arrive in order
         self._next_in_order: int | None = 0 if stream_axis == 0 else None
         self._pending: dict[int, dict[int, np.ndarray]] = {}  # shard -> step -> values
         self.closed = False  # set when the entry is published or abandoned
@@ -153,9 +155,9 @@ class StreamHandle:
             raise ValueError(
                 f"stream {self.name!r} step must have shape {expected}, got {stored.shape}"
             )
-        self._step_sha256[index] = sha256_of(stored)
+        self._step_checksums[index] = checksum_of(stored)
         if self._next_in_order == index:
-            sha256_update(self._digest, stored)
+            checksum_update(self._digest, stored)
             self._next_in_order += 1
         else:
             self._next_in_order = None  # out of order: hash by reading back at close
@@ -171,7 +173,7 @@ class StreamHandle:
             ValueError: Some steps were never written.
         """
         self.closed = True
-        missing = [index for index, digest in enumerate(self._step_sha256) if digest is None]
+        missing = [index for index, digest in enumerate(self._step_checksums) if digest is None]
         if missing:
             raise ValueError(f"stream {self.name!r}: steps {missing[:10]} were never written")
         # Only steps rewritten after their shard was flushed can still be pending.
@@ -179,19 +181,19 @@ class StreamHandle:
             for index, values in sorted(self._pending.pop(shard).items()):
                 self._array[self._selection(index)] = values
         if self._next_in_order == len(self):
-            sha256 = self._digest.hexdigest()
+            checksum = self._digest.hexdigest()
         else:
-            sha256 = stored_sha256(self._array, self.stream_axis)
+            checksum = stored_checksum(self._array, self.stream_axis)
         return ArrayInfo(
             shape=self.shape,
             dtype=np.dtype(self._array.dtype).name,
             torch_dtype=torch_dtype_name(self.dtype),
-            sha256=sha256,
+            checksum=checksum,
             nbytes=int(self._array.nbytes),
             chunks=tuple(self._array.chunks),
             shards=self._shards,
             stream_axis=self.stream_axis,
-            step_sha256=tuple(digest for digest in self._step_sha256 if digest is not None),
+            step_checksums=tuple(digest for digest in self._step_checksums if digest is not None),
         )
 
     def _selection(self, index: int) -> tuple[slice | int, ...]:
@@ -269,7 +271,12 @@ class EntryWriter:
             raise
 
     def write(
-        self, name: str, value: torch.Tensor | np.ndarray, *, stream_axis: int | None = None
+        self,
+        name: str,
+        value: torch.Tensor | np.ndarray,
+        *,
+        stream_axis: int | None = None,
+        compress: bool = False,
     ) -> None:
         """Write a whole array.
 
@@ -278,30 +285,39 @@ class EntryWriter:
             value: Tensor or array; bfloat16 is stored as float32 and restored on read.
             stream_axis: Axis to chunk one index per chunk (``0`` for ``(T, C, H, W)`` noise
                 sequences) so ``Entry.step`` reads one index alone; None for one chunk.
+            compress: zstd each chunk. Off by default: float noise and latents do not
+                compress (93% of raw) and zstd made reads several times slower.
         """
         self._new_name(name)
         stored, torch_dtype = to_stored(value)
         axis = _check_axis(stream_axis, stored.ndim)
-        array, chunks, shards = self._create(name, stored.shape, stored.dtype, axis)
-        array[...] = stored
+        array, chunks, shards = self._create(name, stored.shape, stored.dtype, axis, compress)
+        with zarr.config.set(PARALLEL):
+            array[...] = stored
         steps = None
         if axis is not None:
             selections = ((slice(None),) * axis + (i,) for i in range(stored.shape[axis]))
-            steps = tuple(sha256_of(stored[selection]) for selection in selections)
+            steps = tuple(checksum_of(stored[selection]) for selection in selections)
         self._arrays[name] = ArrayInfo(
             shape=tuple(stored.shape),
             dtype=stored.dtype.name,
             torch_dtype=torch_dtype,
-            sha256=sha256_of(stored),
+            checksum=checksum_of(stored),
             nbytes=int(stored.nbytes),
             chunks=chunks,
             shards=shards,
             stream_axis=axis,
-            step_sha256=steps,
+            step_checksums=steps,
         )
 
     def create_stream(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, stream_axis: int = 0
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        *,
+        stream_axis: int = 0,
+        compress: bool = False,
     ) -> StreamHandle:
         """Create an array to be written one index of ``stream_axis`` at a time.
 
@@ -310,12 +326,13 @@ class EntryWriter:
             shape: Full shape, e.g. ``(steps, heads, H*W, tokens)``.
             dtype: Torch dtype stored (values written are cast to it; fp16 for attention).
             stream_axis: The axis indexed by ``handle[i] = ...``.
+            compress: zstd each chunk (see :meth:`write`).
         """
         self._new_name(name)
         shape = tuple(int(size) for size in shape)
         axis = _check_axis(stream_axis, len(shape))
         assert axis is not None
-        array, _, shards = self._create(name, shape, stored_dtype(dtype), axis)
+        array, _, shards = self._create(name, shape, stored_dtype(dtype), axis, compress)
         handle = StreamHandle(array, name, dtype, axis, shards)
         self._streams[name] = handle
         return handle
@@ -332,7 +349,7 @@ class EntryWriter:
             raise ValueError(f"array {name!r} already written to entry {self.key}")
 
     def _create(
-        self, name: str, shape: tuple[int, ...], dtype: np.dtype, axis: int | None
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype, axis: int | None, compress: bool
     ) -> tuple[zarr.Array, tuple[int, ...], tuple[int, ...] | None]:
         assert self._group is not None
         local = self._layout.local_root is not None
@@ -344,9 +361,9 @@ class EntryWriter:
             dtype=dtype,
             chunks=chunks,
             shards=shards,
-            # One checksum layer: the manifest's sha256 per array and per step is checked on
+            # One checksum layer: the manifest's checksum per array and per step is checked on
             # every read; a crc32c codec on top cost ~16% of read throughput for nothing.
-            compressors=[ZstdCodec(level=ZSTD_LEVEL)],
+            compressors=[ZstdCodec(level=ZSTD_LEVEL)] if compress else None,
         )
         return array, chunks, shards
 
