@@ -10,6 +10,10 @@ read from an open entry (what a streaming consumer pays per step).
 
 from __future__ import annotations
 
+from quiet import quiet
+
+quiet()  # before diffusers and transformers are imported
+
 import argparse
 import statistics
 import tempfile

@@ -8,6 +8,10 @@ noisy); nothing here asserts a time.
 
 from __future__ import annotations
 
+from quiet import quiet
+
+quiet()  # before diffusers and transformers are imported
+
 import argparse
 import os
 import statistics

@@ -12,6 +12,10 @@ built on first use under ``$EDITFLOW_MODELS`` (default ``~/.cache/editflow/model
 
 from __future__ import annotations
 
+from quiet import quiet
+
+quiet()  # before diffusers and transformers are imported
+
 import argparse
 import os
 import time

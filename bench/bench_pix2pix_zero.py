@@ -29,6 +29,10 @@ first use under ``$EDITFLOW_MODELS`` (default ``~/.cache/editflow/models``).
 
 from __future__ import annotations
 
+from quiet import quiet
+
+quiet()  # before diffusers and transformers are imported
+
 import argparse
 import json
 import os
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from editflow.cache import Cache
+from editflow.cache import Cache, StreamedMaps
 from editflow.models.tiny import ensure_tiny
 from editflow.stages.attention import install_attention_recorder
 from editflow.stages.ddim import ddim_invert
@@ -126,6 +130,10 @@ def prepare(workdir: Path, folder: Path, steps: int, size: int) -> dict:
 
         with install_attention_recorder(unet) as recorder:
             reference_pass(recorder.predictor(predict), x_T, scheduler, caption, record=record)
+        layers = {
+            name: [f"layer{i}", list(shape)] for i, (name, shape) in enumerate(shapes.items())
+        }
+        writer.set_attrs(streams={"attention_maps": {"num_steps": steps, "layers": layers}})
     torch.save(
         {"x_T": x_T, "caption": caption, "direction": direction, "layer_names": list(shapes)},
         workdir / "inputs.pt",
@@ -158,6 +166,12 @@ def worker(mode: str, workdir: Path, folder: Path, steps: int, repeats: int) -> 
         """One step of every layer, read from its chunk in the cache."""
         return {name: entry.step(f"layer{k}", i) for k, name in enumerate(names)}
 
+    def streamed(i: int) -> dict[str, torch.Tensor]:
+        """The engine's reader: one step per call, the next one read in the background."""
+        if i == 0:  # a fresh reader per edit, as each engine run makes one
+            streamed.maps = StreamedMaps(Cache(workdir / "cache"), MAPS_KEY, "attention_maps")
+        return streamed.maps.step(i)
+
     def run(n_steps: int, reference_maps) -> float:
         scheduler = DDIMScheduler.from_config(config)
         scheduler.set_timesteps(n_steps)
@@ -185,7 +199,7 @@ def worker(mode: str, workdir: Path, folder: Path, steps: int, repeats: int) -> 
         ]
         reader = lambda i: {k: m[: len(m) // 2] for k, m in held[i].items()}  # noqa: E731
     else:
-        reader = read_step
+        reader = streamed
 
     run(2, reader)  # warm-up: allocator pools, lazy inits, page faults of the weights
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -12,6 +12,7 @@ which stage writes or reads.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -70,12 +71,18 @@ class StreamedMaps:
     """Reads a streamed output back from the cache one step at a time.
 
     Created before the entry is published (the producing stage returns it), so the entry is
-    looked up on first use.
+    looked up on first use. With ``prefetch`` (the default), reading step ``i`` starts reading
+    step ``i + 1`` on a background thread, so a consumer that walks the steps in order
+    overlaps its compute with the next read; a read that fails there fails the ``step`` call
+    that asks for that step, as a plain read would.
     """
 
-    def __init__(self, cache: Cache, key: str, output: str) -> None:
+    def __init__(self, cache: Cache, key: str, output: str, *, prefetch: bool = True) -> None:
         self.cache, self.key, self.output = cache, key, output
+        self.prefetch = prefetch
         self._entry: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
         self.bytes_read = 0
 
     def _open(self) -> Any:
@@ -99,10 +106,26 @@ class StreamedMaps:
 
     def step(self, index: int) -> dict[str, torch.Tensor]:
         """The maps of one step, read from one chunk per layer."""
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == index:
+            maps = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].cancel()
+            maps = self._read(index)
+        if self.prefetch and index + 1 < self.num_steps:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="editflow-prefetch")
+            self._next = (index + 1, self._pool.submit(self._read, index + 1))
+        elif self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        self.bytes_read += sum(tensor.numel() * tensor.element_size() for tensor in maps.values())
+        return maps
+
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
         entry = self._open()
-        maps = {
+        return {
             layer: entry.step(array, index)
             for layer, (array, _) in self._description["layers"].items()
         }
-        self.bytes_read += sum(tensor.numel() * tensor.element_size() for tensor in maps.values())
-        return maps

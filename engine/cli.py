@@ -135,15 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _quiet_library_progress() -> None:
-    """diffusers/transformers print their own loading bars; editflow's events replace them."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def _cache(args: argparse.Namespace):
     from editflow.engine.api import open_cache
 
@@ -157,7 +148,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = args.out or Path("out") / args.recipe.stem
     if out_dir.exists() and not out_dir.is_dir():
         raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
-    _quiet_library_progress()
     display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
     try:

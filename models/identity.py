@@ -208,6 +208,18 @@ class _HashMemo:
 # Hub models
 
 
+def quiet_libraries() -> None:
+    """Turn off the progress bars diffusers, transformers and huggingface_hub print while
+    loading, saving and downloading: editflow reports loads as events of its own."""
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def hub_offline() -> bool:
     """Whether the Hub may not be contacted, read now rather than at import time."""
     from huggingface_hub import constants

@@ -19,7 +19,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from editflow.errors import ModelUnavailableError
-from editflow.models.identity import hub_cache_dir, hub_offline, is_component, read_json_file
+from editflow.models.identity import (
+    hub_cache_dir,
+    hub_offline,
+    is_component,
+    quiet_libraries,
+    read_json_file,
+)
 from editflow.models.providers import TINY_ID, ResolvedModel
 from editflow.models.specs import ComponentSpec
 from editflow.models.tiny import ensure_tiny
@@ -178,6 +184,7 @@ class ModelRegistry:
         """
         if component == SCHEDULER_CONFIG:
             return self._scheduler_config
+        quiet_libraries()
         with self._lock:
             if component in self._components:
                 return self._components[component]

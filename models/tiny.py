@@ -27,6 +27,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from editflow.models.identity import quiet_libraries
+
 # Bumped whenever the build changes the weights or files for the same configs.
 TINY_BUILDER_VERSION = 3  # 2: tokenizer merges weighted by word rank
 TINY_SEED = 0
@@ -288,6 +290,7 @@ def ensure_tiny(models_dir: Path) -> Path:
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
     staging = final.parent / f".{final.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         build_tiny(staging)

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from support import ROOT
 
@@ -208,3 +209,18 @@ def test_an_edited_text_output_is_damage_not_a_silent_change(tmp_path: Path) -> 
     )
     assert second.computed == ["caption"] and len(events.of("damaged")) == 1
     assert cache.get(key).attrs["texts"]["caption"] == caption
+
+
+def test_bfloat16_runs_on_the_cpu_and_is_cached_as_float32_with_its_dtype(
+    cache: Cache, tmp_path: Path
+) -> None:
+    result, _ = _run(cache, tmp_path / "o", ['model.dtype="bfloat16"'])
+    assert set(result.computed) == ALL_STAGES
+    inverted = cache.get(result.keys["invert"])
+    assert inverted.arrays["latents"].dtype == "float32"
+    assert inverted.arrays["latents"].torch_dtype == "bfloat16"
+    assert inverted.tensor("latents").dtype == torch.bfloat16
+    assert inverted.attrs["preimage"]["dtype"] == "bfloat16"
+    # Another dtype is another key: float32 results are never served for bfloat16.
+    again, _ = _run(cache, tmp_path / "o32")
+    assert again.keys["invert"] != result.keys["invert"]
