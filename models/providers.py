@@ -27,9 +27,14 @@ from editflow.models.identity import (
     single_folder_files,
 )
 from editflow.models.section import DEFAULT_CAPTIONER, ModelSection
-from editflow.models.tiny import tiny_folder_name, tiny_identity, tiny_scheduler_config
+from editflow.models.tiny import (
+    TINY_VARIANTS,
+    tiny_folder_name,
+    tiny_identity,
+    tiny_scheduler_config,
+)
 
-TINY_ID = "tiny"
+TINY_ID = "tiny"  # the built-in models: "tiny" and its variants (TINY_VARIANTS)
 MODELS_ENV = "EDITFLOW_MODELS"
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
 # The syntax of "name" or "org/name" on the Hub; anything else can only be a path.
@@ -118,18 +123,18 @@ def resolve_model(
         ModelUnavailableError: The folder does not exist or is not a model, or a hub model
             is neither cached nor reachable, or does not exist.
     """
-    if spec.id == TINY_ID:
+    if spec.id in TINY_VARIANTS:
         if spec.revision is not None or spec.variant is not None:
             raise ModelUnavailableError(
-                "the built-in model 'tiny' has no revisions or variants",
+                f"the built-in model '{spec.id}' has no revisions or variants",
                 key="model.revision" if spec.revision is not None else "model.variant",
                 hint="remove the key, or name a hub model or a local folder",
             )
-        built = Path(models_dir) / tiny_folder_name()
+        built = Path(models_dir) / tiny_folder_name(spec.id)
         return ResolvedModel(
             spec=spec,
             folder=built if (built / "model_index.json").is_file() else None,
-            identity={"tiny": tiny_identity()},
+            identity={"tiny": tiny_identity(spec.id)},
             scheduler_config=tiny_scheduler_config(),
         )
     local = local_path(spec.id, Path(base_dir))
@@ -209,7 +214,8 @@ def resolve_captioner(
             cached nor reachable.
     """
     captioner_id = section.captioner
-    if captioner_id == TINY_ID or (section.id == TINY_ID and captioner_id == DEFAULT_CAPTIONER):
+    builtin = section.id in TINY_VARIANTS
+    if captioner_id == TINY_ID or (builtin and captioner_id == DEFAULT_CAPTIONER):
         return ResolvedModel(
             ModelSpec(TINY_ID), None, {"tiny": tiny_identity()}, {}, "model.captioner", "captioner"
         )

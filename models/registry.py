@@ -26,9 +26,9 @@ from editflow.models.identity import (
     quiet_libraries,
     read_json_file,
 )
-from editflow.models.providers import TINY_ID, ResolvedModel
+from editflow.models.providers import ResolvedModel
 from editflow.models.specs import ComponentSpec
-from editflow.models.tiny import ensure_tiny
+from editflow.models.tiny import TINY_VARIANTS, ensure_tiny
 
 if TYPE_CHECKING:
     import torch
@@ -136,8 +136,8 @@ class ModelRegistry:
     def folder(self) -> Path:
         """The model's folder: ``tiny`` is built, a hub model downloaded, on first access."""
         if self._folder is None:
-            if self.resolved.spec.id == TINY_ID:
-                built = ensure_tiny(self._models_dir)
+            if self.resolved.spec.id in TINY_VARIANTS:
+                built = ensure_tiny(self._models_dir, self.resolved.spec.id)
                 self._folder = built / "captioner" if self.resolved.layout == "captioner" else built
             else:
                 self._folder = self._download()

@@ -227,10 +227,44 @@ TINY_COMPONENTS: Mapping[str, TinyComponent] = MappingProxyType(
 )
 # The parts StableDiffusionPipeline knows; the others are editflow's extras in the folder.
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-# Written to model_index.json so diffusers' StableDiffusionPipeline loads the folder as is.
-_PIPELINE_CLASS = "StableDiffusionPipeline"
 _ABSENT_PIPELINE_PARTS = ("feature_extractor", "image_encoder", "safety_checker")
+
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """One built-in model: its components and the diffusers pipeline class that loads it.
+
+    Attributes:
+        components: Component name -> how to build it.
+        pipeline: Written to ``model_index.json`` so that pipeline loads the folder as is.
+    """
+
+    components: Mapping[str, TinyComponent]
+    pipeline: str
+
+
+# The inpainting variant is laid out as Stable Diffusion's inpainting model: its UNet takes
+# 9 channels (the noisy latent, the mask and the masked image's latent) and there is no
+# captioner (tiny's serves both).
+_INPAINT_UNET = TinyComponent(
+    "diffusers",
+    "UNet2DConditionModel",
+    MappingProxyType({**TINY_COMPONENTS["unet"].config, "in_channels": 9}),
+)
+TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
+    {
+        "tiny": TinyVariant(TINY_COMPONENTS, "StableDiffusionPipeline"),
+        "tiny-inpaint": TinyVariant(
+            MappingProxyType(
+                {
+                    **{n: c for n, c in TINY_COMPONENTS.items() if n != "captioner"},
+                    "unet": _INPAINT_UNET,
+                }
+            ),
+            "StableDiffusionInpaintPipeline",
+        ),
+    }
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -242,12 +276,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def tiny_identity() -> dict[str, Any]:
-    """What the tiny model is, as JSON: builder version, seed and every component config.
+def tiny_identity(variant: str = "tiny") -> dict[str, Any]:
+    """What a built-in model is, as JSON: builder version, seed and every component config.
 
     Cheap (builds and imports nothing), so cache keys and ``plan`` can use it.
     """
-    return {
+    identity: dict[str, Any] = {
         "builder_version": TINY_BUILDER_VERSION,
         "seed": TINY_SEED,
         "components": {
@@ -256,15 +290,18 @@ def tiny_identity() -> dict[str, Any]:
                 "class_name": component.class_name,
                 "config": _jsonable(component.config),
             }
-            for name, component in TINY_COMPONENTS.items()
+            for name, component in TINY_VARIANTS[variant].components.items()
         },
     }
+    if variant != "tiny":  # tiny's identity predates variants and keeps its form
+        identity["pipeline"] = TINY_VARIANTS[variant].pipeline
+    return identity
 
 
-def tiny_folder_name() -> str:
-    """The folder name ``tiny-<12 hex digits of sha256 over the canonical identity>``."""
-    canonical = json.dumps(tiny_identity(), sort_keys=True, separators=(",", ":"))
-    return f"tiny-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+def tiny_folder_name(variant: str = "tiny") -> str:
+    """The folder name ``<variant>-<12 hex digits of sha256 over the canonical identity>``."""
+    canonical = json.dumps(tiny_identity(variant), sort_keys=True, separators=(",", ":"))
+    return f"{variant}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
 def tiny_scheduler_config() -> dict[str, Any]:
@@ -273,8 +310,8 @@ def tiny_scheduler_config() -> dict[str, Any]:
     return {"_class_name": scheduler.class_name, **_jsonable(scheduler.config)}
 
 
-def ensure_tiny(models_dir: Path) -> Path:
-    """Return the tiny model's folder under ``models_dir``, building it first if missing.
+def ensure_tiny(models_dir: Path, variant: str = "tiny") -> Path:
+    """Return a built-in model's folder under ``models_dir``, building it first if missing.
 
     The build goes to a staging folder next to the final one and is published with one
     atomic ``os.rename``, so readers never see a half-written model and concurrent builders
@@ -282,18 +319,19 @@ def ensure_tiny(models_dir: Path) -> Path:
 
     Args:
         models_dir: Where built-in models live (created if missing).
+        variant: ``tiny`` or ``tiny-inpaint`` (:data:`TINY_VARIANTS`).
 
     Returns:
-        ``models_dir / tiny_folder_name()``, a folder in the diffusers layout.
+        ``models_dir / tiny_folder_name(variant)``, a folder in the diffusers layout.
     """
-    final = Path(models_dir) / tiny_folder_name()
+    final = Path(models_dir) / tiny_folder_name(variant)
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
     staging = final.parent / f".{final.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny(staging)
+        build_tiny(staging, variant)
         try:
             os.rename(staging, final)
         except OSError:
@@ -305,8 +343,8 @@ def ensure_tiny(models_dir: Path) -> Path:
     return final
 
 
-def build_tiny(folder: Path) -> None:
-    """Create every tiny component from its config and save it under ``folder``.
+def build_tiny(folder: Path, variant: str = "tiny") -> None:
+    """Create every component of a built-in model from its config and save it under ``folder``.
 
     Each component is initialised under its own forked RNG seeded with ``TINY_SEED``, so the
     weights are the same on every build, do not depend on which other components exist,
@@ -319,12 +357,12 @@ def build_tiny(folder: Path) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, component in TINY_COMPONENTS.items():
+    for name, component in TINY_VARIANTS[variant].components.items():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             built = _BUILDERS[name](component.config)
         _save(built, folder / name)
-    _write_model_index(folder)
+    _write_model_index(folder, TINY_VARIANTS[variant])
 
 
 def _save(component: Any, folder: Path) -> None:
@@ -340,19 +378,19 @@ def _save(component: Any, folder: Path) -> None:
         component.save_pretrained(folder)
 
 
-def _write_model_index(folder: Path) -> None:
+def _write_model_index(folder: Path, variant: TinyVariant) -> None:
     """Write ``model_index.json`` as ``DiffusionPipeline.save_pretrained`` formats it."""
     import diffusers
 
     index: dict[str, Any] = {
-        "_class_name": _PIPELINE_CLASS,
+        "_class_name": variant.pipeline,
         "_diffusers_version": diffusers.__version__,
         "requires_safety_checker": False,
     }
     index.update({part: [None, None] for part in _ABSENT_PIPELINE_PARTS})
     index.update(
         {
-            name: [TINY_COMPONENTS[name].library, TINY_COMPONENTS[name].class_name]
+            name: [variant.components[name].library, variant.components[name].class_name]
             for name in _PIPELINE_PARTS
         }
     )

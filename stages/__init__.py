@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.caption import CaptionBlip
+from editflow.stages.compositing import ComposePaste, SampleLocalIlvr
 from editflow.stages.decode import DecodeVae
 from editflow.stages.direction import BankMean, DeriveDirection
 from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
@@ -18,6 +19,7 @@ from editflow.stages.sample import SampleDdim, SampleEditFriendly, SamplePix2Pix
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     CaptionBlip,
+    ComposePaste,
     EncodeVae,
     InvertDdim,
     InvertEditFriendly,
@@ -27,6 +29,7 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     SampleDdim,
     SampleEditFriendly,
     SamplePix2PixZero,
+    SampleLocalIlvr,
     DecodeVae,
     FigureGrid,
     FigureNoiseStatistics,

@@ -19,6 +19,7 @@ from editflow.inputs import skimage_photos
 OK = (RECIPES / "ok.toml").read_text()
 TEXT_EDIT = MANIFESTS / "edit_friendly" / "text_edit.toml"
 CAT2DOG = MANIFESTS / "pix2pix_zero" / "cat2dog.toml"
+IMMERSION = MANIFESTS / "compositing" / "immersion.toml"
 PHOTOS = ", ".join(skimage_photos())
 
 
@@ -88,6 +89,20 @@ CASES = [
     ("no target word", lambda d: CAT2DOG, ["--set", 'stages.direction.target_word=" "'],
      "--set stages.direction.target_word=\" \": stages.direction.target_word: no target "
      "sentences: set target_word or connect target_sentences"),
+    # Compositing: sizes and factors the plan knows.
+    ("object outside", lambda d: IMMERSION, ["--set", "stages.paste.position=[40, 40]"],
+     "--set stages.paste.position=[40, 40]: stages.paste.position: the object (32x32 after "
+     "scale) at [40, 40] falls outside the background (64x64)"),
+    ("object mask size", lambda d: IMMERSION, ["--set", "inputs.object.size=[16, 16]"],
+     "{f}:28: stages.paste.object_mask: object_mask is 32x32 but object is 16x16"),
+    ("ilvr mask size", lambda d: IMMERSION, ["--set", 'stages.immerse.mask="inputs.disc"'],
+     "--set stages.immerse.mask=\"inputs.disc\": stages.immerse.mask: mask is 32x32 but the "
+     "reference is 64x64"),
+    ("n does not divide", lambda d: IMMERSION, ["--set", "stages.immerse.n_in=3"],
+     "--set stages.immerse.n_in=3: stages.immerse.n_in: n_in = 3 does not divide the latent "
+     "size 8x8"),
+    ("t above 1", lambda d: IMMERSION, ["--set", "stages.immerse.t_in=1.5"],
+     "--set stages.immerse.t_in=1.5: stages.immerse.t_in: must be <= 1.0, got 1.5"),
     # Part 3: recipe values keep their types.
     ("bool as string", lambda d: CAT2DOG, ["--set", 'stages.invert.regularize="yes"'],
      "--set stages.invert.regularize=\"yes\": stages.invert.regularize: must be true or false, "
@@ -195,3 +210,22 @@ def test_validate_takes_targets(tmp_path: Path, capsys: pytest.CaptureFixture) -
     )
     assert code == 0
     assert capsys.readouterr().out.strip().endswith("ok (2 stages, 1 inputs)")
+
+
+def test_the_background_preset_on_a_4_channel_model_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = MANIFESTS / "compositing" / "background.toml"
+    code = main(
+        ["run", str(recipe), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+         "--set", 'model.id="tiny"', "--set", "stages.generate.num_inference_steps=2"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"{recipe}: stages.generate: stage 'generate' (sample.local_ilvr) failed: "
+        "stages.generate.preset: preset 'background' needs an inpainting UNet (9 input "
+        "channels); this model's UNet takes 4 (set model.id to an inpainting model such as "
+        "'tiny-inpaint')"
+    )
+    assert not (tmp_path / "o").exists()

@@ -110,7 +110,7 @@ def test_concurrent_tiny_build_keeps_the_first_published_copy(
 ) -> None:
     final = tmp_path / tiny.tiny_folder_name()
 
-    def build_while_another_process_publishes(staging: Path) -> None:
+    def build_while_another_process_publishes(staging: Path, variant: str = "tiny") -> None:
         staging.mkdir()
         (staging / "model_index.json").write_text("ours")
         final.mkdir()

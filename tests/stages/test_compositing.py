@@ -1,0 +1,216 @@
+"""Cross-domain compositing: local ILVR invariants (METHODS.md §3), RePaint, peers."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from support import SD_CONFIG
+
+from editflow.stages.base import StageContext
+from editflow.stages.compositing import (
+    ComposePaste,
+    LocalIlvrParams,
+    PasteParams,
+    SampleLocalIlvr,
+    paste,
+)
+from editflow.stages.ddim import ddim_sample
+from editflow.stages.local_ilvr import (
+    LocalIlvr,
+    grow_mask,
+    local_ilvr_sample,
+    low_pass,
+    repaint_schedule,
+)
+
+STEPS = 10
+
+
+class CountingPredictor:
+    """A latent-dependent toy noise predictor that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x, t, embeds):
+        self.calls += 1
+        return 0.3 * torch.tanh(x) + 0.01 * embeds.mean()
+
+
+def scheduler(steps: int = STEPS) -> DDIMScheduler:
+    ddim = DDIMScheduler.from_config(SD_CONFIG)
+    ddim.set_timesteps(steps)
+    return ddim
+
+
+@pytest.fixture
+def setup():
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn(1, 4, 8, 8, generator=generator)
+    reference = torch.randn(1, 4, 8, 8, generator=generator)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    cond = torch.randn(1, 5, 16, generator=generator)
+    return x_T, reference, mask, cond
+
+
+def sample(setup, guidance, **knobs):
+    x_T, _, _, cond = setup
+    return local_ilvr_sample(
+        CountingPredictor(), x_T, scheduler(), cond, guidance=guidance,
+        generator=torch.Generator().manual_seed(1), **knobs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("space", ["xt", "x0"])
+def test_full_guidance_without_filtering_returns_the_reference(setup, space):
+    _, reference, mask, _ = setup
+    guidance = LocalIlvr(reference, mask, 1, 1, 1.0, 1.0, space)
+    result = sample(setup, guidance)
+    assert torch.allclose(result, reference, atol=1e-5)
+
+
+def test_guidance_outside_only_keeps_the_outsides_low_frequencies(setup):
+    _, reference, mask, _ = setup
+    guided = sample(setup, LocalIlvr(reference, mask, 1, 2, t_in=0.0, t_out=1.0))
+    free = sample(setup, None)
+
+    def outside(x):  # low-passed difference to the reference, outside the mask
+        return (low_pass(x - reference, 2) * (1 - mask)).norm()
+
+    def inside(x):
+        return ((x - reference) * mask).norm()
+
+    assert outside(guided) < 0.2 * outside(free)  # measured 6.4 vs 43
+    assert inside(guided) > 0.5 * inside(free)  # the inside is left free
+
+
+def test_blend_pix_zero_is_hard_and_a_ramp_lies_strictly_between():
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 6:10, 6:10] = 1
+    assert torch.equal(grow_mask(mask, 0), mask)
+    ramp = grow_mask(mask, 3)
+    assert torch.equal(ramp[mask == 1], torch.ones(16))
+    band = (ramp > 0) & (ramp < 1)
+    assert band.sum() > 0 and band[..., 4:12, 4:12].sum() == band.sum()  # 2 px around the edge
+    assert torch.allclose(ramp[..., 5, 8], torch.tensor([2 / 3])) and ramp[..., 0, 0] == 0
+
+
+def test_repaint_calls_the_unet_as_often_as_its_schedule_implies(setup):
+    _, reference, mask, cond = setup
+    levels = repaint_schedule(STEPS, 0.6, jump=2, resamples=3)
+    downs = sum(after > level for level, after in pairwise(levels))
+    assert levels[0] == 0 and levels[-1] == STEPS and downs == STEPS + 2 * 2 * 3
+    predictor = CountingPredictor()
+    local_ilvr_sample(
+        predictor, setup[0], scheduler(), cond, guidance=LocalIlvr(reference, mask),
+        repaint_start=0.6, repaint_jump=2, repaint_resamples=3,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert predictor.calls == downs
+
+
+def test_resampling_off_reproduces_the_plain_run_exactly(setup):
+    _, reference, mask, _ = setup
+    guidance = LocalIlvr(reference, mask, 2, 1, 0.5, 1.0)
+    plain = sample(setup, guidance)
+    off = sample(setup, guidance, repaint_start=0.8, repaint_jump=2, repaint_resamples=1)
+    assert torch.equal(off, plain)
+    on = sample(setup, guidance, repaint_start=0.8, repaint_jump=2, repaint_resamples=2)
+    assert not torch.equal(on, plain)
+
+
+def test_without_guidance_it_is_plain_ddim(setup):
+    x_T, _, _, cond = setup
+    uncond = torch.zeros_like(cond)
+    ours = local_ilvr_sample(
+        CountingPredictor(), x_T, scheduler(), cond, uncond, guidance=None, guidance_scale=5.0
+    )
+    theirs = ddim_sample(CountingPredictor(), x_T, scheduler(), cond, uncond, guidance_scale=5.0)
+    assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------
+# The stages on the tiny models
+
+
+def test_paste_places_the_scaled_object_and_its_mask():
+    background = torch.zeros(1, 3, 16, 16)
+    obj = torch.ones(1, 3, 4, 4)
+    disc = torch.ones(1, 1, 4, 4)
+    composite, mask = paste(background, obj, disc, (2, 6), 2.0)
+    assert mask.sum() == 64 and torch.equal(mask[..., 2:10, 6:14], torch.ones(1, 1, 8, 8))
+    assert torch.equal(composite, mask.expand(-1, 3, -1, -1))
+    out = ComposePaste().call(
+        StageContext("paste", 0, torch.device("cpu"), torch.float32),
+        PasteParams(position=(2, 6), scale=2.0),
+        {"background": background, "object": obj, "object_mask": disc},
+    )
+    assert torch.equal(out["masked"][mask.expand(-1, 3, -1, -1) == 0], torch.full((576,), 0.5))
+
+
+def _context(folder: Path, name: str = "generate") -> StageContext:
+    from editflow.models import ModelRegistry, ModelSpec, resolve_model
+
+    resolved = resolve_model(
+        ModelSpec(folder.name), base_dir=folder.parent, models_dir=folder.parent, hash_memo=None
+    )
+    models = ModelRegistry(
+        resolved, device=torch.device("cpu"), dtype=torch.float32, models_dir=folder.parent
+    )
+    return StageContext(name, 0, torch.device("cpu"), torch.float32, models=models)
+
+
+def test_unguided_local_ilvr_on_tiny_inpaint_equals_diffusers_inpaint_pipeline(models_dir):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from editflow.models.tiny import ensure_tiny
+
+    folder = ensure_tiny(models_dir, "tiny-inpaint")
+    ctx = _context(folder)
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(1, 4, 8, 8, generator=generator)
+    masked = torch.randn(1, 4, 8, 8, generator=generator)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    params = LocalIlvrParams(prompt="a photo", t_in=0.0, t_out=0.0, num_inference_steps=5)
+    ours = SampleLocalIlvr().call(
+        ctx, params, {"reference": reference, "mask": mask, "masked_reference": masked}
+    )["latents"]
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+    x_T = torch.randn(1, 4, 8, 8, generator=ctx.generator())  # the stage's first draw
+    theirs = pipe(
+        "a photo", image=torch.zeros(1, 3, 64, 64), mask_image=1 - mask, masked_image_latents=masked,
+        latents=x_T, num_inference_steps=5, guidance_scale=5.0, eta=0.0, output_type="latent",
+        height=64, width=64,
+    ).images  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_background_preset_on_a_4_channel_unet_is_refused(tiny_folder: Path):
+    from editflow.errors import EditflowError
+
+    ctx = _context(tiny_folder)
+    params = LocalIlvrParams(preset="background", num_inference_steps=2)
+    with pytest.raises(EditflowError) as error:
+        SampleLocalIlvr().call(
+            ctx, params, {"reference": torch.zeros(1, 4, 8, 8), "mask": torch.zeros(1, 1, 64, 64)}
+        )
+    assert str(error.value) == (
+        "stages.generate.preset: preset 'background' needs an inpainting UNet (9 input "
+        "channels); this model's UNet takes 4 (set model.id to an inpainting model such as "
+        "'tiny-inpaint')"
+    )
+
+
+def test_presets_fill_what_the_recipe_leaves_out():
+    immersion = LocalIlvrParams(preset="immersion", n_in=4)
+    assert (immersion.t_in, immersion.t_out, immersion.n_in, immersion.repaint_start) == (
+        0.5, 1.0, 4, 0.2,
+    )  # fmt: skip
+    assert LocalIlvrParams(preset="background").t_out == 0.5
