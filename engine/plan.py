@@ -119,9 +119,17 @@ def build_plan(
         )
     if problems:
         raise RecipeError(problems=sort_problems(problems))
-    models = resolve_models(
-        loaded, [stage for stage in stages.values() if stage.needed], models_dir
-    )
+    needed = [stage for stage in stages.values() if stage.needed]
+    models = resolve_models(loaded, needed, models_dir)
+    problems = [
+        loaded.located(
+            Problem(message, key=f"stages.{stage.name}" + (f".{field}" if field else ""))
+        )
+        for stage in needed
+        for field, message in stage.kind.check_models(stage.params, models)
+    ]
+    if problems:
+        raise RecipeError(problems=sort_problems(problems))
     input_keys = {name: input_key(item.section, item.digest) for name, item in inputs.items()}
     keys: dict[str, str] = {}
     for stage in stages.values():

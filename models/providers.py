@@ -23,6 +23,7 @@ from editflow.models.identity import (
     folder_reader,
     hash_files,
     pipeline_files,
+    read_json_file,
     resolve_hub,
     single_folder_files,
 )
@@ -91,6 +92,17 @@ class ResolvedModel:
     scheduler_config: dict[str, Any]
     provider: str = "model.id"
     layout: str = "pipeline"
+
+    def text_positions(self) -> int | None:
+        """A captioner's text decoder positions, from its config (None when unknown)."""
+        if self.spec.id in TINY_VARIANTS:
+            text = TINY_VARIANTS["tiny"].components["captioner"].config["text"]
+            return int(text["max_position_embeddings"])
+        config = self.folder / "config.json" if self.folder is not None else None
+        if config is None or not config.is_file():
+            return None
+        text = read_json_file(config, self.provider).get("text_config") or {}
+        return text.get("max_position_embeddings")
 
     def fingerprint(self) -> dict[str, Any]:
         """What enters the cache key of a stage that uses this model."""

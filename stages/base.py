@@ -197,6 +197,12 @@ class StageKind:
             return params, problems + [(None, error_message(item, [])) for item in error.errors()]
 
     @classmethod
+    def check_models(cls, params: Any, models: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """Rules that need the resolved models (``provider -> ResolvedModel``), checked while
+        planning from their configs; no weight is read."""
+        return []
+
+    @classmethod
     def check(
         cls,
         params: Any,

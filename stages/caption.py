@@ -8,6 +8,7 @@ give the caption instead; then no captioner is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,6 +81,25 @@ class CaptionBlip(StageKind):
     @classmethod
     def component_specs(cls, params: CaptionParams) -> tuple[specs.ComponentSpec, ...]:
         return () if params.caption is not None else cls.components
+
+    @classmethod
+    def check_models(
+        cls, params: CaptionParams, models: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        captioner = models.get(specs.CAPTIONER.provider)
+        positions = captioner.text_positions() if captioner is not None else None
+        words = len(params.prompt.split())
+        # Every word is at least one token, after the decoder's start token: the exact
+        # count needs the tokenizer, which the stage checks again when it runs.
+        if params.caption is None and positions is not None and words + 1 >= positions:
+            return [
+                (
+                    "prompt",
+                    f"the prompt's {words} words take all of the captioner's {positions} text"
+                    " positions: shorten the prompt",
+                )
+            ]
+        return []
 
     def run(
         self, ctx: StageContext, params: CaptionParams, *, images: torch.Tensor

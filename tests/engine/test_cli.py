@@ -137,8 +137,9 @@ def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Pat
 
     recipe = str(ROOT / "manifests" / "pix2pix_zero" / "cat2dog.toml")
     cache = tmp_path / "cache"
-    # A prompt longer than the captioner's text positions: only the stage can tell.
-    overrides = ['stages.caption.prompt="' + " ".join(["cat"] * 100) + '"']
+    # 40 words fit in the captioner's 64 text positions, their 80 tokens do not: only the
+    # stage, which tokenizes, can tell.
+    overrides = ['stages.caption.prompt="' + " ".join(["cat,"] * 40) + '"']
     sets = [arg for o in overrides for arg in ("--set", o)]
     argv = ["run", recipe, "--cache", str(cache), "--out", str(tmp_path / "o")]
     code, _, err = _run(capsys, *argv, "--target", "invert", *sets,
@@ -146,7 +147,7 @@ def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Pat
     assert code == 2
     assert err.strip().splitlines()[-1] == (
         f"{recipe}: stages.caption: stage 'caption' (caption.blip) failed: "
-        "stages.caption.prompt: the prompt takes all 101 of the captioner's text positions "
+        "stages.caption.prompt: the prompt takes all 81 of the captioner's text positions "
         "(shorten the prompt)"
     )
     plan = plan_recipe(recipe, overrides, cache=Cache(cache))
