@@ -100,31 +100,13 @@ def build_plan(
     if problems or graph is None:
         raise RecipeError(problems=sort_problems(problems))
 
-    stages: dict[str, PlannedStage] = {}
-    for name in graph.order:  # producers first, so what a stage inherits is resolved
-        spec = loaded.stages[name]
-        producers = {
-            port: (producer, stages[producer].params)
-            for port, ref in spec.references.items()
-            if isinstance(ref, str) and (producer := producer_of(ref)) in stages
-        }
-        params, issues = spec.kind.inherit(spec.params, producers)
-        problems += [
-            loaded.located(Problem(message, key=f"stages.{name}" + (f".{field}" if field else "")))
-            for field, message in issues
-        ]
-        components = spec.kind.component_specs(params)
-        stages[name] = PlannedStage(
-            name, spec.kind, params, spec.references, components, needed=name in graph.needed
-        )
+    stages, problems = _inherit(loaded, graph.order, graph.needed)
     if problems:
         raise RecipeError(problems=sort_problems(problems))
     needed = [stage for stage in stages.values() if stage.needed]
     models = resolve_models(loaded, needed, models_dir)
     problems = [
-        loaded.located(
-            Problem(message, key=f"stages.{stage.name}" + (f".{field}" if field else ""))
-        )
+        _located(loaded, stage.name, field, message)
         for stage in needed
         for field, message in stage.kind.check_models(stage.params, models)
     ]
@@ -146,6 +128,33 @@ def build_plan(
         stage.key = keys[stage.name] = key_of(stage.preimage)
     recipe_hash = hashlib.sha256(canonical_json(loaded.raw).encode()).hexdigest()
     return Plan(loaded, inputs, stages, models, recipe_hash, input_keys)
+
+
+def _inherit(
+    loaded: LoadedRecipe, order: list[str], needed: frozenset[str]
+) -> tuple[dict[str, PlannedStage], list[Problem]]:
+    """The planned stages, producers first, each with what it inherits from its producers."""
+    stages: dict[str, PlannedStage] = {}
+    problems: list[Problem] = []
+    for name in order:
+        spec = loaded.stages[name]
+        producers = {
+            port: (producer, stages[producer].params)
+            for port, ref in spec.references.items()
+            if isinstance(ref, str) and (producer := producer_of(ref)) in stages
+        }
+        params, issues = spec.kind.inherit(spec.params, producers)
+        problems += [_located(loaded, name, field, message) for field, message in issues]
+        components = spec.kind.component_specs(params)
+        stages[name] = PlannedStage(
+            name, spec.kind, params, spec.references, components, needed=name in needed
+        )
+    return stages, problems
+
+
+def _located(loaded: LoadedRecipe, stage: str, field: str | None, message: str) -> Problem:
+    """A kind's (field, message) problem, located at ``stages.STAGE[.FIELD]``."""
+    return loaded.located(Problem(message, key=f"stages.{stage}" + (f".{field}" if field else "")))
 
 
 def resolve_models(
