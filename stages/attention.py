@@ -1,8 +1,8 @@
 """Cross-attention capture for pix2pix-zero (Parmar et al., SIGGRAPH 2023).
 
-:func:`install_attention_recorder` swaps a recording processor into every cross-attention
-layer of a diffusers ``UNet2DConditionModel`` (self-attention layers keep their own, usually
-faster, processor) and puts the original processors back on exit::
+:func:`install_attention_recorder` wraps every cross-attention layer of a diffusers
+``UNet2DConditionModel`` in a recording processor that keeps the layer's own (fused SDPA)
+computation for its output, and puts the original processors back on exit::
 
     with install_attention_recorder(unet) as recorder:
         predict_maps = recorder.predictor(unet_noise_predictor(unet))
@@ -36,16 +36,18 @@ MapsPredictor = Callable[
 class RecordingCrossAttnProcessor:
     """A diffusers attention processor that hands its attention probabilities to a recorder.
 
-    The computation is diffusers' ``AttnProcessor`` (explicit softmax, no fused kernel, so
-    the probabilities exist as a tensor); the only addition is the ``recorder.store`` call.
+    The layer's output always comes from the processor it had before (PyTorch's fused SDPA
+    in current diffusers), so a recorded call and a plain one compute the same numbers.
+    While the recorder captures, the probabilities ``softmax(Q K^T / sqrt(d))`` are also
+    computed explicitly from the same projections (with their autograd graph, which
+    cross-attention guidance differentiates) and stored; outside capture nothing extra runs.
     """
 
-    def __init__(self, recorder: AttentionRecorder, name: str) -> None:
+    def __init__(self, recorder: AttentionRecorder, name: str, fallback: Any) -> None:
         self.recorder = recorder
         self.name = name
+        self.fallback = fallback
 
-    # Copied from diffusers.models.attention_processor.AttnProcessor.__call__ (0.42.1), with
-    # the deprecated ``scale`` argument dropped and the recording line added.
     def __call__(
         self,
         attn: Any,
@@ -56,62 +58,39 @@ class RecordingCrossAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        is_cross_attention = encoder_hidden_states is not None
-        residual = hidden_states
-
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-
-        attention_probs = attn.get_attention_scores(query, key, attention_mask)
-        if is_cross_attention:
-            self.recorder.store(self.name, attention_probs)
-        hidden_states = torch.bmm(attention_probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-
-        # linear proj
-        hidden_states = attn.to_out[0](hidden_states)
-        # dropout
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(
-                batch_size, channel, height, width
+        if self.recorder.capturing_now and encoder_hidden_states is not None:
+            self.recorder.store(
+                self.name,
+                _probabilities(attn, hidden_states, encoder_hidden_states, attention_mask, temb),
             )
+        return self.fallback(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+        )
 
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
 
-        hidden_states = hidden_states / attn.rescale_output_factor
-
-        return hidden_states
+def _probabilities(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    temb: torch.Tensor | None,
+) -> torch.Tensor:
+    """(N * heads, q, k) attention probabilities of a cross-attention layer, computed as
+    diffusers' ``AttnProcessor`` does before it multiplies them with the values."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+    batch, length, _ = encoder_hidden_states.shape
+    attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+    return attn.get_attention_scores(query, key, attention_mask)
 
 
 class AttentionRecorder:
@@ -130,6 +109,11 @@ class AttentionRecorder:
         self.maps: AttentionMaps = {}
         self._capturing = False
         self._cfg_batch = False
+
+    @property
+    def capturing_now(self) -> bool:
+        """Whether the UNet call under way is being recorded."""
+        return self._capturing
 
     def store(self, name: str, probs: torch.Tensor) -> None:
         """Called by the processors; keeps ``probs`` only while capturing."""
@@ -194,7 +178,8 @@ def install_attention_recorder(unet: Any) -> Iterator[AttentionRecorder]:
     recorder = AttentionRecorder(layers)
     processors = dict(original)
     for name in layers:
-        processors[f"{name}.processor"] = RecordingCrossAttnProcessor(recorder, name)
+        fallback = original[f"{name}.processor"]
+        processors[f"{name}.processor"] = RecordingCrossAttnProcessor(recorder, name, fallback)
     unet.set_attn_processor(processors)
     try:
         yield recorder

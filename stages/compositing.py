@@ -264,7 +264,9 @@ class SampleLocalIlvr(StageKind):
             guided=params.guidance_scale != 1.0,
         )  # fmt: skip
         scheduler = DDIMScheduler.from_config(models.scheduler_config)
-        scheduler.set_timesteps(params.num_inference_steps, device=ctx.device)
+        # Timesteps stay on the CPU: the loop reads them as numbers without waiting for the
+        # device, and the UNet moves each one to the latent's device itself.
+        scheduler.set_timesteps(params.num_inference_steps)
         generator = ctx.generator()
         start = params.num_inference_steps - int(params.num_inference_steps * params.strength)
         if start == 0:

@@ -31,7 +31,8 @@ class StepInfo(TypedDict):
         denoised: (N, C, h, w) the clean latent predicted at this step, ``x0_hat``.
         eps: The (guided) model output the step used, where the loop has one.
         z: The noise map the step added (edit-friendly loops).
-        loss: The guidance loss before the step, or ``None`` (pix2pix-zero's edit).
+        loss: The guidance loss before the step as a 0-d tensor, or ``None`` (pix2pix-zero's
+            edit); a tensor, so that reporting it never waits for the device.
     """
 
     i: int
@@ -40,7 +41,7 @@ class StepInfo(TypedDict):
     denoised: torch.Tensor
     eps: NotRequired[torch.Tensor]
     z: NotRequired[torch.Tensor]
-    loss: NotRequired[float | None]
+    loss: NotRequired[torch.Tensor | None]
 
 
 # Called once per step by every loop.

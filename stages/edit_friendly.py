@@ -151,8 +151,10 @@ def edit_friendly_invert(
         if callback is not None:
             denoised = step.x0_hat(model_output, t, path[i])
         mu, scale = step.mean_and_scale(model_output, t, path[i])
-        if scale > 0:
-            noise_maps[i] = (path[i + 1] - mu) / scale
+        # A step without noise keeps z = 0; torch.where, not `if`, so the loop never waits
+        # for the device to tell the scale's sign.
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        noise_maps[i] = torch.where(scale > 0, (path[i + 1] - mu) / safe, noise_maps[i])
         path[i + 1] = mu + scale * noise_maps[i]
         if callback is not None:
             callback({"i": i, "t": t, "x": path[i + 1], "denoised": denoised, "z": noise_maps[i]})

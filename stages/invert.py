@@ -180,8 +180,10 @@ class InvertEditFriendly(StageKind):
         cond, uncond = encode_prompt_pair(
             models, params.source_prompt, "", len(x0), guided=bool(params.source_prompt)
         )
+        # Timesteps stay on the CPU: the loop reads them as numbers without waiting for the
+        # device, and the UNet moves each one to the latent's device itself.
         scheduler = build_scheduler(
-            params.scheduler, models.scheduler_config, params.num_inference_steps, ctx.device
+            params.scheduler, models.scheduler_config, params.num_inference_steps
         )
         inversion = edit_friendly_invert(
             unet_noise_predictor(models.get("unet")),

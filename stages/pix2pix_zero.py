@@ -149,7 +149,7 @@ def guided_edit(
         eta: DDIM stochasticity (the paper uses 0).
         generator: CPU generator for the variance noise when ``eta > 0``.
         callback: Called after every step with a ``StepInfo`` whose ``loss`` is the attention
-            loss before the SGD step (``None`` without guidance).
+            loss before the SGD step, a 0-d tensor (``None`` without guidance).
 
     Returns:
         (N, C, h, w) edited latents x_0.
@@ -167,7 +167,7 @@ def guided_edit(
                 loss = attention_loss(maps, reference)
                 (grad,) = torch.autograd.grad(loss, leaf)
             del maps, reference
-            loss_value = float(loss)
+            loss_value = loss.detach()  # a tensor: reading it would wait for the device
             x = (leaf - xa_guidance * grad).detach()
         model_input = scheduler.scale_model_input(x, t)
         eps = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)

@@ -227,9 +227,8 @@ class SampleEditFriendly(StageKind):
                 key=f"stages.{ctx.name}.auxiliary_path",
                 hint="connect noise_maps and auxiliary_path of the same inversion stage",
             )
-        scheduler = build_scheduler(
-            params.scheduler, models.scheduler_config, num_steps, ctx.device
-        )
+        # Timesteps stay on the CPU (see invert.edit_friendly).
+        scheduler = build_scheduler(params.scheduler, models.scheduler_config, num_steps)
         inversion = EditFriendlyInversion(path[0], noise_maps, path, scheduler.timesteps)
         # An empty target prompt means no CFG.
         cond, uncond = encode_prompt_pair(
@@ -317,7 +316,7 @@ class SamplePix2PixZero(StageKind):
     """pix2pix-zero edit: caption + direction, guided by the reference cross-attention maps."""
 
     kind = "sample.pix2pix_zero"
-    version = "1"
+    version = "2"  # 2: recorded layers compute their output with fused SDPA
     description = "Edit x_T along a text direction with cross-attention guidance"
     params = SamplePix2PixZeroParams
     inputs = (

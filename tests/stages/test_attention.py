@@ -106,3 +106,21 @@ def test_attention_loss_refuses_maps_of_different_layers():
     maps = {"a": torch.rand(2, 4, 77)}
     with pytest.raises(ValueError, match="different layers"):
         attention_loss(maps, {"b": torch.rand(2, 4, 77)})
+
+
+def test_every_layer_keeps_fused_sdpa_and_recording_changes_no_number(unet):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    x_t, t, embeds = inputs()
+    predict = unet_noise_predictor(unet)
+    plain = predict(x_t, t, embeds)
+    with install_attention_recorder(unet) as recorder:
+        wrapped = {name: p for name, p in unet.attn_processors.items() if "attn2" in name}
+        others = {name: p for name, p in unet.attn_processors.items() if "attn2" not in name}
+        assert all(isinstance(p.fallback, AttnProcessor2_0) for p in wrapped.values())
+        assert all(isinstance(p, AttnProcessor2_0) for p in others.values())
+        inside = predict(x_t, t, embeds)
+        recorded, maps = recorder.predictor(predict)(x_t, t, embeds)
+    assert torch.equal(inside, plain) and torch.equal(recorded, plain)
+    assert len(maps) == 4
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
