@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -92,6 +92,7 @@ class ResolvedModel:
     scheduler_config: dict[str, Any]
     provider: str = "model.id"
     layout: str = "pipeline"
+    compiled: bool = False  # the denoiser runs through torch.compile
 
     def text_positions(self) -> int | None:
         """A captioner's text decoder positions, from its config (None when unknown)."""
@@ -106,13 +107,13 @@ class ResolvedModel:
 
     def fingerprint(self) -> dict[str, Any]:
         """What enters the cache key of a stage that uses this model."""
-        if not self.scheduler_config:
-            return {"identity": self.identity}
-        scheduler = {
-            "class": self.scheduler_config.get("_class_name"),
-            "config": self.scheduler_config,
-        }
-        return {"identity": self.identity, "scheduler": scheduler}
+        fingerprint: dict[str, Any] = {"identity": self.identity}
+        if self.scheduler_config:
+            config = self.scheduler_config
+            fingerprint["scheduler"] = {"class": config.get("_class_name"), "config": config}
+        if self.compiled:  # compiled kernels may round differently: another result
+            fingerprint["compiled"] = True
+        return fingerprint
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,7 +268,8 @@ def _resolve_main(
     section: ModelSection, *, base_dir: Path, models_dir: Path, hash_memo: Path | None
 ) -> ResolvedModel:
     spec = ModelSpec(section.id, section.revision, section.variant)
-    return resolve_model(spec, base_dir=base_dir, models_dir=models_dir, hash_memo=hash_memo)
+    resolved = resolve_model(spec, base_dir=base_dir, models_dir=models_dir, hash_memo=hash_memo)
+    return replace(resolved, compiled=section.compile)
 
 
 PROVIDERS: Mapping[str, Resolver] = MappingProxyType(

@@ -28,6 +28,11 @@ class ModelSection(Table):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Compute dtype (float16/bfloat16 are meant for GPUs)"
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the denoiser in channels-last memory (for GPUs; recorded"
+        " in cache keys, whose results it may change in the last bits)",
+    )
     captioner: str = Field(
         DEFAULT_CAPTIONER,
         description="BLIP for caption stages: hub id or folder ('tiny' has its own built in)",

@@ -251,6 +251,67 @@ _INPAINT_UNET = TinyComponent(
     "UNet2DConditionModel",
     MappingProxyType({**TINY_COMPONENTS["unet"].config, "in_channels": 9}),
 )
+# Stable Diffusion 1.5's full-size configs with random weights: for timing and memory on a
+# GPU, never for quality. The tokenizer is tiny's (its ids fit the full-size embedding).
+_SD15_SHAPED = MappingProxyType(
+    {
+        "unet": TinyComponent(
+            "diffusers",
+            "UNet2DConditionModel",
+            MappingProxyType(
+                {
+                    "sample_size": 64,
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "layers_per_block": 2,
+                    "block_out_channels": (320, 640, 1280, 1280),
+                    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                    "cross_attention_dim": 768,
+                    "attention_head_dim": 8,
+                }
+            ),
+        ),
+        "vae": TinyComponent(
+            "diffusers",
+            "AutoencoderKL",
+            MappingProxyType(
+                {
+                    "sample_size": 512,
+                    "in_channels": 3,
+                    "out_channels": 3,
+                    "down_block_types": ("DownEncoderBlock2D",) * 4,
+                    "up_block_types": ("UpDecoderBlock2D",) * 4,
+                    "block_out_channels": (128, 256, 512, 512),
+                    "layers_per_block": 2,
+                    "latent_channels": 4,
+                    "scaling_factor": 0.18215,
+                }
+            ),
+        ),
+        "text_encoder": TinyComponent(
+            "transformers",
+            "CLIPTextModel",
+            MappingProxyType(
+                {
+                    "hidden_size": 768,
+                    "num_hidden_layers": 12,
+                    "num_attention_heads": 12,
+                    "intermediate_size": 3072,
+                    "projection_dim": 768,
+                    "vocab_size": 49408,
+                    "max_position_embeddings": _MAX_TOKENS,
+                    "hidden_act": "quick_gelu",
+                    "bos_token_id": _BOS_ID,
+                    "eos_token_id": _EOS_ID,
+                    "pad_token_id": _EOS_ID,
+                }
+            ),
+        ),
+        "tokenizer": TINY_COMPONENTS["tokenizer"],
+        "scheduler": TINY_COMPONENTS["scheduler"],
+    }
+)
 TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
     {
         "tiny": TinyVariant(TINY_COMPONENTS, "StableDiffusionPipeline"),
@@ -263,6 +324,7 @@ TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
             ),
             "StableDiffusionInpaintPipeline",
         ),
+        "sd15-shaped": TinyVariant(_SD15_SHAPED, "StableDiffusionPipeline"),
     }
 )
 

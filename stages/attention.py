@@ -167,6 +167,7 @@ def install_attention_recorder(unet: Any) -> Iterator[AttentionRecorder]:
     Yields:
         The :class:`AttentionRecorder`; its maps are keyed by the layer's module name.
     """
+    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile'd UNet: its module's names
     original = dict(unet.attn_processors)
     layers = [
         name

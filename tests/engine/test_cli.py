@@ -290,7 +290,12 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path, delay: float) -> N
     argv = [sys.executable, "-m", "editflow", "run", QUICKSTART, "--cache", str(tmp_path / "c"),
             "--out", str(tmp_path / "o"), *[a for s in steps for a in ("--set", s)]]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background job (CI's, say) starts with SIGINT ignored; Ctrl-C reaches a
+    # foreground process, so the child gets the default disposition back.
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
