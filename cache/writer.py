@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -41,6 +42,7 @@ from .entry import (
     stored_checksum,
 )
 from .layout import Layout, check_array_name, check_key
+from .shards import shard_path, shard_path_of, write_shard
 
 ZSTD_LEVEL = 1
 """Fast zstd, for arrays written with ``compress=True``; float noise barely shrinks at any level."""
@@ -126,8 +128,12 @@ class StreamHandle:
         dtype: torch.dtype,
         stream_axis: int,
         shards: tuple[int, ...] | None,
+        codec: str = "raw",
+        direct: Path | None = None,
     ) -> None:
         self.name = name
+        self.codec = codec
+        self._direct = direct  # the array's folder, when finished shards are written as files
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.dtype = dtype
         self.stream_axis = stream_axis
@@ -194,6 +200,7 @@ class StreamHandle:
             shards=self._shards,
             stream_axis=self.stream_axis,
             step_checksums=tuple(digest for digest in self._step_checksums if digest is not None),
+            codec=self.codec,
         )
 
     def _selection(self, index: int) -> tuple[slice | int, ...]:
@@ -208,8 +215,12 @@ class StreamHandle:
         pending[index] = values
         if len(pending) == stop - start:
             stacked = np.stack([pending[i] for i in range(start, stop)], axis=self.stream_axis)
-            region = (slice(None),) * self.stream_axis + (slice(start, stop),)
-            self._array[region] = stacked
+            if self._direct is not None:
+                path = shard_path_of(self._direct, shard, stacked.ndim)
+                write_shard(path, stacked, self._array.chunks[0], per_shard)
+            else:
+                region = (slice(None),) * self.stream_axis + (slice(start, stop),)
+                self._array[region] = stacked
             del self._pending[shard]
 
 
@@ -291,9 +302,12 @@ class EntryWriter:
         self._new_name(name)
         stored, torch_dtype = to_stored(value)
         axis = _check_axis(stream_axis, stored.ndim)
-        array, chunks, shards = self._create(name, stored.shape, stored.dtype, axis, compress)
-        with zarr.config.set(PARALLEL):
-            array[...] = stored
+        array, chunks, shards = self._create(
+            name, stored.shape, stored.dtype, axis, compress, whole=True
+        )
+        if not self._write_shard(name, stored, chunks, shards, axis, compress):
+            with zarr.config.set(PARALLEL):
+                array[...] = stored
         steps = None
         if axis is not None:
             selections = ((slice(None),) * axis + (i,) for i in range(stored.shape[axis]))
@@ -308,6 +322,7 @@ class EntryWriter:
             shards=shards,
             stream_axis=axis,
             step_checksums=steps,
+            codec="zstd" if compress else "raw",
         )
 
     def create_stream(
@@ -332,14 +347,43 @@ class EntryWriter:
         shape = tuple(int(size) for size in shape)
         axis = _check_axis(stream_axis, len(shape))
         assert axis is not None
-        array, _, shards = self._create(name, shape, stored_dtype(dtype), axis, compress)
-        handle = StreamHandle(array, name, dtype, axis, shards)
+        array, chunks, shards = self._create(name, shape, stored_dtype(dtype), axis, compress)
+        direct = None
+        if self._layout.local_root is not None and not compress and axis == 0 and shards:
+            if tuple(chunks[1:]) == tuple(shape[1:]) == tuple(shards[1:]):
+                direct = Path(self._layout.object_path(self.key, self.object_id)) / name
+        codec = "zstd" if compress else "raw"
+        handle = StreamHandle(array, name, dtype, axis, shards, codec, direct)
         self._streams[name] = handle
         return handle
 
     def set_attrs(self, **attrs: Any) -> None:
         """Add or replace attributes (e.g. timings known only at the end)."""
         self._attrs.update(_json_copy(attrs))
+
+    def _write_shard(
+        self,
+        name: str,
+        stored: np.ndarray,
+        chunks: tuple[int, ...],
+        shards: tuple[int, ...] | None,
+        axis: int | None,
+        compress: bool,
+    ) -> bool:
+        """Write a local, raw, single-shard stream in one file write (see ``shards``);
+        False where zarr must write it."""
+        eligible = (
+            self._layout.local_root is not None
+            and not compress
+            and axis == 0
+            and shards is not None
+            and shards[0] >= stored.shape[0]
+            and tuple(chunks[1:]) == tuple(stored.shape[1:]) == tuple(shards[1:])
+        )
+        if eligible:
+            folder = Path(self._layout.object_path(self.key, self.object_id)) / name
+            write_shard(shard_path(folder, stored.ndim), stored, chunks[0], shards[0])
+        return eligible
 
     def _new_name(self, name: str) -> None:
         if self._group is None:
@@ -349,11 +393,19 @@ class EntryWriter:
             raise ValueError(f"array {name!r} already written to entry {self.key}")
 
     def _create(
-        self, name: str, shape: tuple[int, ...], dtype: np.dtype, axis: int | None, compress: bool
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        axis: int | None,
+        compress: bool,
+        whole: bool = False,
     ) -> tuple[zarr.Array, tuple[int, ...], tuple[int, ...] | None]:
         assert self._group is not None
         local = self._layout.local_root is not None
         shard_bytes = LOCAL_SHARD_BYTES if local else SHARD_BYTES
+        if local and whole:  # all in memory already: one shard file, written at once
+            shard_bytes = 2**62
         chunks, shards = chunk_layout(shape, dtype.itemsize, axis, True, shard_bytes)
         array = self._group.create_array(
             name,

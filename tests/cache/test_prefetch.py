@@ -42,7 +42,7 @@ def test_prefetching_reads_the_same_bytes_in_the_same_order(
 
     monkeypatch.setattr(Entry, "step", recorded)
     plain = StreamedMaps(cache, KEY, "attention_maps", prefetch=False)
-    ahead = StreamedMaps(cache, KEY, "attention_maps")
+    ahead = StreamedMaps(cache, KEY, "attention_maps", prefetch=True)
     for step in range(STEPS):
         expected = {name: value[step] for name, value in maps.items()}
         for reader in (plain, ahead):
@@ -66,8 +66,15 @@ def test_a_failed_prefetch_fails_the_step_that_asks_for_it(tmp_path) -> None:
     step_bytes = 4 * 64 * 128 * 2
     data[2 * step_bytes + 100] ^= 0xFF  # inside step 2 of the 'down' layer
     shard.write_bytes(bytes(data))
-    reader = StreamedMaps(cache, KEY, "attention_maps")
+    reader = StreamedMaps(cache, KEY, "attention_maps", prefetch=True)
     reader.step(0)
     reader.step(1)  # step 2 is read (and fails) in the background meanwhile
     with pytest.raises(DamagedEntryError, match="at step 2"):
         reader.step(2)
+
+
+def test_prefetching_is_on_by_default_only_for_big_steps(cache: Cache, maps) -> None:
+    reader = StreamedMaps(cache, KEY, "attention_maps")
+    assert reader.step_bytes == 2 * 4 * 64 * 128 * 2  # two fp16 layers
+    reader.step(0)
+    assert reader.prefetch is False  # 128 KiB a step: read in line
