@@ -11,6 +11,7 @@ The cache knows storage layouts, not artifact types: the engine says how each ou
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -95,3 +96,49 @@ def read_outputs(cache: Cache, entry: Entry, layouts: Mapping[str, str]) -> dict
         else:
             outputs[name] = entry.tensor(name)
     return outputs
+
+
+def finish_entry(
+    entry: LazyEntry,
+    outputs: Mapping[str, Any],
+    layouts: Mapping[str, str],
+    streams: dict[str, StreamWriter],
+    seconds: float,
+) -> None:
+    """Write a stage's outputs into its entry and publish it; on failure nothing is published."""
+    try:
+        write_outputs(entry.writer(), outputs, layouts, streams, seconds)
+    except BaseException as error:
+        entry.abandon(error)
+        raise
+    entry.publish()
+
+
+class WriteQueue:
+    """Entries written on one background thread, so the next stage computes meanwhile.
+
+    ``wait(key)`` blocks until that entry is published (a reader of streamed maps needs it);
+    ``finish()`` waits for every write and raises the first failure. Writes leave the GIL
+    for file I/O, so the stage thread keeps running (measured in ``bench/bench_core.py``).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="editflow-cache-writer")
+        self._pending: dict[str, Future[None]] = {}
+
+    def submit(self, key: str, function: Any, *args: Any) -> None:
+        self._pending[key] = self._pool.submit(function, *args)
+
+    def wait(self, key: str) -> None:
+        if key in self._pending:
+            self._pending[key].result()
+
+    def finish(self, raise_errors: bool = True) -> None:
+        try:
+            for future in self._pending.values():
+                if raise_errors:
+                    future.result()
+                else:
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)

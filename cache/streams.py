@@ -82,9 +82,16 @@ class StreamedMaps:
     """
 
     def __init__(
-        self, cache: Cache, key: str, output: str, *, prefetch: bool | None = None
+        self,
+        cache: Cache,
+        key: str,
+        output: str,
+        *,
+        prefetch: bool | None = None,
+        ready: Any = None,
     ) -> None:
         self.cache, self.key, self.output = cache, key, output
+        self.ready = ready  # called before the first read: waits for the entry's publication
         self.prefetch = prefetch
         self._entry: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -93,6 +100,8 @@ class StreamedMaps:
 
     def _open(self) -> Any:
         if self._entry is None:
+            if self.ready is not None:
+                self.ready()
             self._entry = self.cache.get(self.key)
             if self._entry is None:
                 raise RuntimeError(f"streamed output {self.output} of {self.key} is not published")

@@ -16,7 +16,7 @@ import torch
 
 import editflow
 from editflow.cache import Cache, DamagedEntryError, StreamedMaps, StreamWriter
-from editflow.cache.artifacts import LazyEntry, read_outputs, write_outputs
+from editflow.cache.artifacts import LazyEntry, WriteQueue, finish_entry, read_outputs
 from editflow.documents import document_identity
 from editflow.engine.events import Event, EventSink
 from editflow.engine.graph import producer_of
@@ -91,12 +91,18 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs the needed stages one after another in this process; each computed stage's
-    entry is published before the next stage starts."""
+    """Runs the needed stages one after another in this process; a computed stage's entry is
+    written on a background thread while the next stage runs, and all are published (or the
+    first failure raised) before ``execute`` returns."""
 
     def execute(self, plan: Plan, session: Session) -> RunResult:
         run = _Run(plan, session)
-        run.all()
+        try:
+            run.all()
+        except BaseException:
+            run.writes.finish(raise_errors=False)  # the stage's error is the one to show
+            raise
+        run.writes.finish()
         return run.result
 
 
@@ -108,6 +114,7 @@ class _Run:
         self.cache = session.cache
         self.values: dict[str, dict[str, Any]] = {}
         self.producers = {stage.key: stage.name for stage in plan.stages.values()}
+        self.writes = WriteQueue()
         self.result = RunResult(keys={stage.name: stage.key for stage in plan.needed})
 
     def all(self) -> None:
@@ -204,7 +211,6 @@ class _Run:
             if missing:
                 raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
             seconds = time.perf_counter() - started
-            write_outputs(entry.writer(), outputs, layouts(stage), streams, seconds)
         except BaseException as error:
             entry.abandon(error)  # discards anything already written
             producer = self.producers.get(getattr(error, "key", None))
@@ -220,7 +226,9 @@ class _Run:
                     key=f"stages.{stage.name}",
                 ) from None
             raise
-        entry.publish()
+        self.writes.submit(
+            stage.key, finish_entry, entry, outputs, layouts(stage), streams, seconds
+        )
         self.result.computed.append(stage.name)
         self.result.seconds[stage.name] = seconds
         session.events(Event("done", stage.name, kind, stage.key, seconds=seconds))
@@ -238,7 +246,7 @@ class _Run:
             port = stage.kind.output_port(output)
             if port is None or LAYOUTS.get(port.type) not in ("maps", "steps"):
                 raise RuntimeError(f"{kind} cannot stream output {output!r}")  # a stage bug
-            reader = StreamedMaps(self.cache, key, output)
+            reader = StreamedMaps(self.cache, key, output, ready=lambda: self.writes.wait(key))
             streams[output] = StreamWriter(entry.writer(), output, layers, dtype, reader)
             return streams[output]
 

@@ -76,16 +76,10 @@ def stage_preimage(
 ) -> dict[str, Any]:
     """Everything that determines a stage's outputs (ENGINE.md, "Cache keys").
 
-    Args:
-        kind: The stage kind (its name and version).
-        params: Its resolved params (defaults filled in).
-        references: Input port -> reference(s).
-        upstream_key: Reference -> ``{"stage" | "input", ..., "key"}`` of its producer.
-        models: Provider -> resolved model for each provider the stage's components name
-            (``None`` for a stage that is not needed and so was not resolved).
-        seed: The recipe seed (enters only for seeded configurations).
-        stage_name: The stage's name (the seed path).
-        dtype: The compute dtype (enters only for stages that use a model).
+    ``upstream_key`` maps a reference to its producer's ``{"stage" | "input", ..., "key"}``;
+    ``models`` maps each provider the stage's components name to its resolved model (``None``
+    for a stage that is not needed). The seed enters only seeded configurations, the dtype
+    only stages that use a model.
     """
     seeded = kind.is_seeded(params)
     return {

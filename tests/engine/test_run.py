@@ -224,3 +224,24 @@ def test_bfloat16_runs_on_the_cpu_and_is_cached_as_float32_with_its_dtype(
     # Another dtype is another key: float32 results are never served for bfloat16.
     again, _ = _run(cache, tmp_path / "o32")
     assert again.keys["invert"] != result.keys["invert"]
+
+
+def test_entries_are_written_on_the_writer_thread_and_all_published_on_return(
+    cache: Cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from editflow.cache import artifacts
+
+    threads: list[str] = []
+    original = artifacts.write_outputs
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "write_outputs", recorded)
+    result, _ = _run(cache, tmp_path / "o")
+    assert len(threads) == len(ALL_STAGES)
+    assert all(name.startswith("editflow-cache-writer") for name in threads)
+    assert all(cache.has(key) for key in result.keys.values())
