@@ -15,7 +15,13 @@ from editflow.models.providers import (
     resolve_model,
     resolve_providers,
 )
-from editflow.models.registry import Captioner, ModelRegistry, RunModels, StageModels
+from editflow.models.registry import (
+    Captioner,
+    ModelRegistry,
+    ModelWithProcessor,
+    RunModels,
+    StageModels,
+)
 from editflow.models.section import ModelSection, resolve_device
 from editflow.models.specs import ComponentSpec
 
@@ -27,6 +33,7 @@ __all__ = [
     "ModelRegistry",
     "ModelSection",
     "ModelSpec",
+    "ModelWithProcessor",
     "ResolvedModel",
     "RunModels",
     "StageModels",

@@ -27,7 +27,7 @@ from editflow.models.identity import (
     resolve_hub,
     single_folder_files,
 )
-from editflow.models.section import DEFAULT_CAPTIONER, ModelSection
+from editflow.models.section import DEFAULT_CAPTIONER, DEFAULT_CLIP, ModelSection
 from editflow.models.tiny import (
     TINY_VARIANTS,
     tiny_folder_name,
@@ -219,42 +219,63 @@ def resolve_captioner(
 ) -> ResolvedModel:
     """Pin down the BLIP captioner a recipe uses (``model.captioner``); loads no weights.
 
-    With the built-in ``tiny`` model, the default captioner (or ``"tiny"``) is tiny's own
-    BLIP. Otherwise it is a transformers BLIP folder or hub id, identified like any model.
+    With a built-in model, the default captioner (or ``"tiny"``) is tiny's own BLIP.
+    Otherwise it is a transformers BLIP folder or hub id, identified like any model.
 
     Raises:
         ModelUnavailableError: The folder is missing or not a model, or the hub id is neither
             cached nor reachable.
     """
-    captioner_id = section.captioner
-    builtin = section.id in TINY_VARIANTS
-    if captioner_id == TINY_ID or (builtin and captioner_id == DEFAULT_CAPTIONER):
-        return ResolvedModel(
-            ModelSpec(TINY_ID), None, {"tiny": tiny_identity()}, {}, "model.captioner", "captioner"
-        )
-    spec = ModelSpec(captioner_id)
-    folder = local_path(captioner_id, Path(base_dir))
+    return _resolve_single_folder(
+        section, "captioner", DEFAULT_CAPTIONER, base_dir=base_dir, hash_memo=hash_memo,
+        otherwise="give the caption in the recipe, or set model.captioner to a local folder",
+    )  # fmt: skip
+
+
+def resolve_clip(
+    section: ModelSection, *, base_dir: Path, models_dir: Path, hash_memo: Path | None
+) -> ResolvedModel:
+    """Pin down the CLIP a recipe scores images with (``model.clip``); loads no weights.
+
+    With a built-in model, the default CLIP (or ``"tiny"``) is tiny's own.
+    """
+    return _resolve_single_folder(
+        section, "clip", DEFAULT_CLIP, base_dir=base_dir, hash_memo=hash_memo,
+        otherwise="or set model.clip to a local folder",
+    )  # fmt: skip
+
+
+def _resolve_single_folder(
+    section: ModelSection,
+    field: str,
+    default: str,
+    *,
+    base_dir: Path,
+    hash_memo: Path | None,
+    otherwise: str,
+) -> ResolvedModel:
+    """A transformers model kept in one folder with its processor (``model.<field>``)."""
+    model_id, key = getattr(section, field), f"model.{field}"
+    if model_id == TINY_ID or (section.id in TINY_VARIANTS and model_id == default):
+        return ResolvedModel(ModelSpec(TINY_ID), None, {"tiny": tiny_identity()}, {}, key, field)
+    spec = ModelSpec(model_id)
+    folder = local_path(model_id, Path(base_dir))
     if folder is None:
         hub = resolve_hub(
-            captioner_id,
-            None,
-            single_folder_files,
-            key="model.captioner",
-            what="captioner",
-            otherwise="give the caption in the recipe, or set model.captioner to a local folder",
+            model_id, None, single_folder_files, key=key, what=field, otherwise=otherwise,
             hash_memo=hash_memo,
-        )
-        identity = {"repo": captioner_id, "commit": hub.commit, "files": hub.files}
-        return ResolvedModel(spec, hub.snapshot, identity, {}, "model.captioner", "captioner")
+        )  # fmt: skip
+        identity = {"repo": model_id, "commit": hub.commit, "files": hub.files}
+        return ResolvedModel(spec, hub.snapshot, identity, {}, key, field)
     if not (folder / "config.json").is_file():
         raise ModelUnavailableError(
-            f"captioner '{captioner_id}' has no config.json",
-            key="model.captioner",
-            hint="use a BLIP folder as transformers' save_pretrained writes it, or a hub id",
+            f"{field} '{model_id}' has no config.json",
+            key=key,
+            hint="use a folder as transformers' save_pretrained writes it, or a hub id",
         )
     files = single_folder_files(folder_paths(folder))
     identity = {"files": hash_files(folder, files, hash_memo)}
-    return ResolvedModel(spec, folder, identity, {}, "model.captioner", "captioner")
+    return ResolvedModel(spec, folder, identity, {}, key, field)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +294,7 @@ def _resolve_main(
 
 
 PROVIDERS: Mapping[str, Resolver] = MappingProxyType(
-    {"model.id": _resolve_main, "model.captioner": resolve_captioner}
+    {"model.id": _resolve_main, "model.captioner": resolve_captioner, "model.clip": resolve_clip}
 )
 
 

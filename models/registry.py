@@ -140,7 +140,8 @@ class ModelRegistry:
         if self._folder is None:
             if self.resolved.spec.id in TINY_VARIANTS:
                 built = ensure_tiny(self._models_dir, self.resolved.spec.id)
-                self._folder = built / "captioner" if self.resolved.layout == "captioner" else built
+                layout = self.resolved.layout  # a helper model is a folder inside tiny's
+                self._folder = built if layout == "pipeline" else built / layout
             else:
                 self._folder = self._download()
         return self._folder
@@ -204,8 +205,8 @@ class ModelRegistry:
         if component == "scheduler":
             # Schedulers hold per-run state (set_timesteps), so one shared instance is a bug.
             raise ValueError("build schedulers from ModelRegistry.scheduler_config instead")
-        if self.resolved.layout == "captioner":
-            return self._load_captioner()
+        if self.resolved.layout != "pipeline":
+            return self._load_single_folder(self.resolved.layout)
         folder = self.folder
         library, class_name = _component_class(folder, component, self.resolved.spec.id)
         cls = getattr(importlib.import_module(library), class_name)
@@ -234,23 +235,27 @@ class ModelRegistry:
                 loaded = torch.compile(loaded.to(memory_format=torch.channels_last))
         return loaded
 
-    def _load_captioner(self) -> Captioner:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
+    def _load_single_folder(self, layout: str) -> ModelWithProcessor:
+        """A transformers model and its processor from one folder (a captioner, a CLIP)."""
+        import transformers
 
+        model_class, processor_class = SINGLE_FOLDER_CLASSES[layout]
         folder = self.folder
         try:
-            model = BlipForConditionalGeneration.from_pretrained(
+            model = getattr(transformers, model_class).from_pretrained(
                 folder, dtype=self.dtype, local_files_only=True
             )
-            processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+            processor = getattr(transformers, processor_class).from_pretrained(
+                folder, local_files_only=True
+            )
         except OSError as error:
             raise ModelUnavailableError(
-                f"captioner '{self.resolved.spec.id}' cannot be loaded: "
+                f"{layout} '{self.resolved.spec.id}' cannot be loaded: "
                 f"{str(error).splitlines()[0]}",
                 key=self.resolved.provider,
             ) from None
         model = model.to(self.device).eval().requires_grad_(False)
-        return Captioner(model, processor)
+        return ModelWithProcessor(model, processor)
 
 
 class RunModels:
@@ -329,11 +334,21 @@ class StageModels:
         return self.get(SCHEDULER_CONFIG)
 
 
-class Captioner(NamedTuple):
-    """A BLIP captioning model and its processor."""
+class ModelWithProcessor(NamedTuple):
+    """A transformers model and its processor (a BLIP captioner, a CLIP)."""
 
     model: Any
     processor: Any
+
+
+Captioner = ModelWithProcessor
+# The helper models kept in one folder: layout -> (model class, processor class).
+SINGLE_FOLDER_CLASSES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "captioner": ("BlipForConditionalGeneration", "BlipProcessor"),
+        "clip": ("CLIPModel", "CLIPProcessor"),
+    }
+)
 
 
 def _component_class(folder: Path, component: str, model_id: str) -> tuple[str, str]:

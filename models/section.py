@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
 class ModelSection(Table):
@@ -32,6 +33,10 @@ class ModelSection(Table):
         False,
         description="torch.compile the denoiser in channels-last memory (for GPUs; recorded"
         " in cache keys, whose results it may change in the last bits)",
+    )
+    clip: str = Field(
+        DEFAULT_CLIP,
+        description="CLIP for scoring stages: hub id or folder ('tiny' has its own built in)",
     )
     captioner: str = Field(
         DEFAULT_CAPTIONER,

@@ -41,5 +41,8 @@ SCHEDULER_CONFIG = ComponentSpec("scheduler_config", "scheduler config", "model.
 # pix2pix-zero's captioner: a transformers BLIP folder with its processor.
 CAPTIONER = ComponentSpec("captioner", "BlipForConditionalGeneration", "model.captioner")
 
+# A CLIP model and its processor, for scoring images against prompts.
+CLIP = ComponentSpec("clip", "CLIPModel", "model.clip")
+
 # What most samplers need: the denoiser, the prompt encoder and the scheduler config.
 DENOISER = (UNET, TEXT_ENCODER, TOKENIZER, SCHEDULER_CONFIG)

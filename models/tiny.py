@@ -222,7 +222,42 @@ TINY_COMPONENTS: Mapping[str, TinyComponent] = MappingProxyType(
                 }
             ),
         ),
-        # Later: "image_encoder" (CLIP vision), "controlnet", "pixel_unet".
+        # A CLIP (text and vision towers) for scoring images against prompts, saved as one
+        # folder with its processor (tiny's tokenizer, CLIP's image preprocessing).
+        "clip": TinyComponent(
+            "transformers",
+            "CLIPModel",
+            MappingProxyType(
+                {
+                    "projection_dim": _TEXT_DIM,
+                    "image_size": 32,
+                    "text": MappingProxyType(
+                        {
+                            "hidden_size": _TEXT_DIM,
+                            "intermediate_size": 37,
+                            "num_hidden_layers": 2,
+                            "num_attention_heads": 4,
+                            "vocab_size": _VOCAB_SIZE,
+                            "max_position_embeddings": _MAX_TOKENS,
+                            "bos_token_id": _BOS_ID,
+                            "eos_token_id": _EOS_ID,
+                            "pad_token_id": _EOS_ID,
+                        }
+                    ),
+                    "vision": MappingProxyType(
+                        {
+                            "hidden_size": _TEXT_DIM,
+                            "intermediate_size": 37,
+                            "num_hidden_layers": 2,
+                            "num_attention_heads": 4,
+                            "image_size": 32,
+                            "patch_size": 8,
+                        }
+                    ),
+                }
+            ),
+        ),
+        # Later: "controlnet", "pixel_unet".
     }
 )
 # The parts StableDiffusionPipeline knows; the others are editflow's extras in the folder.
@@ -318,7 +353,7 @@ TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
         "tiny-inpaint": TinyVariant(
             MappingProxyType(
                 {
-                    **{n: c for n, c in TINY_COMPONENTS.items() if n != "captioner"},
+                    **{n: c for n, c in TINY_COMPONENTS.items() if n not in ("captioner", "clip")},
                     "unet": _INPAINT_UNET,
                 }
             ),
@@ -527,6 +562,23 @@ def _blip_image_processor(size: int) -> Any:
     return cls(size={"height": size, "width": size})
 
 
+def _build_clip(config: Mapping[str, Any]) -> Any:
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab, merges = _clip_vocab(_VOCAB_SIZE)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_MAX_TOKENS)
+    size = config["image_size"]
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    images = cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    clip = CLIPConfig(
+        text_config=_jsonable(config["text"]),
+        vision_config=_jsonable(config["vision"]),
+        projection_dim=config["projection_dim"],
+    )
+    return CLIPModel(clip), CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "unet": _build_unet,
     "vae": _build_vae,
@@ -534,6 +586,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "tokenizer": _build_tokenizer,
     "scheduler": _build_scheduler,
     "captioner": _build_captioner,
+    "clip": _build_clip,
 }
 
 

@@ -15,6 +15,7 @@ from editflow.stages.encode import EncodeVae
 from editflow.stages.figure import FigureGrid
 from editflow.stages.guide import GuidePix2PixZeroReference
 from editflow.stages.invert import InvertDdim, InvertEditFriendly
+from editflow.stages.rank import RankClip
 from editflow.stages.sample import SampleDdim, SampleEditFriendly, SamplePix2PixZero
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
@@ -31,6 +32,7 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     SamplePix2PixZero,
     SampleLocalIlvr,
     DecodeVae,
+    RankClip,
     FigureGrid,
     FigureNoiseStatistics,
 )

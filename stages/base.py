@@ -33,6 +33,7 @@ class ArtifactType(enum.StrEnum):
     TEXT = "text"  # str
     EMBEDDING = "embedding"  # float (N, tokens, D)
     DIRECTION = "direction"  # float (1, tokens, D)
+    SCORES = "scores"  # float (N,)
 
 
 @dataclass(frozen=True)
