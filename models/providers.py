@@ -94,6 +94,21 @@ class ResolvedModel:
     layout: str = "pipeline"
     compiled: bool = False  # the denoiser runs through torch.compile
 
+    def prompt_tokens(self, prompt: str) -> int | None:
+        """Positions a captioner's prompt takes before the caption (its tokens after the
+        start token), from its tokenizer files alone; None when they are not on disk."""
+        if self.spec.id in TINY_VARIANTS:
+            from editflow.models.tiny import captioner_tokenizer
+
+            tokenizer = captioner_tokenizer()
+        elif self.folder is not None and (self.folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        else:
+            return None
+        return len(tokenizer(prompt, verbose=False).input_ids) - 1
+
     def text_positions(self) -> int | None:
         """A captioner's text decoder positions, from its config (None when unknown)."""
         if self.spec.id in TINY_VARIANTS:

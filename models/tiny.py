@@ -530,14 +530,22 @@ def _build_scheduler(config: Mapping[str, Any]) -> Any:
     return DDIMScheduler(**_jsonable(config))
 
 
-def _build_captioner(config: Mapping[str, Any]) -> Any:
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+def captioner_tokenizer() -> Any:
+    """The tiny captioner's WordPiece tokenizer, built without building the model."""
+    from transformers import BertTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     words = list(dict.fromkeys(specials + letters + _MERGE_CORPUS))
     vocab = {word: index for index, word in enumerate(words)}
-    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
+    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=64)
+
+
+def _build_captioner(config: Mapping[str, Any]) -> Any:
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    tokenizer = captioner_tokenizer()
+    vocab = tokenizer.get_vocab()
     size = config["image_size"]
     processor = BlipProcessor(image_processor=_blip_image_processor(size), tokenizer=tokenizer)
     text = dict(

@@ -87,16 +87,16 @@ class CaptionBlip(StageKind):
         cls, params: CaptionParams, models: Mapping[str, Any]
     ) -> list[tuple[str | None, str]]:
         captioner = models.get(specs.CAPTIONER.provider)
-        positions = captioner.text_positions() if captioner is not None else None
-        words = len(params.prompt.split())
-        # Every word is at least one token, after the decoder's start token: the exact
-        # count needs the tokenizer, which the stage checks again when it runs.
-        if params.caption is None and positions is not None and words + 1 >= positions:
+        if params.caption is not None or not params.prompt or captioner is None:
+            return []
+        positions = captioner.text_positions()
+        taken = captioner.prompt_tokens(params.prompt)  # the tokenizer's files, no weights
+        if positions is not None and taken is not None and taken >= positions:
             return [
                 (
                     "prompt",
-                    f"the prompt's {words} words take all of the captioner's {positions} text"
-                    " positions: shorten the prompt",
+                    f"the prompt takes all {taken} of the captioner's text positions:"
+                    " shorten the prompt",
                 )
             ]
         return []

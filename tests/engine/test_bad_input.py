@@ -90,8 +90,11 @@ CASES = [
      "--set stages.direction.target_word=\" \": stages.direction.target_word: no target "
      "sentences: set target_word or connect target_sentences"),
     ("caption prompt too long", lambda d: CAT2DOG, ["--set", 'stages.caption.prompt="' + "cat " * 70 + '"'],
-     "--set stages.caption.prompt=\"" + "cat " * 70 + "\": stages.caption.prompt: the prompt's 70 "
-     "words take all of the captioner's 64 text positions: shorten the prompt"),
+     "--set stages.caption.prompt=\"" + "cat " * 70 + "\": stages.caption.prompt: the prompt "
+     "takes all 71 of the captioner's text positions: shorten the prompt"),
+    ("caption prompt too many tokens", lambda d: CAT2DOG, ["--set", 'stages.caption.prompt="' + "cat, " * 40 + '"'],
+     "--set stages.caption.prompt=\"" + "cat, " * 40 + "\": stages.caption.prompt: the prompt "
+     "takes all 81 of the captioner's text positions: shorten the prompt"),
     # Compositing: sizes and factors the plan knows.
     ("object outside", lambda d: IMMERSION, ["--set", "stages.paste.position=[40, 40]"],
      "--set stages.paste.position=[40, 40]: stages.paste.position: the object (32x32 after "

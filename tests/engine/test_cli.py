@@ -135,23 +135,30 @@ def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Pat
     from editflow.cache import Cache
     from editflow.engine.api import plan_recipe
 
-    recipe = str(ROOT / "manifests" / "pix2pix_zero" / "cat2dog.toml")
+    # The edit reads its noise maps from one inversion and its auxiliary path from another
+    # with more steps: the plan cannot see the arrays' lengths, the stage can.
+    text = (ROOT / "manifests" / "edit_friendly" / "text_edit.toml").read_text()
+    text = text.replace(
+        'auxiliary_path = "invert.auxiliary_path"\ntarget_prompt = "a photo of a dog"',
+        'auxiliary_path = "other.auxiliary_path"\ntarget_prompt = "a photo of a dog"',
+    )
+    text += '\n[stages.other]\nkind = "invert.edit_friendly"\nlatents = "encode.latents"\nnum_inference_steps = 4\n'
+    recipe = tmp_path / "mixed.toml"
+    recipe.write_text(text)
     cache = tmp_path / "cache"
-    # 40 words fit in the captioner's 64 text positions, their 80 tokens do not: only the
-    # stage, which tokenizes, can tell.
-    overrides = ['stages.caption.prompt="' + " ".join(["cat,"] * 40) + '"']
+    overrides = ["stages.invert.num_inference_steps=3", "stages.edit.skip=0"]
     sets = [arg for o in overrides for arg in ("--set", o)]
-    argv = ["run", recipe, "--cache", str(cache), "--out", str(tmp_path / "o")]
-    code, _, err = _run(capsys, *argv, "--target", "invert", *sets,
-                        "--set", "stages.invert.num_inference_steps=2")  # fmt: skip
+    argv = ["run", str(recipe), "--cache", str(cache), "--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *argv, "--target", "edit", *sets)
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        f"{recipe}: stages.caption: stage 'caption' (caption.blip) failed: "
-        "stages.caption.prompt: the prompt takes all 81 of the captioner's text positions "
-        "(shorten the prompt)"
+        f"{recipe}: stages.edit: stage 'edit' (sample.edit_friendly) failed: "
+        "stages.edit.auxiliary_path: auxiliary_path has 5 levels, expected 4 "
+        "(connect noise_maps and auxiliary_path of the same inversion stage)"
     )
     plan = plan_recipe(recipe, overrides, cache=Cache(cache))
-    assert not Cache(cache).has(plan.stages["caption"].key)
+    assert not Cache(cache).has(plan.stages["edit"].key)
+    assert Cache(cache).has(plan.stages["invert"].key)  # finished stages stay cached
     assert not (tmp_path / "o").exists()
 
 
