@@ -87,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = actions.add_parser("verify", help="recompute checksums; damaged entries are removed")
     verify.add_argument("--keep-damaged", action="store_true", help="report only")
     gc = actions.add_parser("gc", help="remove unpublished leftovers and old entries")
-    gc.add_argument(
-        "--older-than-days", type=float, help="also remove entries older than this many days"
-    )
+    gc.add_argument("--older-than-days", type=float, help="also remove older entries (days)")
     rm = actions.add_parser("rm", help="remove entries by key or unique prefix (>= 8 characters)")
     rm.add_argument("keys", nargs="*", metavar="KEY")
     rm.add_argument("--all", action="store_true", help="remove every entry")
@@ -103,9 +101,8 @@ def entry() -> None:
     """The ``editflow`` command: :func:`main`, then exit with its status.
 
     After Ctrl-C the process ends at once: interpreter shutdown could otherwise meet the
-    interrupt again in a library's thread or finaliser and print a traceback. Everything
-    that must be undone (staged cache objects, half-written files) was undone while the
-    interrupt unwound the stack.
+    interrupt again in a library's thread or finaliser and print a traceback. What must be
+    undone (staged cache objects, half-written files) was undone as the interrupt unwound.
     """
     code = main()
     if code == EXIT_INTERRUPTED:
@@ -123,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except EditflowError as error:
         print(error.render(), file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `editflow cache ls | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         if error.errno not in USER_OS_ERRORS:
             raise

@@ -309,3 +309,22 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path, delay: float) -> N
     assert process.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`editflow schema | head -1`: the reader leaves early; no traceback, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "editflow", "schema"], stdout=write_end,
+            stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert process.returncode == 0, process.stderr
+    assert "Traceback" not in process.stderr
