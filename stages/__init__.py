@@ -14,7 +14,7 @@ from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
 from editflow.stages.encode import EncodeVae
 from editflow.stages.figure import FigureGrid
 from editflow.stages.guide import GuidePix2PixZeroReference
-from editflow.stages.invert import InvertDdim, InvertEditFriendly
+from editflow.stages.invert import InvertDdim, InvertEditFriendly, InvertTextualInversion
 from editflow.stages.rank import RankClip
 from editflow.stages.sample import SampleDdim, SampleEditFriendly, SamplePix2PixZero
 
@@ -24,6 +24,7 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     EncodeVae,
     InvertDdim,
     InvertEditFriendly,
+    InvertTextualInversion,
     BankMean,
     DeriveDirection,
     GuidePix2PixZeroReference,

@@ -4,14 +4,17 @@
   regulariser (Parmar et al. 2023, Sec. 3.2); math in :mod:`editflow.stages.ddim`.
 - ``invert.edit_friendly``: edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024);
   math in :mod:`editflow.stages.edit_friendly`.
+- ``invert.textual_inversion``: per-image prompt embeddings for image interpolation (Wang &
+  Golland 2023); math in :mod:`editflow.stages.textual_inversion`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import DDIMInverseScheduler
+from diffusers import DDIMInverseScheduler, DDPMScheduler
 from pydantic import Field, model_validator
 
 from editflow.models import specs
@@ -27,6 +30,7 @@ from editflow.stages.ddim import ddim_invert
 from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor
 from editflow.stages.edit_friendly import edit_friendly_invert
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
+from editflow.stages.textual_inversion import textual_inversion
 
 
 class InvertDdimParams(Params):
@@ -201,4 +205,79 @@ class InvertEditFriendly(StageKind):
             "noise_maps": inversion.noise_maps,
             "auxiliary_path": inversion.auxiliary_path,
             "prompt_embeds": cond,
+        }
+
+
+class InvertTextualInversionParams(Params):
+    prompt: str = Field("", description="Prompt whose embedding every image's starts from")
+    negative_prompt: str = Field("", description="Prompt the shared negative embedding starts from")
+    iterations: int = Field(200, ge=1, le=10000, description="Adam steps (METHODS.md: 100-500)")
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate")
+    guidance_scale: float = Field(
+        7.5, ge=1.0, le=30.0, description="CFG scale of the prediction the loss is taken on"
+    )
+    augment: bool = Field(True, description="Shift the latents by up to one latent pixel")
+
+
+class InvertTextualInversion(StageKind):
+    """Textual inversion: one prompt embedding per image and a shared negative embedding."""
+
+    kind = "invert.textual_inversion"
+    version = "1"
+    description = "Prompt embeddings per image and a negative embedding that reconstruct them"
+    params = InvertTextualInversionParams
+    inputs = (
+        Port(
+            "latents",
+            ArtifactType.LATENT,
+            "Clean latents of the images (every image of every reference)",
+            many=True,
+        ),
+        Port(
+            "caption",
+            ArtifactType.TEXT,
+            "Text to start from (e.g. a caption stage's output); replaces `prompt`",
+            optional=True,
+        ),
+    )
+    outputs = (
+        Port("prompt_embeds", ArtifactType.EMBEDDING, "(N, tokens, D) one per image"),
+        Port("negative_embeds", ArtifactType.EMBEDDING, "(1, tokens, D) shared"),
+        Port("losses", ArtifactType.SCORES, "The loss of every iteration"),
+    )
+    seeded = True
+    components = specs.DENOISER
+
+    def run(
+        self,
+        ctx: StageContext,
+        params: InvertTextualInversionParams,
+        *,
+        latents: Sequence[torch.Tensor],
+        caption: str | None,
+    ) -> dict[str, Any]:
+        models = ctx.models
+        x0 = torch.cat([item.to(ctx.device, ctx.dtype) for item in latents])
+        prompt = caption if caption is not None else params.prompt
+        cond, _ = encode_prompt_pair(models, prompt, "", len(x0), guided=False)
+        negative, _ = encode_prompt_pair(models, params.negative_prompt, "", 1, guided=False)
+        scheduler = DDPMScheduler.from_config(models.scheduler_config)
+        prompt_embeds, negative_embeds, losses = textual_inversion(
+            unet_noise_predictor(models.get("unet")),
+            x0,
+            cond,
+            negative,
+            scheduler.alphas_cumprod,
+            scheduler.config.prediction_type,
+            iterations=params.iterations,
+            learning_rate=params.learning_rate,
+            guidance_scale=params.guidance_scale,
+            generator=ctx.generator(),
+            augment=params.augment,
+            progress=ctx.progress,
+        )
+        return {
+            "prompt_embeds": prompt_embeds,
+            "negative_embeds": negative_embeds,
+            "losses": losses,
         }
