@@ -15,14 +15,12 @@ from quiet import quiet
 quiet()  # before diffusers and transformers are imported
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from support import models_dir
 
 from editflow.models.tiny import ensure_tiny
 from editflow.stages.diffusion import unet_noise_predictor
@@ -35,8 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    models = Path(os.environ.get("EDITFLOW_MODELS") or tempfile.mkdtemp())
-    folder = ensure_tiny(models)
+    folder = ensure_tiny(models_dir())
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     generator = torch.Generator().manual_seed(0)

@@ -17,14 +17,13 @@ from quiet import quiet
 quiet()  # before diffusers and transformers are imported
 
 import argparse
-import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from support import models_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.models.tiny import ensure_tiny
@@ -41,13 +40,6 @@ from editflow.stages.reverse_steps import build_scheduler
 
 SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot"
 CFG_SRC, CFG_TAR, SKIP = 3.5, 15.0, 36
-
-
-def models_dir() -> Path:
-    if os.environ.get("EDITFLOW_MODELS"):
-        return Path(os.environ["EDITFLOW_MODELS"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "editflow" / "models"
 
 
 def astronaut_latents(vae) -> torch.Tensor:

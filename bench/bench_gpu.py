@@ -24,13 +24,12 @@ from quiet import quiet
 quiet()  # before diffusers and transformers are imported
 
 import argparse
-import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from support import models_dir
 
 from editflow.models import ModelSection, RunModels, resolve_providers
 from editflow.models.specs import DENOISER
@@ -124,7 +123,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", default=cuda, help="also compiled")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
-    models_dir = Path(os.environ.get("EDITFLOW_MODELS") or tempfile.mkdtemp())
+    saved_models = models_dir()
     latent = args.size // 8
     where = torch.cuda.get_device_name() if cuda else "CPU (not a GPU result)"
     print(f"sd15-shaped, {args.size} px, {args.steps} steps, {args.dtype}, {where}")
@@ -132,7 +131,7 @@ def main() -> None:
     x_T = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     diffusers_step = None
     for compiled in [False, True] if args.compile else [False]:
-        models = models_for(device, args.dtype, compiled, models_dir)
+        models = models_for(device, args.dtype, compiled, saved_models)
         if diffusers_step is None:
             seconds, peak = time_diffusers(device, models, x_T, args)
             diffusers_step = seconds / args.steps
@@ -145,7 +144,7 @@ def main() -> None:
             f"  ({seconds / args.steps / diffusers_step:.3f}x diffusers eager)"
         )
 
-    models = models_for(device, args.dtype, False, models_dir)
+    models = models_for(device, args.dtype, False, saved_models)
     view = models.for_stage(DENOISER)
     ctx = StageContext("bench", 0, device, models.dtype, models=view)
     x_T = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(1))

@@ -35,7 +35,6 @@ quiet()  # before diffusers and transformers are imported
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
+from support import models_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.cache import Cache, StreamedMaps
@@ -61,13 +61,6 @@ MIB = 2**20
 
 
 MAPS_KEY = "0" * 64  # the reference maps' cache entry
-
-
-def models_dir() -> Path:
-    if os.environ.get("EDITFLOW_MODELS"):
-        return Path(os.environ["EDITFLOW_MODELS"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "editflow" / "models"
 
 
 def sd15_map_elements_per_step() -> int:

@@ -27,7 +27,7 @@ from editflow.stages.base import (
     step_reporter,
 )
 from editflow.stages.ddim import ddim_invert
-from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor
+from editflow.stages.diffusion import encode_prompt_pair, encode_prompts, unet_noise_predictor
 from editflow.stages.edit_friendly import edit_friendly_invert
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
 from editflow.stages.textual_inversion import textual_inversion
@@ -259,8 +259,11 @@ class InvertTextualInversion(StageKind):
         models = ctx.models
         x0 = torch.cat([item.to(ctx.device, ctx.dtype) for item in latents])
         prompt = caption if caption is not None else params.prompt
-        cond, _ = encode_prompt_pair(models, prompt, "", len(x0), guided=False)
-        negative, _ = encode_prompt_pair(models, params.negative_prompt, "", 1, guided=False)
+        # One text-encoder call for both starting points.
+        embeds = encode_prompts(
+            models.get("tokenizer"), models.get("text_encoder"), [prompt, params.negative_prompt]
+        )
+        cond, negative = embeds[:1].expand(len(x0), -1, -1), embeds[1:]
         scheduler = DDPMScheduler.from_config(models.scheduler_config)
         prompt_embeds, negative_embeds, losses = textual_inversion(
             unet_noise_predictor(models.get("unet")),

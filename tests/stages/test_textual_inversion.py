@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from editflow.cache import Cache
 from editflow.engine.api import run_recipe
 from editflow.engine.events import CollectEvents
+from editflow.stages.base import derive_seed
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
 from editflow.stages.textual_inversion import shift_latents, textual_inversion
 
@@ -117,6 +118,7 @@ def test_the_same_seed_gives_the_same_embeddings(tiny) -> None:
     assert not torch.equal(first[2], other[2])
 
 
+ENCODES = ("encode_cat", "encode_astronaut")
 RECIPE = """
 schema_version = 1
 seed = 0
@@ -142,7 +144,9 @@ iterations = 3
 """
 
 
-def test_the_stage_caches_its_embeddings_and_reports_each_iteration(tmp_path: Path) -> None:
+def test_the_stage_caches_its_embeddings_and_reports_each_iteration(
+    tmp_path: Path, tiny, tiny_folder: Path
+) -> None:
     recipe = tmp_path / "embeddings.toml"
     recipe.write_text(RECIPE)
     cache = Cache(tmp_path / "cache")
@@ -155,6 +159,20 @@ def test_the_stage_caches_its_embeddings_and_reports_each_iteration(tmp_path: Pa
     assert tuple(entry.tensor("prompt_embeds").shape)[:1] == (2,)
     assert tuple(entry.tensor("negative_embeds").shape)[:1] == (1,)
     assert tuple(entry.tensor("losses").shape) == (3,)
+    # The stage is the function on its inputs: the prompt "a photo" twice, "" as the negative.
+    unet, scheduler, _, _, _ = tiny
+    latents = torch.cat([cache.get(first.keys[n]).tensor("latents") for n in ENCODES])
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_folder / "text_encoder").eval()
+    prompt = encode_prompts(tokenizer, text_encoder, ["a photo"] * 2)
+    negative = encode_prompts(tokenizer, text_encoder, [""])
+    expected = textual_inversion(
+        unet_noise_predictor(unet), latents, prompt, negative, scheduler.alphas_cumprod,
+        scheduler.config.prediction_type, iterations=3, learning_rate=1e-4, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(derive_seed(0, "embeddings", 0)),
+    )  # fmt: skip
+    for name, value in zip(("prompt_embeds", "negative_embeds", "losses"), expected, strict=True):
+        torch.testing.assert_close(entry.tensor(name), value, rtol=1e-5, atol=1e-6)
 
     again = run_recipe(recipe, cache=cache, out_dir=None, device="cpu")
     assert again.computed == []
