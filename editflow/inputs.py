@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from editflow.documents import Table
 from editflow.errors import EditflowError, Problem
 from editflow.stages.base import ArtifactType
+from editflow.stages.pose import read_openpose
 
 SKIMAGE_PREFIX = "skimage:"
 MAX_SIDE = 8192  # px; bigger images do not fit a diffusion model (SD 1.x works at 512)
@@ -29,16 +30,28 @@ MIN_SIDE = 8  # px; the VAE maps 8x8 pixels to one latent
 MAX_TEXT_BYTES = 16 << 20
 MAX_IMAGE_BYTES = 256 << 20
 _IMAGE_SUFFIXES = (".png", ".jpg")
+MAX_KEYPOINTS_BYTES = 1 << 20
+# The fields of an input section, in the order messages name them, and what each provides.
+_SOURCES = {
+    "image": ArtifactType.IMAGE,
+    "mask": ArtifactType.MASK,
+    "text": ArtifactType.TEXT,
+    "keypoints": ArtifactType.KEYPOINTS,
+}
 
 
 class InputSection(Table):
-    """A file the recipe reads (``[inputs.NAME]``). Exactly one of image, mask or text."""
+    """A file the recipe reads (``[inputs.NAME]``). Exactly one of image, mask, text or
+    keypoints."""
 
     image: str | None = Field(
         None, description="Image path relative to the recipe, or 'skimage:NAME'"
     )
     mask: str | None = Field(None, description="Mask image path (white = 1)")
     text: str | None = Field(None, description="UTF-8 text file path")
+    keypoints: str | None = Field(
+        None, description="OpenPose JSON file path (18 body points of the first person)"
+    )
     size: tuple[int, int] | None = Field(
         None, description="[height, width] to resize to; each a multiple of 8"
     )
@@ -48,8 +61,11 @@ class InputSection(Table):
 
     @model_validator(mode="after")
     def _one_file(self) -> InputSection:
-        if sum(value is not None for value in (self.image, self.mask, self.text)) != 1:
-            raise ValueError("give exactly one of 'image', 'mask' or 'text'")
+        if (
+            sum(value is not None for value in (self.image, self.mask, self.text, self.keypoints))
+            != 1
+        ):
+            raise ValueError("give exactly one of 'image', 'mask', 'text' or 'keypoints'")
         if self.size is not None and any(side <= 0 or side % 8 for side in self.size):
             raise ValueError(f"size must be positive multiples of 8, got {list(self.size)}")
         if self.size is not None and max(self.size) > MAX_SIDE:
@@ -61,7 +77,7 @@ class InputSection(Table):
 
     def source(self) -> tuple[str, str]:
         """(field name, value) of the one file this input names."""
-        given = [(name, getattr(self, name)) for name in ("image", "mask", "text")]
+        given = [(name, getattr(self, name)) for name in _SOURCES]
         given = [(name, value) for name, value in given if value is not None]
         return given[0]
 
@@ -69,9 +85,7 @@ class InputSection(Table):
     def type(self) -> ArtifactType:
         """The artifact type this input provides."""
         field, _ = self.source()
-        return {"image": ArtifactType.IMAGE, "mask": ArtifactType.MASK}.get(
-            field, ArtifactType.TEXT
-        )
+        return _SOURCES[field]
 
 
 @dataclass(frozen=True)
@@ -116,12 +130,13 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
         path = (base_dir / value).resolve()
     if not path.is_file():
         return Problem(f"file not found: {value}", file=label, key=key)
-    limit = MAX_TEXT_BYTES if field == "text" else MAX_IMAGE_BYTES
+    limit = {"text": MAX_TEXT_BYTES, "keypoints": MAX_KEYPOINTS_BYTES}.get(field, MAX_IMAGE_BYTES)
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)  # a bound on what validation reads
     if len(data) > limit:
         return Problem(f"{value} is larger than {limit >> 20} MiB", file=label, key=key)
-    reason = _check_image(data, section) if field != "text" else _check_text(data)
+    checks = {"text": _check_text, "keypoints": _check_keypoints}
+    reason = checks[field](data) if field in checks else _check_image(data, section)
     if reason is not None:
         return Problem(reason.format(value=value), file=label, key=key)
     digest = hashlib.sha256(data).hexdigest()
@@ -130,7 +145,7 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
 
 def _pixel_size(data: bytes, section: InputSection, field: str) -> tuple[int, int] | None:
     """What :func:`load_input` will make of an image: ``size``, else cropped to multiples of 8."""
-    if field == "text":
+    if field in ("text", "keypoints"):
         return None
     if section.size is not None:
         return tuple(section.size)
@@ -167,11 +182,23 @@ def _check_text(data: bytes) -> str | None:
     return None
 
 
+def _check_keypoints(data: bytes) -> str | None:
+    """Why a keypoint file cannot be used (``{value}`` names it), or ``None``."""
+    try:
+        read_openpose(data)
+    except ValueError as error:
+        return "{value}: " + str(error).replace("{", "{{").replace("}", "}}")
+    return None
+
+
 def load_input(item: ResolvedInput) -> Any:
-    """The artifact value of an input: (1, 3, H, W) / (1, 1, H, W) float tensors or text."""
+    """The artifact value of an input: (1, 3, H, W) / (1, 1, H, W) float tensors, text, or
+    (1, 18, 3) keypoints."""
     field, value = item.section.source()
     if field == "text":
         return item.data.decode("utf-8")
+    if field == "keypoints":
+        return read_openpose(item.data)[None]
     try:
         return _load_image(item, field)
     except OSError as error:  # a file that passed verify() but cannot be decoded

@@ -1,4 +1,5 @@
-"""Exported outputs: images written as PNG with their provenance in text chunks.
+"""Exported outputs: images written as PNG with their provenance in text chunks, and
+animations as GIF with it in the comment.
 
 Files are written under a temporary name and renamed into place, so the output folder
 never holds a half-written image. The bytes depend only on the pixels and the provenance
@@ -9,27 +10,36 @@ version), they are left as they are, like an up-to-date target in make.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from editflow.stages.base import Port
 from editflow.stages.figure import to_pil
 
 
-def _names(stage: str, ports: list[str], count: int) -> dict[str, list[str]]:
-    """File names per exported image port: ``stage.png``, or ``stage-0.png`` ... for a batch."""
+def _names(stage: str, ports: list[Port], count: int) -> dict[str, list[str]]:
+    """File names per exported image port: ``stage.png``, or ``stage-0.png`` ... for a batch;
+    ``stage.gif`` for an animation (``stage.PORT...`` when the stage exports several)."""
     names = {}
     for port in ports:
-        stem = stage if len(ports) == 1 else f"{stage}.{port}"
-        names[port] = [f"{stem}.png"] if count == 1 else [f"{stem}-{i}.png" for i in range(count)]
+        stem = stage if len(ports) == 1 else f"{stage}.{port.name}"
+        if port.timing is not None:
+            names[port.name] = [f"{stem}.gif"]
+        else:
+            names[port.name] = (
+                [f"{stem}.png"] if count == 1 else [f"{stem}-{i}.png" for i in range(count)]
+            )
     return names
 
 
 def current_exports(
-    stage: str, ports: list[str], provenance: dict[str, str], out_dir: Path
+    stage: str, ports: list[Port], provenance: dict[str, str], out_dir: Path
 ) -> list[Path] | None:
     """The stage's files in ``out_dir`` if all are there with this provenance, else None.
 
@@ -53,31 +63,44 @@ def _count(path: Path, expected: dict[str, str]) -> int | None:
     """The batch size a file says it belongs to, if its provenance is ``expected``."""
     try:
         with Image.open(path) as image:
-            text = dict(image.text)  # text chunks precede the pixels: nothing is decoded
+            # Text chunks precede the pixels, a GIF's comment its frames: nothing is decoded.
+            if path.suffix == ".gif":
+                text = json.loads(image.info.get("comment", b"{}"))
+            else:
+                text = dict(image.text)
     except (OSError, ValueError):
         return None
-    count = text.pop("editflow:count", None)
+    count = text.pop("editflow:count", None) if isinstance(text, dict) else None
     return int(count) if text == expected and count and count.isdigit() else None
 
 
 def export_images(
     stage: str,
-    ports: list[str],
+    ports: list[Port],
     outputs: dict[str, Any],
     provenance: dict[str, str],
     out_dir: Path,
 ) -> list[Path]:
     """Write a stage's exported image outputs ((N, 3, H, W) in [0, 1]) as PNGs carrying
-    ``provenance`` in text chunks; returns the paths written."""
+    ``provenance`` in text chunks, or as an animated GIF carrying it in its comment; returns
+    the paths written."""
     written = []
-    count = len(outputs[ports[0]]) if ports else 0
-    for port, names in _names(stage, ports, count).items():
-        for name, image in zip(names, outputs[port], strict=True):
+    count = len(outputs[ports[0].name]) if ports else 0
+    by_name = {port.name: port for port in ports}
+    for name, files in _names(stage, ports, count).items():
+        port = by_name[name]
+        if port.timing is not None:
+            durations = [round(float(ms)) for ms in outputs[port.timing]]
+            frames = [to_pil(image) for image in outputs[name]]
+            comment = json.dumps({**provenance, "editflow:count": str(count)}, sort_keys=True)
+            written.append(_write_gif(out_dir / files[0], frames, durations, comment))
+            continue
+        for file, image in zip(files, outputs[name], strict=True):
             info = PngImagePlugin.PngInfo()
             for key, value in provenance.items():
                 info.add_text(key, value)
             info.add_text("editflow:count", str(count))
-            written.append(_write_atomically(out_dir / name, to_pil(image), info))
+            written.append(_write_atomically(out_dir / file, to_pil(image), info))
     return written
 
 
@@ -88,11 +111,26 @@ def _umask() -> int:
 
 
 def _write_atomically(path: Path, image: Image.Image, info: PngImagePlugin.PngInfo) -> Path:
+    return _write_file(path, lambda stream: image.save(stream, format="PNG", pnginfo=info))
+
+
+def _write_gif(path: Path, frames: list[Image.Image], durations: list[int], comment: str) -> Path:
+    # One shared palette would band; per-frame palettes keep each frame's colours.
+    return _write_file(
+        path,
+        lambda stream: frames[0].save(
+            stream, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
+            loop=0, comment=comment.encode(), disposal=1, optimize=False,
+        ),
+    )  # fmt: skip
+
+
+def _write_file(path: Path, save: Callable[[Any], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=info)
+            save(stream)
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for sharing
         os.replace(temporary, path)
     except BaseException:

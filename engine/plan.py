@@ -145,7 +145,7 @@ def _inherit(
         }
         params, issues = spec.kind.inherit(spec.params, producers)
         problems += [_located(loaded, name, field, message) for field, message in issues]
-        components = spec.kind.component_specs(params)
+        components = spec.kind.component_specs(params, spec.references)
         stages[name] = PlannedStage(
             name, spec.kind, params, spec.references, components, needed=name in needed
         )

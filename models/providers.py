@@ -27,9 +27,15 @@ from editflow.models.identity import (
     resolve_hub,
     single_folder_files,
 )
-from editflow.models.section import DEFAULT_CAPTIONER, DEFAULT_CLIP, ModelSection
+from editflow.models.section import (
+    DEFAULT_CAPTIONER,
+    DEFAULT_CLIP,
+    DEFAULT_CONTROLNET,
+    ModelSection,
+)
 from editflow.models.tiny import (
     TINY_VARIANTS,
+    jsonable,
     tiny_folder_name,
     tiny_identity,
     tiny_scheduler_config,
@@ -260,6 +266,34 @@ def resolve_clip(
     )  # fmt: skip
 
 
+def resolve_controlnet(
+    section: ModelSection, *, base_dir: Path, models_dir: Path, hash_memo: Path | None
+) -> ResolvedModel:
+    """Pin down the ControlNet a recipe guides with (``model.controlnet``); loads no weights.
+
+    With a built-in model, the default ControlNet (or ``"tiny"``) is tiny's own.
+    """
+    return _resolve_single_folder(
+        section, "controlnet", DEFAULT_CONTROLNET, base_dir=base_dir, hash_memo=hash_memo,
+        otherwise="or set model.controlnet to a local folder",
+    )  # fmt: skip
+
+
+def component_config(model: ResolvedModel, component: str) -> dict[str, Any] | None:
+    """A model part's ``config.json`` (``unet`` of a pipeline, or a one-folder model's own),
+    from the built-in table or the files on disk; ``None`` when it is not on disk yet."""
+    if model.spec.id in TINY_VARIANTS:
+        variant = model.spec.id if model.layout == "pipeline" else TINY_ID
+        part = component if model.layout == "pipeline" else model.layout
+        return jsonable(TINY_VARIANTS[variant].components[part].config)
+    if model.folder is None:
+        return None
+    path = model.folder / (
+        f"{component}/config.json" if model.layout == "pipeline" else "config.json"
+    )
+    return read_json_file(path, model.provider) if path.is_file() else None
+
+
 def _resolve_single_folder(
     section: ModelSection,
     field: str,
@@ -309,7 +343,12 @@ def _resolve_main(
 
 
 PROVIDERS: Mapping[str, Resolver] = MappingProxyType(
-    {"model.id": _resolve_main, "model.captioner": resolve_captioner, "model.clip": resolve_clip}
+    {
+        "model.id": _resolve_main,
+        "model.captioner": resolve_captioner,
+        "model.clip": resolve_clip,
+        "model.controlnet": resolve_controlnet,
+    }
 )
 
 

@@ -205,6 +205,8 @@ class ModelRegistry:
         if component == "scheduler":
             # Schedulers hold per-run state (set_timesteps), so one shared instance is a bug.
             raise ValueError("build schedulers from ModelRegistry.scheduler_config instead")
+        if self.resolved.layout == "controlnet":
+            return self._load_controlnet()
         if self.resolved.layout != "pipeline":
             return self._load_single_folder(self.resolved.layout)
         folder = self.folder
@@ -234,6 +236,23 @@ class ModelRegistry:
                 # Channels-last feeds the convolutions' fast kernels; compile fuses the rest.
                 loaded = torch.compile(loaded.to(memory_format=torch.channels_last))
         return loaded
+
+    def _load_controlnet(self) -> Any:
+        """A diffusers ``ControlNetModel`` kept in one folder."""
+        from diffusers import ControlNetModel
+
+        kwargs: dict[str, Any] = {"torch_dtype": self.dtype, "local_files_only": True}
+        if importlib.util.find_spec("accelerate") is None:
+            kwargs["low_cpu_mem_usage"] = False
+        try:
+            model = ControlNetModel.from_pretrained(self.folder, **kwargs)
+        except OSError as error:
+            raise ModelUnavailableError(
+                f"controlnet '{self.resolved.spec.id}' cannot be loaded: "
+                f"{str(error).splitlines()[0]}",
+                key=self.resolved.provider,
+            ) from None
+        return model.to(self.device).eval().requires_grad_(False)
 
     def _load_single_folder(self, layout: str) -> ModelWithProcessor:
         """A transformers model and its processor from one folder (a captioner, a CLIP)."""

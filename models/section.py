@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+# Stable Diffusion 1.5's OpenPose ControlNet (Zhang et al. 2023).
+DEFAULT_CONTROLNET = "lllyasviel/sd-controlnet-openpose"
 
 
 class ModelSection(Table):
@@ -37,6 +39,10 @@ class ModelSection(Table):
     clip: str = Field(
         DEFAULT_CLIP,
         description="CLIP for scoring stages: hub id or folder ('tiny' has its own built in)",
+    )
+    controlnet: str = Field(
+        DEFAULT_CONTROLNET,
+        description="ControlNet for pose-guided stages: hub id or folder ('tiny' has its own)",
     )
     captioner: str = Field(
         DEFAULT_CAPTIONER,

@@ -43,6 +43,8 @@ CAPTIONER = ComponentSpec("captioner", "BlipForConditionalGeneration", "model.ca
 
 # A CLIP model and its processor, for scoring images against prompts.
 CLIP = ComponentSpec("clip", "CLIPModel", "model.clip")
+# A ControlNet that steers the denoiser with a condition image (a pose drawing ...).
+CONTROLNET = ComponentSpec("controlnet", "ControlNetModel", "model.controlnet")
 
 # What most samplers need: the denoiser, the prompt encoder and the scheduler config.
 DENOISER = (UNET, TEXT_ENCODER, TOKENIZER, SCHEDULER_CONFIG)

@@ -257,9 +257,29 @@ TINY_COMPONENTS: Mapping[str, TinyComponent] = MappingProxyType(
                 }
             ),
         ),
-        # Later: "controlnet", "pixel_unet".
+        # A ControlNet shaped like the UNet above (its encoder half), for pose guidance.
+        "controlnet": TinyComponent(
+            "diffusers",
+            "ControlNetModel",
+            MappingProxyType(
+                {
+                    "in_channels": 4,
+                    "layers_per_block": 1,
+                    "block_out_channels": (32, 64),
+                    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                    "cross_attention_dim": _TEXT_DIM,
+                    "attention_head_dim": 4,
+                    "norm_num_groups": 8,
+                    # Three downsamplings: 64 px condition images to 8x8 latents.
+                    "conditioning_embedding_out_channels": (16, 32, 32, 32),
+                }
+            ),
+        ),
+        # Later: "pixel_unet".
     }
 )
+# Helper models kept in tiny's folder next to the pipeline (not in its model_index.json).
+_HELPERS = ("captioner", "clip", "controlnet")
 # The parts StableDiffusionPipeline knows; the others are editflow's extras in the folder.
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _ABSENT_PIPELINE_PARTS = ("feature_extractor", "image_encoder", "safety_checker")
@@ -353,7 +373,7 @@ TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
         "tiny-inpaint": TinyVariant(
             MappingProxyType(
                 {
-                    **{n: c for n, c in TINY_COMPONENTS.items() if n not in ("captioner", "clip")},
+                    **{n: c for n, c in TINY_COMPONENTS.items() if n not in _HELPERS},
                     "unet": _INPAINT_UNET,
                 }
             ),
@@ -364,12 +384,12 @@ TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
 )
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Deep-copy a frozen config into plain JSON types (mappings to dicts, tuples to lists)."""
     if isinstance(value, Mapping):
-        return {key: _jsonable(item) for key, item in value.items()}
+        return {key: jsonable(item) for key, item in value.items()}
     if isinstance(value, tuple | list):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     return value
 
 
@@ -385,7 +405,7 @@ def tiny_identity(variant: str = "tiny") -> dict[str, Any]:
             name: {
                 "library": component.library,
                 "class_name": component.class_name,
-                "config": _jsonable(component.config),
+                "config": jsonable(component.config),
             }
             for name, component in TINY_VARIANTS[variant].components.items()
         },
@@ -404,7 +424,7 @@ def tiny_folder_name(variant: str = "tiny") -> str:
 def tiny_scheduler_config() -> dict[str, Any]:
     """The tiny scheduler's config as its ``scheduler_config.json`` holds it (with the class)."""
     scheduler = TINY_COMPONENTS["scheduler"]
-    return {"_class_name": scheduler.class_name, **_jsonable(scheduler.config)}
+    return {"_class_name": scheduler.class_name, **jsonable(scheduler.config)}
 
 
 def ensure_tiny(models_dir: Path, variant: str = "tiny") -> Path:
@@ -502,19 +522,19 @@ def _write_model_index(folder: Path, variant: TinyVariant) -> None:
 def _build_unet(config: Mapping[str, Any]) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**_jsonable(config))
+    return UNet2DConditionModel(**jsonable(config))
 
 
 def _build_vae(config: Mapping[str, Any]) -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**_jsonable(config))
+    return AutoencoderKL(**jsonable(config))
 
 
 def _build_text_encoder(config: Mapping[str, Any]) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(**_jsonable(config)))
+    return CLIPTextModel(CLIPTextConfig(**jsonable(config)))
 
 
 def _build_tokenizer(config: Mapping[str, Any]) -> Any:
@@ -527,7 +547,7 @@ def _build_tokenizer(config: Mapping[str, Any]) -> Any:
 def _build_scheduler(config: Mapping[str, Any]) -> Any:
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**_jsonable(config))
+    return DDIMScheduler(**jsonable(config))
 
 
 def captioner_tokenizer() -> Any:
@@ -549,7 +569,7 @@ def _build_captioner(config: Mapping[str, Any]) -> Any:
     size = config["image_size"]
     processor = BlipProcessor(image_processor=_blip_image_processor(size), tokenizer=tokenizer)
     text = dict(
-        _jsonable(config["text"]),
+        jsonable(config["text"]),
         vocab_size=len(vocab),
         pad_token_id=vocab["[PAD]"],
         bos_token_id=vocab["[CLS]"],
@@ -557,7 +577,7 @@ def _build_captioner(config: Mapping[str, Any]) -> Any:
         eos_token_id=vocab["[SEP]"],
     )
     blip = BlipConfig(
-        text_config=text, vision_config=_jsonable(config["vision"]), projection_dim=_TEXT_DIM
+        text_config=text, vision_config=jsonable(config["vision"]), projection_dim=_TEXT_DIM
     )
     return BlipForConditionalGeneration(blip), processor
 
@@ -580,11 +600,24 @@ def _build_clip(config: Mapping[str, Any]) -> Any:
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     images = cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     clip = CLIPConfig(
-        text_config=_jsonable(config["text"]),
-        vision_config=_jsonable(config["vision"]),
+        text_config=jsonable(config["text"]),
+        vision_config=jsonable(config["vision"]),
         projection_dim=config["projection_dim"],
     )
     return CLIPModel(clip), CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def _build_controlnet(config: Mapping[str, Any]) -> Any:
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel(**jsonable(config))
+    # A trained ControlNet starts from zero convolutions; random small ones give the tiny
+    # model's pose guidance a visible effect, so tests can tell guided from unguided.
+    for module in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+        torch.nn.init.normal_(module.weight, std=0.05)
+    torch.nn.init.normal_(controlnet.controlnet_cond_embedding.conv_out.weight, std=0.05)
+    return controlnet
 
 
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
@@ -595,6 +628,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "scheduler": _build_scheduler,
     "captioner": _build_captioner,
     "clip": _build_clip,
+    "controlnet": _build_controlnet,
 }
 
 

@@ -12,11 +12,12 @@ from editflow.stages.decode import DecodeVae
 from editflow.stages.direction import BankMean, DeriveDirection
 from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
 from editflow.stages.encode import EncodeVae
-from editflow.stages.figure import FigureGrid
+from editflow.stages.figure import FigureAnimation, FigureGrid
 from editflow.stages.guide import GuidePix2PixZeroReference
 from editflow.stages.invert import InvertDdim, InvertEditFriendly, InvertTextualInversion
 from editflow.stages.rank import RankClip
 from editflow.stages.sample import SampleDdim, SampleEditFriendly, SamplePix2PixZero
+from editflow.stages.sample_interpolate import SampleInterpolate
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     CaptionBlip,
@@ -32,9 +33,11 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     SampleEditFriendly,
     SamplePix2PixZero,
     SampleLocalIlvr,
+    SampleInterpolate,
     DecodeVae,
     RankClip,
     FigureGrid,
+    FigureAnimation,
     FigureNoiseStatistics,
 )
 

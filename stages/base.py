@@ -34,6 +34,7 @@ class ArtifactType(enum.StrEnum):
     EMBEDDING = "embedding"  # float (N, tokens, D)
     DIRECTION = "direction"  # float (1, tokens, D)
     SCORES = "scores"  # float (N,)
+    KEYPOINTS = "keypoints"  # float (N, 18, 3) OpenPose body points: x, y in [0, 1], confidence
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Port:
         optional: An input that may be left out of the recipe.
         many: An input that takes a list of references (for example a figure's images).
         export: An output the engine writes to the output folder (images as PNG).
+        timing: For an exported image output: the output holding each image's display time
+            in milliseconds; the images are then written as one animated GIF.
         size_of: For an output: the input whose image it has the pixel size of (latents of
             an image, an edit of those latents ...), so sizes are known while planning.
     """
@@ -58,6 +61,7 @@ class Port:
     many: bool = False
     export: bool = False
     size_of: str | None = None
+    timing: str | None = None
 
 
 class Params(Table):
@@ -159,8 +163,11 @@ class StageKind:
         return next((port for port in cls.outputs if port.name == name), None)
 
     @classmethod
-    def component_specs(cls, params: Any) -> tuple[ComponentSpec, ...]:
-        """The model parts this configuration uses (a kind may need none for some params)."""
+    def component_specs(
+        cls, params: Any, references: Mapping[str, str | list[str]] | None = None
+    ) -> tuple[ComponentSpec, ...]:
+        """The model parts this configuration uses (a kind may need none for some params, or
+        more for some connected inputs)."""
         return cls.components
 
     @classmethod

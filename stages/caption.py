@@ -79,7 +79,9 @@ class CaptionBlip(StageKind):
     components = (specs.CAPTIONER,)
 
     @classmethod
-    def component_specs(cls, params: CaptionParams) -> tuple[specs.ComponentSpec, ...]:
+    def component_specs(
+        cls, params: CaptionParams, references: Mapping[str, Any] | None = None
+    ) -> tuple[specs.ComponentSpec, ...]:
         return () if params.caption is not None else cls.components
 
     @classmethod

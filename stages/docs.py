@@ -46,7 +46,8 @@ def kind_reference(kind: type[StageKind]) -> str:
                     for flag, on in (
                         ("optional", port.optional),
                         ("list", port.many),
-                        ("written as PNG", port.export),
+                        ("written as PNG", port.export and not port.timing),
+                        ("written as an animated GIF", port.export and bool(port.timing)),
                     )
                     if on
                 ]

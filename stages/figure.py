@@ -105,3 +105,41 @@ class FigureGrid(StageKind):
                 tile_labels.append(label if len(batch) == 1 else f"{label} [{index}]")
         columns = params.columns or len(tiles)
         return {"image": image_grid(tiles, tile_labels, columns, params.tile_size)}
+
+
+class AnimationParams(Params):
+    frame_duration: int = Field(
+        125, ge=10, le=60000, description="Display time of each frame, in milliseconds"
+    )
+    hold_ends: int = Field(
+        4, ge=1, le=100, description="The first and last frames show this many times as long"
+    )
+    bounce: bool = Field(False, description="Play forward then backward (a seamless loop)")
+
+
+class FigureAnimation(StageKind):
+    kind = "figure.animation"
+    version = "1"
+    description = "The images as an animated GIF that loops (every image of every reference)"
+    params = AnimationParams
+    inputs = (Port("images", ArtifactType.IMAGE, "Frames, in order", many=True),)
+    outputs = (
+        Port(
+            "animation", ArtifactType.IMAGE, "The frames as shown", export=True, timing="durations"
+        ),
+        Port("durations", ArtifactType.SCORES, "Display time of each frame in milliseconds"),
+    )
+
+    def run(
+        self, ctx: StageContext, params: AnimationParams, *, images: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        frames = torch.cat([batch.float() for batch in images])
+        if params.bounce and len(frames) > 2:
+            frames = torch.cat([frames, frames[1:-1].flip(0)])
+        durations = torch.full((len(frames),), float(params.frame_duration))
+        durations[0] *= params.hold_ends
+        if not params.bounce:  # bouncing, the last input frame sits in the middle of the loop
+            durations[-1] *= params.hold_ends
+        else:
+            durations[len(frames) // 2] *= params.hold_ends
+        return {"animation": frames, "durations": durations}

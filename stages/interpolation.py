@@ -1,17 +1,20 @@
-"""Building blocks of image interpolation (Wang & Golland 2023), as plain functions.
+"""Image interpolation (Wang & Golland 2023), as plain functions over tensors.
 
 The frame tree, the noise level of each tree depth, the candidate counts, spherical
-interpolation of latents and text embeddings, the ControlNet strength along the sequence
-and the interpolation of OpenPose keypoints. The ``sample.interpolate`` stage that puts
-them together is not built yet (see the README's "Not built yet").
+interpolation of latents and text embeddings, the ControlNet strength along the sequence,
+the interpolation of OpenPose keypoints, and :func:`interpolate_frames`, the branching
+denoise-interpolate-denoise that the ``sample.interpolate`` stage runs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
+
+from editflow.stages.diffusion import NoisePredictor, guided_noise
 
 Spacing = Literal["linear", "convex", "concave"]
 
@@ -98,3 +101,152 @@ def interpolate_keypoints(a: torch.Tensor, b: torch.Tensor, weight: float) -> to
     present = (a[..., 2] > 0) & (b[..., 2] > 0)
     mixed = (1 - weight) * a + weight * b
     return torch.where(present[..., None], mixed, torch.zeros_like(mixed))
+
+
+Variant = Literal["plain", "quality"]
+# Scores candidate latents (N, C, h, w) -> (N,): decode and CLIP in the stage.
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def level_steps(fraction: float, num_steps: int) -> int:
+    """How many of the schedule's ``num_steps`` DDIM steps lie below a noise level given as
+    a fraction of the schedule (at least one)."""
+    return max(1, min(num_steps, round(fraction * num_steps)))
+
+
+@torch.no_grad()
+def denoise(
+    predict: NoisePredictor,
+    x: torch.Tensor,
+    scheduler: Any,
+    timesteps: Sequence[torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Deterministic DDIM steps (eta 0) with CFG over ``timesteps``, a slice of the
+    scheduler's own schedule (``set_timesteps`` called), from the level of the first."""
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        output = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)
+        x = scheduler.step(output, t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def interpolate_frames(
+    predictor: Callable[[int], NoisePredictor],
+    ends: torch.Tensor,
+    scheduler: Any,
+    cond_ends: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    levels: int,
+    fractions: Sequence[float],
+    variant: Variant,
+    candidates: Sequence[int],
+    guidance_scale: float,
+    generator: Callable[[int], torch.Generator],
+    score: Scorer | None = None,
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] = lambda step, total: None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branching denoise-interpolate-denoise (Wang & Golland 2023, METHODS.md section 4).
+
+    Frames fill the tree of :func:`frame_tree` coarse to fine. A new frame comes from its
+    two neighbours: both are brought to the depth's noise level with ONE noise draw shared
+    between them, slerped at 0.5, and denoised with the text embedding slerped at the
+    frame's position in the sequence.
+
+    - ``quality`` (the authors' scripts): neighbours are clean frames, noised to the level;
+      each candidate (its own draw) is denoised to 0 and ``score`` keeps the best. All
+      candidates go through the UNet together, ``batch_size`` at a time.
+    - ``plain``: one candidate, no ranking. A new frame is denoised only to the next
+      depth's level and kept there: at that depth it is a neighbour as it is, an input is
+      noised with the new frame's draw, and an older frame is first denoised further along
+      its own deterministic path. The frames not yet clean are denoised to 0 at the end.
+
+    Args:
+        predictor: Frame index -> the noise predictor for that frame (a ControlNet's pose
+            differs per frame).
+        ends: (2, C, h, w) clean latents of the two inputs: frames 0 and ``2**levels``.
+        scheduler: A ``DDIMScheduler`` from the model's config, ``set_timesteps`` called.
+        cond_ends: (2, tokens, D) the text embedding of each input.
+        negative: (1, tokens, D) the negative embedding (CFG).
+        levels: L; there are ``2**L + 1`` frames.
+        fractions: Noise level per depth as a fraction of the schedule (coarsest first).
+        variant: ``"quality"`` or ``"plain"``.
+        candidates: Candidates per new frame at each depth (``quality``).
+        guidance_scale: CFG scale.
+        generator: Frame index -> the CPU generator its noise is drawn from.
+        score: Candidate latents -> scores (``quality``).
+        batch_size: Candidates per UNet batch (``None``: all at once).
+        progress: Called with (new frames done, new frames in all).
+
+    Returns:
+        The (2**L + 1, C, h, w) clean frames and the (2**L + 1,) score of each frame's
+        chosen candidate (NaN where nothing was ranked: the inputs, and ``plain``).
+    """
+    last = 2**levels
+    timesteps = list(scheduler.timesteps)
+    starts = [len(timesteps) - level_steps(fraction, len(timesteps)) for fraction in fractions]
+    frames: dict[int, torch.Tensor] = {0: ends[:1], last: ends[1:]}
+    at_step = {0: len(timesteps), last: len(timesteps)}  # where each frame's latent is
+    scores = torch.full((last + 1,), float("nan"))
+    total, done = last - 1, 0
+
+    def text(frame: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = slerp(cond_ends[:1], cond_ends[1:], frame / last)
+        return cond.expand(count, -1, -1), negative.expand(count, -1, -1)
+
+    def advance(frame: int, to_step: int) -> torch.Tensor:
+        """A generated frame's latent denoised along its own path to ``to_step``."""
+        if at_step[frame] < to_step:
+            cond, uncond = text(frame, 1)
+            frames[frame] = denoise(
+                predictor(frame), frames[frame], scheduler,
+                timesteps[at_step[frame] : to_step], cond, uncond, guidance_scale,
+            )  # fmt: skip
+            at_step[frame] = to_step
+        return frames[frame]
+
+    for depth, new_frames in enumerate(frame_tree(levels)):
+        start = starts[depth]
+        t = timesteps[start] if start < len(timesteps) else timesteps[-1]
+        count = candidates[depth] if variant == "quality" else 1
+        for frame, left, right in new_frames:
+            noise = torch.randn(
+                (count, *ends.shape[1:]), generator=generator(frame), dtype=torch.float32
+            ).to(ends.device, ends.dtype)
+            if variant == "quality":
+                pair = [scheduler.add_noise(frames[side].expand(count, -1, -1, -1), noise, t)
+                        for side in (left, right)]  # fmt: skip
+            else:
+                pair = [
+                    scheduler.add_noise(frames[side], noise, t)
+                    if side in (0, last)
+                    else advance(side, start)
+                    for side in (left, right)
+                ]
+            mixed = slerp(pair[0], pair[1], 0.5)
+            if variant == "quality":
+                chunk = batch_size or count
+                cond, uncond = text(frame, count)
+                clean = torch.cat([
+                    denoise(predictor(frame), mixed[i : i + chunk], scheduler, timesteps[start:],
+                            cond[i : i + chunk], uncond[i : i + chunk], guidance_scale)
+                    for i in range(0, count, chunk)
+                ])  # fmt: skip
+                ranked = score(clean) if score is not None else torch.zeros(count)
+                best = int(ranked.argmax())
+                frames[frame], at_step[frame] = clean[best : best + 1], len(timesteps)
+                scores[frame] = float(ranked[best])
+            else:
+                frames[frame], at_step[frame] = mixed, start
+                following = starts[depth + 1] if depth + 1 < levels else len(timesteps)
+                advance(frame, following)
+            done += 1
+            progress(done, total)
+    for frame in frames:
+        advance(frame, len(timesteps))
+    return torch.cat([frames[frame] for frame in range(last + 1)]), scores

@@ -97,6 +97,8 @@ def test_tiny_build_is_byte_identical_and_keeps_global_rng(
         "clip/processor_config.json",
         "clip/tokenizer.json",
         "clip/tokenizer_config.json",
+        "controlnet/config.json",
+        "controlnet/diffusion_pytorch_model.safetensors",
         "model_index.json",
         "scheduler/scheduler_config.json",
         "text_encoder/config.json",

@@ -1,0 +1,85 @@
+"""OpenPose body keypoints: read them from OpenPose JSON and draw them as a pose image.
+
+The pose image follows the drawing ControlNet's OpenPose model was trained on (Zhang et al.
+2023; the ``draw_bodypose`` of lllyasviel/ControlNet): 18 COCO body points on black, limbs
+as coloured strokes at 60% intensity, joints as full-colour dots, one colour per limb and
+joint in OpenPose's order. Points with confidence 0 are missing and are not drawn.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image, ImageDraw
+
+BODY_POINTS = 18  # OpenPose's COCO body model
+# Limbs as pairs of point indices (OpenPose's COCO order: nose, neck, right arm, left arm,
+# right leg, left leg, eyes, ears).
+LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+)  # fmt: skip
+COLOURS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)  # fmt: skip
+
+
+def read_openpose(data: bytes) -> torch.Tensor:
+    """The first person's body points of an OpenPose JSON file as (18, 3): x and y as
+    fractions of the image's width and height, and the confidence (0 = missing).
+
+    Coordinates are pixels of a ``canvas_width`` x ``canvas_height`` image when the file
+    gives its canvas (as pose editors write it), else already fractions in [0, 1].
+
+    Raises:
+        ValueError: The file is not OpenPose JSON; the message says what is wrong.
+    """
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not JSON ({error})") from None
+    people = document.get("people") if isinstance(document, dict) else None
+    if not isinstance(people, list) or not people or not isinstance(people[0], dict):
+        raise ValueError('not OpenPose JSON: expected {"people": [{"pose_keypoints_2d": [...]}]}')
+    values = people[0].get("pose_keypoints_2d")
+    if not isinstance(values, list) or not all(
+        isinstance(value, int | float) and not isinstance(value, bool) for value in values
+    ):
+        raise ValueError("not OpenPose JSON: people[0].pose_keypoints_2d must be a list of numbers")
+    if len(values) != 3 * BODY_POINTS:
+        raise ValueError(
+            f"people[0].pose_keypoints_2d has {len(values)} numbers; OpenPose's body model has"
+            f" {BODY_POINTS} points of (x, y, confidence), {3 * BODY_POINTS} numbers"
+        )
+    points = torch.tensor(values, dtype=torch.float32).view(BODY_POINTS, 3)
+    width, height = document.get("canvas_width"), document.get("canvas_height")
+    if isinstance(width, int | float) and isinstance(height, int | float) and width > 0 < height:
+        points[:, 0] /= width
+        points[:, 1] /= height
+    elif bool((points[points[:, 2] > 0, :2] > 1).any()):
+        raise ValueError(
+            "pixel coordinates need the image size: add canvas_width and canvas_height"
+        )
+    return points
+
+
+def draw_pose(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Draw (18, 3) body points (fractions of the image, confidence) as a (3, H, W) pose
+    image in [0, 1]; strokes scale with the image (4 px at 512 px)."""
+    canvas = Image.new("RGB", (width, height), "black")
+    draw = ImageDraw.Draw(canvas)
+    stroke = max(1, round(4 * min(height, width) / 512))
+    xy = [(float(x) * width, float(y) * height) for x, y, _ in points.tolist()]
+    present = [float(confidence) > 0 for confidence in points[:, 2].tolist()]
+    for (a, b), colour in zip(LIMBS, COLOURS, strict=False):
+        if present[a] and present[b]:
+            dim = tuple(round(0.6 * channel) for channel in colour)
+            draw.line([xy[a], xy[b]], fill=dim, width=2 * stroke)
+    for (x, y), visible, colour in zip(xy, present, COLOURS, strict=True):
+        if visible:
+            draw.ellipse([x - stroke, y - stroke, x + stroke, y + stroke], fill=colour)
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).float() / 255
