@@ -132,7 +132,9 @@ class _Run:
             return
         for stage in plan.needed:
             ports = [
-                port for port in stage.kind.outputs if port.export and port.type == ArtifactType.IMAGE
+                port
+                for port in stage.kind.outputs
+                if port.export and port.type == ArtifactType.IMAGE
             ]
             if not ports:
                 continue

@@ -20,6 +20,7 @@ OK = (RECIPES / "ok.toml").read_text()
 TEXT_EDIT = MANIFESTS / "edit_friendly" / "text_edit.toml"
 CAT2DOG = MANIFESTS / "pix2pix_zero" / "cat2dog.toml"
 IMMERSION = MANIFESTS / "compositing" / "immersion.toml"
+POSE = MANIFESTS / "interpolation" / "pose.toml"
 PHOTOS = ", ".join(skimage_photos())
 
 
@@ -32,6 +33,27 @@ def write(folder: Path, name: str, data: str | bytes) -> Path:
 def ok_with(text: str) -> str:
     """ok.toml with its photo section or stages changed."""
     return OK + text
+
+
+def _pose_recipe(folder: Path, astronaut: str | None = None) -> Path:
+    """The pose recipe copied into ``folder``, with another astronaut keypoint file."""
+    for path in (MANIFESTS / "interpolation").glob("*"):
+        shutil.copy(path, folder)
+    if astronaut is not None:
+        write(folder, "astronaut_pose.json", astronaut)
+    return folder / "pose.toml"
+
+
+def _mismatched_controlnet(folder: Path) -> Path:
+    """The pose recipe next to a ControlNet with half the tiny UNet's channels."""
+    from diffusers import ControlNetModel
+
+    ControlNetModel(
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        conditioning_embedding_out_channels=(16, 32, 32, 32),
+    ).save_pretrained(folder / "cn")  # fmt: skip
+    return _pose_recipe(folder)
 
 
 # (id, how to make the recipe -> path, extra arguments, expected stderr ({f}: the recipe))
@@ -121,6 +143,19 @@ CASES = [
      "--set stages.edit.cfg_tar=\"3.5\": stages.edit.cfg_tar: must be a number, got '3.5'"),
     ("number as bool", lambda d: TEXT_EDIT, ["--set", "stages.edit.cfg_tar=true"],
      "--set stages.edit.cfg_tar=true: stages.edit.cfg_tar: must be a number, got True"),
+    ("no levels", lambda d: POSE, ["--set", "stages.interpolate.levels=0"],
+     "--set stages.interpolate.levels=0: stages.interpolate.levels: must be >= 1, got 0"),
+    ("8 levels", lambda d: POSE, ["--set", "stages.interpolate.levels=8"],
+     "--set stages.interpolate.levels=8: stages.interpolate.levels: must be <= 7, got 8"),
+    ("keypoints not openpose", lambda d: _pose_recipe(d, astronaut='{"pose": [1, 2]}'), [],
+     '{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: not OpenPose JSON: '
+     'expected {{"people": [{{"pose_keypoints_2d": [...]}}]}}'),
+    ("keypoints too few", lambda d: _pose_recipe(d, astronaut='{"people": [{"pose_keypoints_2d": [1, 2, 3]}]}'), [],
+     "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: people[0].pose_keypoints_2d "
+     "has 3 numbers; OpenPose's body model has 18 points of (x, y, confidence), 54 numbers"),
+    ("controlnet for another unet", _mismatched_controlnet, ['--set', 'model.controlnet="cn"'],
+     "{f}:35: stages.interpolate: the ControlNet 'cn' does not match the model's UNet "
+     "(block_out_channels differ): use a ControlNet trained for 'tiny'"),
 ]  # fmt: skip
 
 
