@@ -151,6 +151,13 @@ class SampleInterpolate(StageKind):
         problems: list[tuple[str | None, str]] = []
         if references.get("keypoints") and references.get("poses"):
             problems.append(("poses", "give keypoints or poses, not both"))
+        # Input files hold one image or pose each, so their count is known while planning.
+        counts = {"keypoints": 2, "poses": 2**params.levels + 1}
+        for port, wanted in counts.items():
+            refs = references.get(port) or []
+            if all(ref.startswith("inputs.") for ref in refs) and 0 < len(refs) != wanted:
+                problems.append((port, f"needs {wanted} entries for levels = {params.levels},"
+                                       f" got {len(refs)}"))  # fmt: skip
         if params.min_candidates > params.candidates:
             problems.append(
                 ("min_candidates", f"is {params.min_candidates}, above candidates "
@@ -293,8 +300,8 @@ class SampleInterpolate(StageKind):
         if poses is not None:
             images = torch.cat([image.float() for image in poses])
             _require(images.shape[0] == frames, ctx, "poses",
-                     f"needs one pose image per frame ({frames} for levels ="
-                     f" {params.levels}), got {images.shape[0]}")  # fmt: skip
+                     f"needs {frames} images (one per frame) for levels = {params.levels},"
+                     f" got {images.shape[0]}")  # fmt: skip
             _require(tuple(images.shape[-2:]) == size, ctx, "poses",
                      f"pose images are {tuple(images.shape[-2:])} px but frames are {size}")  # fmt: skip
             return images

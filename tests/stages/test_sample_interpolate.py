@@ -302,3 +302,52 @@ def test_plain_unguided_interpolation_loads_neither_clip_vae_nor_controlnet(
     loaded = [event.message for event in events.of("loaded")]
     assert "clip" not in loaded and "controlnet" not in loaded
     assert loaded.count("vae") == 1  # the encode stages' only
+
+
+def _pose_images_recipe(folder: Path, count: int) -> Path:
+    """pose.toml with the drawn pose of each frame as image files on `poses`."""
+    shutil.copytree(MANIFESTS / "interpolation", folder)
+    a = read_openpose((folder / "astronaut_pose.json").read_bytes())
+    b = read_openpose((folder / "camera_pose.json").read_bytes())
+    text = (folder / "pose.toml").read_text()
+    refs = []
+    for frame in range(count):
+        pose = draw_pose(interpolate_keypoints(a, b, frame / 4), 64, 64)
+        Image.fromarray((pose * 255).round().byte().permute(1, 2, 0).numpy()).save(
+            folder / f"pose-{frame}.png"
+        )
+        text += f'\n[inputs.pose_{frame}]\nimage = "pose-{frame}.png"\n'
+        refs.append(f'"inputs.pose_{frame}"')
+    text = text.replace(
+        'keypoints = ["inputs.astronaut_pose", "inputs.camera_pose"]',
+        f"poses = [{', '.join(refs)}]",
+    )
+    (folder / "pose.toml").write_text(text)
+    return folder / "pose.toml"
+
+
+def test_pose_images_as_inputs_guide_like_the_keypoints_they_draw(tmp_path: Path) -> None:
+    fast = ["stages.interpolate.num_inference_steps=4"]
+    drawn = run_recipe(POSE, fast, cache=Cache(tmp_path / "a"), out_dir=None, device="cpu")
+    given = run_recipe(
+        _pose_images_recipe(tmp_path / "recipe", 5), fast, cache=Cache(tmp_path / "b"),
+        out_dir=None, device="cpu",
+    )  # fmt: skip
+    frames = [
+        Cache(tmp_path / name).get(result.keys["interpolate"]).tensor("latents")
+        for name, result in (("a", drawn), ("b", given))
+    ]
+    assert torch.equal(frames[0], frames[1])
+
+
+def test_a_pose_image_count_that_is_not_one_per_frame_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from editflow.engine.cli import main
+
+    recipe = _pose_images_recipe(tmp_path / "recipe", 3)
+    code = main(["validate", str(recipe), "--cache", str(tmp_path / "c")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{recipe}:38: stages.interpolate.poses: needs 5 entries for levels = 2, got 3"
+    )
