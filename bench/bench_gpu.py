@@ -42,9 +42,8 @@ from editflow.stages.sample import (
     SampleDdimParams,
     SampleEditFriendly,
     SampleEditFriendlyParams,
-    SamplePix2PixZero,
-    SamplePix2PixZeroParams,
 )
+from editflow.stages.sample_pix2pix_zero import SamplePix2PixZero, SamplePix2PixZeroParams
 
 PROMPT = "a photo of an astronaut riding a horse"
 

@@ -5,6 +5,8 @@ The cache knows storage layouts, not artifact types: the engine says how each ou
 - ``"text"``: a string, kept in the entry's attributes (covered by the manifest).
 - ``"maps"``: streamed maps (``StreamWriter``/``StreamedMaps``), one chunk per layer-step.
 - ``"steps"``: a tensor stored one step per chunk along axis 0, so one step can be read alone.
+- ``"tensors"``: a mapping of names to tensors (model weights), one array per tensor named
+  ``OUTPUT.NAME``, each read back bit for bit.
 - ``"whole"``: any other tensor, one array.
 """
 
@@ -21,7 +23,7 @@ from .store import Cache
 from .streams import STREAMS_ATTR, StreamedMaps, StreamWriter
 from .writer import EntryWriter
 
-LAYOUTS = ("text", "maps", "steps", "whole")
+LAYOUTS = ("text", "maps", "steps", "tensors", "whole")
 
 
 class LazyEntry:
@@ -69,6 +71,9 @@ def write_outputs(
             texts[name] = value
         elif name in streams:
             continue
+        elif layout == "tensors":
+            for part, tensor in value.items():
+                writer.write(f"{name}.{part}", tensor.detach().cpu())
         elif layout == "maps":
             # Maps a stage kept in memory: stored whole, one chunk per layer-step.
             layers = {layer: (value.num_steps, *shape) for layer, shape in value.layers.items()}
@@ -93,6 +98,13 @@ def read_outputs(cache: Cache, entry: Entry, layouts: Mapping[str, str]) -> dict
             outputs[name] = entry.attrs["texts"][name]
         elif layout == "maps":
             outputs[name] = StreamedMaps(cache, entry.key, name)
+        elif layout == "tensors":
+            prefix = f"{name}."
+            outputs[name] = {
+                array[len(prefix) :]: entry.tensor(array)
+                for array in sorted(entry.arrays)
+                if array.startswith(prefix)
+            }
         else:
             outputs[name] = entry.tensor(name)
     return outputs

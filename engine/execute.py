@@ -35,6 +35,7 @@ LAYOUTS = {
     ArtifactType.ATTENTION_MAPS: "maps",
     ArtifactType.NOISE_SEQUENCE: "steps",
     ArtifactType.LATENT_TRAJECTORY: "steps",
+    ArtifactType.WEIGHTS: "tensors",
 }
 
 

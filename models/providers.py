@@ -294,6 +294,14 @@ def component_config(model: ResolvedModel, component: str) -> dict[str, Any] | N
     return read_json_file(path, model.provider) if path.is_file() else None
 
 
+def has_component(model: ResolvedModel, component: str) -> bool:
+    """Whether a pipeline has a part (``vae`` ...), from its identity: the built-in table or
+    the files that identify it; nothing is read or loaded."""
+    if model.spec.id in TINY_VARIANTS:
+        return component in TINY_VARIANTS[model.spec.id].components
+    return any(path.startswith(f"{component}/") for path in model.identity.get("files", {}))
+
+
 def _resolve_single_folder(
     section: ModelSection,
     field: str,

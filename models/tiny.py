@@ -367,6 +367,53 @@ _SD15_SHAPED = MappingProxyType(
         "scheduler": TINY_COMPONENTS["scheduler"],
     }
 )
+# A pixel-space DDPM model as DiffusionCLIP uses (google/ddpm-* layout): an unconditional
+# UNet2DModel on 64 px images and a DDIM scheduler with DDPM's linear betas 1e-4 to 0.02.
+_PIXEL = MappingProxyType(
+    {
+        "unet": TinyComponent(
+            "diffusers",
+            "UNet2DModel",
+            MappingProxyType(
+                {
+                    "sample_size": 64,
+                    "in_channels": 3,
+                    "out_channels": 3,
+                    "layers_per_block": 1,
+                    # Self-attention at 16x16, as DDPM's models have it.
+                    "block_out_channels": (16, 32, 64),
+                    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                    "attention_head_dim": 8,
+                    "norm_num_groups": 8,
+                }
+            ),
+        ),
+        "scheduler": TinyComponent(
+            "diffusers",
+            "DDIMScheduler",
+            MappingProxyType(
+                {
+                    "num_train_timesteps": 1000,
+                    "beta_start": 0.0001,
+                    "beta_end": 0.02,
+                    "beta_schedule": "linear",
+                    "trained_betas": None,
+                    "clip_sample": False,
+                    "set_alpha_to_one": True,
+                    "steps_offset": 0,
+                    "prediction_type": "epsilon",
+                    "thresholding": False,
+                    "dynamic_thresholding_ratio": 0.995,
+                    "clip_sample_range": 1.0,
+                    "sample_max_value": 1.0,
+                    "timestep_spacing": "leading",
+                    "rescale_betas_zero_snr": False,
+                }
+            ),
+        ),
+    }
+)
 TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
     {
         "tiny": TinyVariant(TINY_COMPONENTS, "StableDiffusionPipeline"),
@@ -380,6 +427,7 @@ TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
             "StableDiffusionInpaintPipeline",
         ),
         "sd15-shaped": TinyVariant(_SD15_SHAPED, "StableDiffusionPipeline"),
+        "tiny-pixel": TinyVariant(_PIXEL, "DDIMPipeline"),
     }
 )
 
@@ -502,13 +550,15 @@ def _write_model_index(folder: Path, variant: TinyVariant) -> None:
     index: dict[str, Any] = {
         "_class_name": variant.pipeline,
         "_diffusers_version": diffusers.__version__,
-        "requires_safety_checker": False,
     }
-    index.update({part: [None, None] for part in _ABSENT_PIPELINE_PARTS})
+    if variant.pipeline.startswith("StableDiffusion"):
+        index["requires_safety_checker"] = False
+        index.update({part: [None, None] for part in _ABSENT_PIPELINE_PARTS})
     index.update(
         {
             name: [variant.components[name].library, variant.components[name].class_name]
             for name in _PIPELINE_PARTS
+            if name in variant.components
         }
     )
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
@@ -520,8 +570,10 @@ def _write_model_index(folder: Path, variant: TinyVariant) -> None:
 
 
 def _build_unet(config: Mapping[str, Any]) -> Any:
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
+    if "cross_attention_dim" not in config:  # a pixel-space, unconditional UNet
+        return UNet2DModel(**jsonable(config))
     return UNet2DConditionModel(**jsonable(config))
 
 

@@ -13,16 +13,24 @@ from editflow.stages.direction import BankMean, DeriveDirection
 from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
 from editflow.stages.encode import EncodeVae
 from editflow.stages.figure import FigureAnimation, FigureGrid
+from editflow.stages.finetune import FinetuneDiffusionclip
 from editflow.stages.guide import GuidePix2PixZeroReference
 from editflow.stages.invert import InvertDdim, InvertEditFriendly, InvertTextualInversion
+from editflow.stages.pixels import DecodePixels, EncodePixels
 from editflow.stages.rank import RankClip
-from editflow.stages.sample import SampleDdim, SampleEditFriendly, SamplePix2PixZero
+from editflow.stages.sample import (
+    SampleDdim,
+    SampleEditFriendly,
+)
 from editflow.stages.sample_interpolate import SampleInterpolate
+from editflow.stages.sample_pix2pix_zero import SamplePix2PixZero
+from editflow.stages.sample_unseen_domain import SampleUnseenDomain
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     CaptionBlip,
     ComposePaste,
     EncodeVae,
+    EncodePixels,
     InvertDdim,
     InvertEditFriendly,
     InvertTextualInversion,
@@ -34,7 +42,10 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     SamplePix2PixZero,
     SampleLocalIlvr,
     SampleInterpolate,
+    SampleUnseenDomain,
+    FinetuneDiffusionclip,
     DecodeVae,
+    DecodePixels,
     RankClip,
     FigureGrid,
     FigureAnimation,

@@ -34,6 +34,7 @@ class ArtifactType(enum.StrEnum):
     EMBEDDING = "embedding"  # float (N, tokens, D)
     DIRECTION = "direction"  # float (1, tokens, D)
     SCORES = "scores"  # float (N,)
+    WEIGHTS = "weights"  # {parameter name: float32 tensor}: tuned model weights
     KEYPOINTS = "keypoints"  # float (N, 18, 3) OpenPose body points: x, y in [0, 1], confidence
 
 

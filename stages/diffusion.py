@@ -12,7 +12,7 @@ knobs are keyword-only, and which calls ``callback(info)`` after every step with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
 import torch
@@ -95,12 +95,25 @@ def ddim_posterior_variance(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> to
 
 
 def unet_noise_predictor(unet: Any) -> NoisePredictor:
-    """Wrap a diffusers ``UNet2DConditionModel`` as a plain noise predictor."""
+    """Wrap a diffusers ``UNet2DConditionModel`` (or an unconditional pixel-space
+    ``UNet2DModel``, which ignores the embeddings) as a plain noise predictor."""
+    if is_unconditional(unet):
+
+        def unconditional(x_t: torch.Tensor, t: torch.Tensor | int, embeds: Any) -> torch.Tensor:
+            # Models that learn the variance (improved DDPM) output it after the noise.
+            return unet(x_t, t, return_dict=False)[0][:, : x_t.shape[1]]
+
+        return unconditional
 
     def predict(x_t: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor) -> torch.Tensor:
         return unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
 
     return predict
+
+
+def is_unconditional(unet: Any) -> bool:
+    """Whether a denoiser takes no text (DDPM's ``UNet2DModel``, a pixel-space model)."""
+    return "cross_attention_dim" not in unet.config
 
 
 @torch.no_grad()
@@ -137,6 +150,28 @@ def encode_prompt_pair(
     cond = encode_prompts(tokenizer, text_encoder, [prompt] * batch)
     uncond = encode_prompts(tokenizer, text_encoder, [negative_prompt] * batch) if guided else None
     return cond, uncond
+
+
+def prompt_pair(
+    models: Any, prompt: str, negative_prompt: str, batch: int, guided: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`encode_prompt_pair`, or ``(None, None)`` for an unconditional model (which has
+    no text encoder to load)."""
+    if is_unconditional(models.get("unet")):
+        return None, None
+    return encode_prompt_pair(models, prompt, negative_prompt, batch, guided)
+
+
+def check_t0(t0: int | None, models: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    """``t0`` must be a timestep of the model's schedule (from its config; nothing loads)."""
+    model = models.get("model.id")
+    if t0 is None or model is None:
+        return []
+    steps = model.scheduler_config.get("num_train_timesteps")
+    if steps is not None and t0 >= steps:
+        return [("t0", f"is {t0} but model '{model.spec.id}' has {steps} training steps"
+                       f" (timesteps 0 to {steps - 1})")]  # fmt: skip
+    return []
 
 
 def guided_noise(

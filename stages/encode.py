@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import vae_encode
+from editflow.stages.pixels import space_problems
 
 
 class EncodeVae(StageKind):
@@ -21,6 +23,12 @@ class EncodeVae(StageKind):
         Port("latents", ArtifactType.LATENT, "Latents x0, (N, C, H/8, W/8)", size_of="images"),
     )
     components = (specs.VAE,)
+
+    @classmethod
+    def check_models(
+        cls, params: Params, models: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        return space_problems(models, pixel_stage=False)
 
     def run(self, ctx: StageContext, params: Params, *, images: torch.Tensor) -> dict[str, Any]:
         vae = ctx.models.get("vae")

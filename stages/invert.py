@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import DDIMInverseScheduler, DDPMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from pydantic import Field, model_validator
 
 from editflow.models import specs
@@ -27,7 +27,14 @@ from editflow.stages.base import (
     step_reporter,
 )
 from editflow.stages.ddim import ddim_invert
-from editflow.stages.diffusion import encode_prompt_pair, encode_prompts, unet_noise_predictor
+from editflow.stages.diffusion import (
+    check_t0,
+    encode_prompt_pair,
+    encode_prompts,
+    prompt_pair,
+    unet_noise_predictor,
+)
+from editflow.stages.diffusionclip import grid_invert, t0_grid
 from editflow.stages.edit_friendly import edit_friendly_invert
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
 from editflow.stages.textual_inversion import textual_inversion
@@ -49,6 +56,19 @@ class InvertDdimParams(Params):
     regularize_steps: int = Field(
         5, ge=1, le=50, description="Auto-correlation gradient steps per round"
     )
+    t0: int | None = Field(
+        None,
+        ge=1,
+        le=999,
+        description="Invert only to this timestep, on the grid linspace(0, 1, n) * t0 with n ="
+        " num_inference_steps (DiffusionCLIP's S_for); default: the whole schedule",
+    )
+
+    @model_validator(mode="after")
+    def _t0_alone(self) -> InvertDdimParams:
+        if self.t0 is not None and self.regularize:
+            raise ValueError("t0 and regularize cannot be combined")
+        return self
 
 
 class InvertDdim(StageKind):
@@ -81,6 +101,12 @@ class InvertDdim(StageKind):
     def is_seeded(cls, params: InvertDdimParams) -> bool:
         return params.regularize  # the regulariser draws its roll shifts
 
+    @classmethod
+    def check_models(
+        cls, params: InvertDdimParams, models: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        return check_t0(params.t0, models)
+
     def run(
         self,
         ctx: StageContext,
@@ -90,13 +116,28 @@ class InvertDdim(StageKind):
         caption: str | None,
     ) -> dict[str, Any]:
         models = ctx.models
-        cond, uncond = encode_prompt_pair(
+        cond, uncond = prompt_pair(
             models,
             caption if caption is not None else params.prompt,
             params.negative_prompt,
             batch=len(latents),
             guided=params.guidance_scale != 1.0,
         )
+        no_embeds = torch.zeros(len(latents), 0, 0)
+        if params.t0 is not None:
+            alphas = DDIMScheduler.from_config(models.scheduler_config).alphas_cumprod
+            x_t0, trajectory = grid_invert(
+                unet_noise_predictor(models.get("unet")),
+                latents.to(ctx.device, ctx.dtype),
+                alphas,
+                t0_grid(params.t0, params.num_inference_steps),
+                cond,
+                uncond,
+                guidance_scale=params.guidance_scale,
+                callback=step_reporter(ctx.progress, params.num_inference_steps - 1),
+            )
+            embeds = cond if cond is not None else no_embeds
+            return {"latents": x_t0, "trajectory": trajectory, "prompt_embeds": embeds}
         scheduler = DDIMInverseScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
         x_T, trajectory = ddim_invert(
@@ -114,7 +155,8 @@ class InvertDdim(StageKind):
             generator=ctx.generator() if params.regularize else None,
             callback=step_reporter(ctx.progress, params.num_inference_steps),
         )
-        return {"latents": x_T, "trajectory": trajectory, "prompt_embeds": cond}
+        embeds = cond if cond is not None else no_embeds
+        return {"latents": x_T, "trajectory": trajectory, "prompt_embeds": embeds}
 
 
 class InvertEditFriendlyParams(Params):

@@ -3,23 +3,22 @@
 - ``sample.ddim``: DDIM with classifier-free guidance (math in :mod:`editflow.stages.ddim`).
 - ``sample.edit_friendly``: the edit-friendly DDPM edit driven by stored noise maps
   (Huberman-Spiegelglas et al. 2024; math in :mod:`editflow.stages.edit_friendly`).
-- ``sample.pix2pix_zero``: the pix2pix-zero edit with cross-attention guidance (Parmar et
-  al. 2023; math in :mod:`editflow.stages.pix2pix_zero`).
+- ``sample.pix2pix_zero`` (:mod:`editflow.stages.sample_pix2pix_zero`), ``sample.interpolate``
+  and ``sample.unseen_domain`` live in modules of their own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from editflow.errors import EditflowError
 from editflow.models import specs
-from editflow.stages.attention import AttentionMaps, install_attention_recorder
 from editflow.stages.base import (
     ArtifactType,
     Params,
@@ -29,14 +28,21 @@ from editflow.stages.base import (
     step_reporter,
 )
 from editflow.stages.ddim import ddim_sample
-from editflow.stages.diffusion import encode_prompt_pair, unet_noise_predictor, vae_encode
+from editflow.stages.diffusion import (
+    check_t0,
+    encode_prompt_pair,
+    prompt_pair,
+    unet_noise_predictor,
+    vae_encode,
+)
+from editflow.stages.diffusionclip import grid_sample, t0_grid
 from editflow.stages.edit_friendly import (
     ColourGuidance,
     EditFriendlyInversion,
     edit_friendly_sample,
 )
-from editflow.stages.pix2pix_zero import guided_edit, match_batch, no_weight_grads
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
+from editflow.stages.tuned import check_ratio, mixing_predictor
 
 
 class SampleDdimParams(Params):
@@ -45,6 +51,36 @@ class SampleDdimParams(Params):
     num_inference_steps: int = Field(50, ge=1, le=999, description="DDIM steps")
     guidance_scale: float = Field(7.5, ge=1.0, le=30.0, description="CFG scale (1 = no CFG)")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
+    t0: int | None = Field(
+        None,
+        ge=1,
+        le=999,
+        description="Start from this timestep, on the grid linspace(0, 1, n) * t0 with n ="
+        " num_inference_steps (DiffusionCLIP's S_test); default: the whole schedule, or the"
+        " t0 of the inversion that made the latents",
+    )
+    ratio: float | dict[str, list[float]] = Field(
+        1.0,
+        description="With `weights`: r in eps = r * eps_tuned + (1 - r) * eps_original, or a"
+        " table {threshold = [one weight per tuned model]}: the first threshold not above t"
+        " applies, weights normalised",
+    )
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, ratio: Any) -> Any:
+        if isinstance(ratio, int | float):
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"must be in [0, 1], got {ratio}")
+            return ratio
+        if not ratio:
+            raise ValueError("needs at least one threshold")
+        for key, weights in ratio.items():
+            if not key.isdigit() or int(key) > 999:
+                raise ValueError(f"threshold {key!r} must be a timestep from 0 to 999")
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"threshold {key}: weights must be >= 0 with a positive sum")
+        return ratio
 
 
 class SampleDdim(StageKind):
@@ -52,20 +88,47 @@ class SampleDdim(StageKind):
     version = "1"
     description = "DDIM sampling with CFG from x_T (e.g. inverted latents) to x0"
     params = SampleDdimParams
-    inputs = (Port("latents", ArtifactType.LATENT, "Starting latents x_T"),)
+    inputs = (
+        Port("latents", ArtifactType.LATENT, "Starting latents x_T"),
+        Port(
+            "weights",
+            ArtifactType.WEIGHTS,
+            "Tuned weights of the denoiser (e.g. finetune.diffusionclip), mixed by `ratio`",
+            optional=True,
+            many=True,
+        ),
+    )
     outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="latents"),)
     components = specs.DENOISER
+    inherits = {"latents": {"t0": None}}
 
     @classmethod
     def is_seeded(cls, params: SampleDdimParams) -> bool:
         return params.eta > 0
 
+    @classmethod
+    def check(
+        cls, params: SampleDdimParams, references: Mapping[str, Any], sizes: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        return check_ratio(params.ratio, references.get("weights") or [])
+
+    @classmethod
+    def check_models(
+        cls, params: SampleDdimParams, models: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        return check_t0(params.t0, models)
+
     def run(
-        self, ctx: StageContext, params: SampleDdimParams, *, latents: torch.Tensor
+        self,
+        ctx: StageContext,
+        params: SampleDdimParams,
+        *,
+        latents: torch.Tensor,
+        weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
         x_T = latents.to(ctx.device, ctx.dtype)
-        cond, uncond = encode_prompt_pair(
+        cond, uncond = prompt_pair(
             models,
             params.prompt,
             params.negative_prompt,
@@ -73,9 +136,24 @@ class SampleDdim(StageKind):
             guided=params.guidance_scale != 1.0,
         )
         scheduler = DDIMScheduler.from_config(models.scheduler_config)
+        predict = mixing_predictor(models.get("unet"), weights or [], params.ratio)
+        if params.t0 is not None:
+            sampled = grid_sample(
+                predict,
+                x_T,
+                scheduler.alphas_cumprod,
+                t0_grid(params.t0, params.num_inference_steps),
+                cond,
+                uncond,
+                guidance_scale=params.guidance_scale,
+                eta=params.eta,
+                generator=ctx.generator() if params.eta > 0 else None,
+                callback=step_reporter(ctx.progress, params.num_inference_steps),
+            )
+            return {"latents": sampled}
         scheduler.set_timesteps(params.num_inference_steps)
         latents = ddim_sample(
-            unet_noise_predictor(models.get("unet")),
+            predict,
             x_T,
             scheduler,
             cond,
@@ -289,122 +367,3 @@ def _colour_guidance(
     mask = mask.to(ctx.device, ctx.dtype)
     latent_mask = F.interpolate(mask, size=tuple(latent_size), mode="area")
     return ColourGuidance(latent_mask, colour_latent, params.colour_strength, params.colour_window)
-
-
-class SamplePix2PixZeroParams(Params):
-    xa_guidance: float = Field(
-        0.1,
-        ge=0.0,
-        le=10.0,
-        description="Cross-attention guidance step (0.1 real, 0.15 synthetic, <= 0.01 SD 2.x);"
-        " it steps the one latent with the edited prompt's maps, where the released code steps"
-        " both CFG halves, so the same value acts about twice as strongly here",
-    )
-    guidance_scale: float = Field(
-        5.0, ge=1.0, le=30.0, description="CFG scale; the caption is the negative prompt"
-    )
-    num_inference_steps: int | None = Field(
-        None, ge=1, le=999, description="DDIM steps (default: the reference pass's; must match it)"
-    )
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
-    direction_multiplier: float = Field(
-        1.0, ge=-10.0, le=10.0, description="Scale of the edit direction added to the caption"
-    )
-
-
-class SamplePix2PixZero(StageKind):
-    """pix2pix-zero edit: caption + direction, guided by the reference cross-attention maps."""
-
-    kind = "sample.pix2pix_zero"
-    version = "2"  # 2: recorded layers compute their output with fused SDPA
-    description = "Edit x_T along a text direction with cross-attention guidance"
-    params = SamplePix2PixZeroParams
-    inputs = (
-        Port("x_T", ArtifactType.LATENT, "Inverted latents (the reference pass's start)"),
-        Port("prompt_embeds", ArtifactType.EMBEDDING, "Caption embedding"),
-        Port("direction", ArtifactType.DIRECTION, "Edit direction (1, 77, D)"),
-        Port(
-            "attention_maps",
-            ArtifactType.ATTENTION_MAPS,
-            "Reference maps from guide.attention_reference (needed when xa_guidance > 0)",
-            optional=True,
-        ),
-    )
-    outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0", size_of="x_T"),)
-    components = (specs.UNET, specs.SCHEDULER_CONFIG)
-    inherits = {"attention_maps": {"num_inference_steps": 50}}
-
-    @classmethod
-    def is_seeded(cls, params: SamplePix2PixZeroParams) -> bool:
-        return params.eta > 0
-
-    @classmethod
-    def check(
-        cls,
-        params: SamplePix2PixZeroParams,
-        references: Mapping[str, Any],
-        sizes: Mapping[str, Any],
-    ) -> list[tuple[str | None, str]]:
-        if params.xa_guidance > 0 and "attention_maps" not in references:
-            return [("attention_maps", _NO_MAPS.format(params.xa_guidance))]
-        return []
-
-    def run(
-        self,
-        ctx: StageContext,
-        params: SamplePix2PixZeroParams,
-        *,
-        x_T: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        direction: torch.Tensor,
-        attention_maps: Any,
-    ) -> dict[str, Any]:
-        unet = ctx.models.get("unet")
-        x_T = x_T.to(ctx.device, ctx.dtype)
-        caption = match_batch(
-            prompt_embeds.to(ctx.device, ctx.dtype), len(x_T), "prompt_embeds", ctx
-        )
-        direction = direction.to(ctx.device, ctx.dtype)
-        edit_embeds = caption + params.direction_multiplier * direction
-        reference = attention_maps
-        if params.xa_guidance > 0:
-            if reference is None:
-                raise EditflowError(
-                    _NO_MAPS.format(params.xa_guidance),
-                    key=f"stages.{ctx.name}.attention_maps",
-                    hint="connect a guide.attention_reference stage or set xa_guidance = 0",
-                )
-            if reference.num_steps != params.num_inference_steps:
-                raise EditflowError(
-                    f"attention_maps hold {reference.num_steps} steps but"
-                    f" num_inference_steps is {params.num_inference_steps}",
-                    key=f"stages.{ctx.name}.num_inference_steps",
-                    hint="use the reference stage's num_inference_steps",
-                )
-        scheduler = DDIMScheduler.from_config(ctx.models.scheduler_config)
-        scheduler.set_timesteps(params.num_inference_steps)
-
-        with no_weight_grads(unet), install_attention_recorder(unet) as recorder:
-            predict = unet_noise_predictor(unet)
-            latents = guided_edit(
-                predict,
-                x_T,
-                scheduler,
-                edit_embeds,
-                caption,
-                predict_maps=recorder.predictor(predict),
-                reference_maps=reference.step if reference is not None else _no_reference,
-                xa_guidance=params.xa_guidance,
-                guidance_scale=params.guidance_scale,
-                eta=params.eta,
-                generator=ctx.generator() if params.eta > 0 else None,
-                callback=step_reporter(ctx.progress, params.num_inference_steps),
-            )
-        return {"latents": latents}
-
-
-_NO_MAPS = "xa_guidance is {} but no attention_maps are connected"
-
-
-def _no_reference(step: int) -> AttentionMaps:
-    raise RuntimeError("reference maps requested with guidance off")

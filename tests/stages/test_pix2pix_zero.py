@@ -46,7 +46,7 @@ from editflow.stages.ddim import auto_correlation_loss, ddim_invert, kl_loss, re
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
 from editflow.stages.guide import GuidePix2PixZeroReference
 from editflow.stages.pix2pix_zero import InMemoryAttentionMaps, guided_edit, reference_pass
-from editflow.stages.sample import SamplePix2PixZero, SamplePix2PixZeroParams
+from editflow.stages.sample_pix2pix_zero import SamplePix2PixZero, SamplePix2PixZeroParams
 
 STEPS = 6
 Peer = StableDiffusionPix2PixZeroPipeline

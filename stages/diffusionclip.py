@@ -1,0 +1,288 @@
+"""DiffusionCLIP (Kim, Kwon, Ye 2022) as plain functions: the t0 time grid, DDIM along it,
+the directional CLIP loss and the two fine-tuning loops.
+
+The time grid is METHODS.md's ``linspace(0, 1, n) * t0`` truncated to integers, as the
+released code builds it. Inversion runs the grid upwards (n - 1 steps from x0, which is
+treated as the level of timestep 0); generation runs it downwards and takes one more step,
+from timestep 0 to the clean image (``alpha_bar = 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
+
+# CLIP's ImageNet prompt templates (Radford et al. 2021), a subset: the directional loss
+# averages the text features of each text over them, as the released code does.
+TEMPLATES = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "a close-up photo of a {}.",
+)
+
+Mode = Literal["full", "light"]
+
+
+def t0_grid(t0: int, steps: int) -> list[int]:
+    """``linspace(0, 1, steps) * t0`` as integers (truncated): the timesteps of inversion
+    and generation to ``t0``."""
+    return [int(value) for value in np.linspace(0, 1, steps) * t0]
+
+
+def _alpha(alphas_cumprod: torch.Tensor, t: int, like: torch.Tensor) -> torch.Tensor:
+    value = alphas_cumprod[t] if t >= 0 else alphas_cumprod.new_tensor(1.0)
+    return value.to(device=like.device, dtype=like.dtype)
+
+
+def grid_step(
+    eps: torch.Tensor,
+    x: torch.Tensor,
+    t: int,
+    t_next: int,
+    alphas_cumprod: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step from timestep ``t`` to ``t_next`` (either direction; ``-1`` is the
+    clean image): ``(x_next, x0_hat)`` (Song et al. 2021, eq. 12)."""
+    a_t, a_next = _alpha(alphas_cumprod, t, x), _alpha(alphas_cumprod, t_next, x)
+    x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if eta == 0 or noise is None:
+        return a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps, x0_hat
+    c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
+    c2 = (1 - a_next - c1**2).sqrt()
+    return a_next.sqrt() * x0_hat + c1 * noise + c2 * eps, x0_hat
+
+
+@torch.no_grad()
+def grid_invert(
+    predict: NoisePredictor,
+    x0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    grid: Sequence[int],
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 1.0,
+    callback: Callback | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic DDIM inversion up the grid: ``(x_t0, trajectory)``, the trajectory
+    holding x after each step ((len(grid) - 1, N, C, h, w))."""
+    x, trajectory = x0, []
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        eps = guided_noise(predict, x, _timestep(t, x), cond, uncond, guidance_scale)
+        x, x0_hat = grid_step(eps, x, t, t_next, alphas_cumprod)
+        trajectory.append(x)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0_hat, "eps": eps})
+    return x, torch.stack(trajectory) if trajectory else x[None, :0]
+
+
+@torch.no_grad()
+def grid_sample(
+    predict: NoisePredictor,
+    x_t0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    grid: Sequence[int],
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DDIM generation down the grid from ``x_t0`` to the clean image (len(grid) steps);
+    with ``eta > 0`` the step noise is drawn on the CPU from ``generator``."""
+    x = x_t0
+    for i, (t, t_next) in enumerate(_downwards(grid)):
+        eps = guided_noise(predict, x, _timestep(t, x), cond, uncond, guidance_scale)
+        noise = None
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+            noise = noise.to(x.device, x.dtype)
+        x, x0_hat = grid_step(eps, x, t, t_next, alphas_cumprod, eta, noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0_hat, "eps": eps})
+    return x
+
+
+def _downwards(grid: Sequence[int]) -> list[tuple[int, int]]:
+    """(t, t_next) pairs of generation: the grid reversed, ending at -1 (the clean image)."""
+    previous = [-1, *grid[:-1]]
+    return list(zip(reversed(grid), reversed(previous), strict=True))
+
+
+def _timestep(t: int, like: torch.Tensor) -> torch.Tensor:
+    # A CPU scalar, as schedulers hand out: the model moves it, no loop waits on the device.
+    return torch.tensor(t, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------
+# The directional CLIP loss
+
+
+def clip_pixels(processor: Any, images: torch.Tensor) -> torch.Tensor:
+    """CLIP's preprocessing, differentiable: images in [-1, 1] resized (bicubic) so the
+    shorter side is CLIP's size, centre-cropped, and normalised with CLIP's mean and std."""
+    image_processor = processor.image_processor
+    size = image_processor.size.get("shortest_edge") or image_processor.size["height"]
+    crop = image_processor.crop_size
+    x = (images + 1) / 2
+    height, width = x.shape[-2:]
+    scale = size / min(height, width)
+    x = F.interpolate(
+        x, size=(round(height * scale), round(width * scale)), mode="bicubic",
+        align_corners=False, antialias=True,
+    )  # fmt: skip
+    top, left = (x.shape[-2] - crop["height"]) // 2, (x.shape[-1] - crop["width"]) // 2
+    x = x[..., top : top + crop["height"], left : left + crop["width"]]
+    mean = x.new_tensor(image_processor.image_mean).view(1, -1, 1, 1)
+    std = x.new_tensor(image_processor.image_std).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 5 returns a model output with the projected embeddings in pooler_output.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def text_direction(model: Any, processor: Any, source: str, target: str) -> torch.Tensor:
+    """The unit CLIP text direction target - source, each text's features averaged over
+    :data:`TEMPLATES` (normalised per template, then the mean normalised)."""
+
+    def embed(text: str) -> torch.Tensor:
+        prompts = [template.format(text) for template in TEMPLATES]
+        tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+        device = next(model.parameters()).device
+        features = _features(
+            model.get_text_features(
+                input_ids=tokens.input_ids.to(device),
+                attention_mask=tokens.attention_mask.to(device),
+            )
+        )
+        return F.normalize(F.normalize(features.float(), dim=-1).mean(0), dim=0)
+
+    return F.normalize(embed(target) - embed(source), dim=0)
+
+
+def image_features(model: Any, processor: Any, images: torch.Tensor) -> torch.Tensor:
+    """CLIP image features of images in [-1, 1], differentiable, unit length."""
+    pixels = clip_pixels(processor, images.float()).to(model.dtype)
+    return F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+def directional_clip_loss(
+    model: Any,
+    processor: Any,
+    generated: torch.Tensor,
+    source_features: torch.Tensor,
+    direction: torch.Tensor,
+) -> torch.Tensor:
+    """``1 - cos(E(generated) - E(source), direction)``, averaged over the batch."""
+    change = F.normalize(image_features(model, processor, generated) - source_features, dim=-1)
+    return (1 - change @ direction).mean()
+
+
+# ------------------------------------------------------------------------------------------
+# Fine-tuning
+
+Loss = Callable[[torch.Tensor, int], torch.Tensor]  # (x0 estimate, image index) -> loss
+
+
+def finetune(
+    predict: NoisePredictor,
+    parameters: Sequence[torch.nn.Parameter],
+    inverted: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    grid: Sequence[int],
+    loss: Loss,
+    *,
+    epochs: int,
+    learning_rate: float,
+    lr_growth: float = 1.3,
+    mode: Mode = "full",
+    checkpointing: bool = True,
+    progress: Callable[[int, int], None] = lambda step, total: None,
+) -> torch.Tensor:
+    """DiffusionCLIP's fine-tuning of the parameters ``predict`` runs with (Adam, weight
+    decay 0, the learning rate times ``lr_growth`` after each epoch).
+
+    - ``full``: each training image's ``x_t0`` is generated down the grid WITH gradients
+      through the chain (each step checkpointed, so only one step's activations are held),
+      the loss is taken on the result, and the optimiser steps once per image.
+    - ``light``: at every step of the chain the loss is taken on that step's ``x0_hat``
+      and the optimiser steps at once; the chain itself carries no gradient.
+
+    Args:
+        predict: The noise predictor of the model being tuned (it uses ``parameters``).
+        parameters: What is optimised.
+        inverted: (N, C, H, W) the training images' ``x_t0``.
+        alphas_cumprod: The model's cumulative alphas.
+        grid: The generation time grid (:func:`t0_grid` with S_gen steps).
+        loss: (x0 estimate (1, C, H, W), image index) -> scalar loss.
+        epochs: Passes over the training images.
+        learning_rate: Adam's learning rate in the first epoch.
+        lr_growth: Factor applied to the learning rate after each epoch.
+        mode: ``full`` or ``light``.
+        checkpointing: Checkpoint each step of the ``full`` chain.
+        progress: Called with (optimiser steps done, in all).
+
+    Returns:
+        The loss of every optimiser step, in order.
+    """
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, weight_decay=0.0)
+    steps = _downwards(grid)
+    per_image = 1 if mode == "full" else len(steps)
+    total, losses = epochs * len(inverted) * per_image, []
+
+    def step(x: torch.Tensor, t: int, t_next: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return grid_step(predict(x, _timestep(t, x), None), x, t, t_next, alphas_cumprod)
+
+    for _ in range(epochs):
+        for index in range(len(inverted)):
+            x = inverted[index : index + 1].detach()
+            if mode == "full":
+                for t, t_next in steps:
+                    if checkpointing:
+                        x, _ = checkpoint(step, x, t, t_next, use_reentrant=False)
+                    else:
+                        x, _ = step(x, t, t_next)
+                losses.append(_optimise(optimizer, loss(x, index)))
+            else:
+                for t, t_next in steps:
+                    x_next, x0_hat = step(x, t, t_next)
+                    losses.append(_optimise(optimizer, loss(x0_hat, index)))
+                    x = x_next.detach()
+            progress(len(losses), total)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_growth
+    return torch.stack(losses) if losses else torch.zeros(0)
+
+
+def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().float().cpu()

@@ -1,0 +1,146 @@
+"""``sample.pix2pix_zero``: the pix2pix-zero edit with cross-attention guidance (Parmar et
+al. 2023); math in :mod:`editflow.stages.pix2pix_zero`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from pydantic import Field
+
+from editflow.errors import EditflowError
+from editflow.models import specs
+from editflow.stages.attention import AttentionMaps, install_attention_recorder
+from editflow.stages.base import (
+    ArtifactType,
+    Params,
+    Port,
+    StageContext,
+    StageKind,
+    step_reporter,
+)
+from editflow.stages.diffusion import (
+    unet_noise_predictor,
+)
+from editflow.stages.pix2pix_zero import guided_edit, match_batch, no_weight_grads
+
+
+class SamplePix2PixZeroParams(Params):
+    xa_guidance: float = Field(
+        0.1,
+        ge=0.0,
+        le=10.0,
+        description="Cross-attention guidance step (0.1 real, 0.15 synthetic, <= 0.01 SD 2.x);"
+        " it steps the one latent with the edited prompt's maps, where the released code steps"
+        " both CFG halves, so the same value acts about twice as strongly here",
+    )
+    guidance_scale: float = Field(
+        5.0, ge=1.0, le=30.0, description="CFG scale; the caption is the negative prompt"
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=999, description="DDIM steps (default: the reference pass's; must match it)"
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
+    direction_multiplier: float = Field(
+        1.0, ge=-10.0, le=10.0, description="Scale of the edit direction added to the caption"
+    )
+
+
+class SamplePix2PixZero(StageKind):
+    """pix2pix-zero edit: caption + direction, guided by the reference cross-attention maps."""
+
+    kind = "sample.pix2pix_zero"
+    version = "2"  # 2: recorded layers compute their output with fused SDPA
+    description = "Edit x_T along a text direction with cross-attention guidance"
+    params = SamplePix2PixZeroParams
+    inputs = (
+        Port("x_T", ArtifactType.LATENT, "Inverted latents (the reference pass's start)"),
+        Port("prompt_embeds", ArtifactType.EMBEDDING, "Caption embedding"),
+        Port("direction", ArtifactType.DIRECTION, "Edit direction (1, 77, D)"),
+        Port(
+            "attention_maps",
+            ArtifactType.ATTENTION_MAPS,
+            "Reference maps from guide.attention_reference (needed when xa_guidance > 0)",
+            optional=True,
+        ),
+    )
+    outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0", size_of="x_T"),)
+    components = (specs.UNET, specs.SCHEDULER_CONFIG)
+    inherits = {"attention_maps": {"num_inference_steps": 50}}
+
+    @classmethod
+    def is_seeded(cls, params: SamplePix2PixZeroParams) -> bool:
+        return params.eta > 0
+
+    @classmethod
+    def check(
+        cls,
+        params: SamplePix2PixZeroParams,
+        references: Mapping[str, Any],
+        sizes: Mapping[str, Any],
+    ) -> list[tuple[str | None, str]]:
+        if params.xa_guidance > 0 and "attention_maps" not in references:
+            return [("attention_maps", _NO_MAPS.format(params.xa_guidance))]
+        return []
+
+    def run(
+        self,
+        ctx: StageContext,
+        params: SamplePix2PixZeroParams,
+        *,
+        x_T: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        direction: torch.Tensor,
+        attention_maps: Any,
+    ) -> dict[str, Any]:
+        unet = ctx.models.get("unet")
+        x_T = x_T.to(ctx.device, ctx.dtype)
+        caption = match_batch(
+            prompt_embeds.to(ctx.device, ctx.dtype), len(x_T), "prompt_embeds", ctx
+        )
+        direction = direction.to(ctx.device, ctx.dtype)
+        edit_embeds = caption + params.direction_multiplier * direction
+        reference = attention_maps
+        if params.xa_guidance > 0:
+            if reference is None:
+                raise EditflowError(
+                    _NO_MAPS.format(params.xa_guidance),
+                    key=f"stages.{ctx.name}.attention_maps",
+                    hint="connect a guide.attention_reference stage or set xa_guidance = 0",
+                )
+            if reference.num_steps != params.num_inference_steps:
+                raise EditflowError(
+                    f"attention_maps hold {reference.num_steps} steps but"
+                    f" num_inference_steps is {params.num_inference_steps}",
+                    key=f"stages.{ctx.name}.num_inference_steps",
+                    hint="use the reference stage's num_inference_steps",
+                )
+        scheduler = DDIMScheduler.from_config(ctx.models.scheduler_config)
+        scheduler.set_timesteps(params.num_inference_steps)
+
+        with no_weight_grads(unet), install_attention_recorder(unet) as recorder:
+            predict = unet_noise_predictor(unet)
+            latents = guided_edit(
+                predict,
+                x_T,
+                scheduler,
+                edit_embeds,
+                caption,
+                predict_maps=recorder.predictor(predict),
+                reference_maps=reference.step if reference is not None else _no_reference,
+                xa_guidance=params.xa_guidance,
+                guidance_scale=params.guidance_scale,
+                eta=params.eta,
+                generator=ctx.generator() if params.eta > 0 else None,
+                callback=step_reporter(ctx.progress, params.num_inference_steps),
+            )
+        return {"latents": latents}
+
+
+_NO_MAPS = "xa_guidance is {} but no attention_maps are connected"
+
+
+def _no_reference(step: int) -> AttentionMaps:
+    raise RuntimeError("reference maps requested with guidance off")

@@ -1,0 +1,75 @@
+"""``sample.unseen_domain``: DiffusionCLIP's unseen-domain translation (Kim et al. 2022).
+
+An image from a domain the model never saw (a sketch, a silhouette) is pulled onto the
+model's domain by repeating a stochastic forward to ``t0`` and a short DDIM generation with
+the ORIGINAL model; it is then inverted deterministically and edited like any image. Math in
+:mod:`editflow.stages.diffusionclip`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from pydantic import Field
+
+from editflow.models import specs
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.diffusion import (
+    check_t0,
+    encode_prompt_pair,
+    is_unconditional,
+    unet_noise_predictor,
+)
+from editflow.stages.diffusionclip import grid_sample, t0_grid
+
+
+class SampleUnseenDomainParams(Params):
+    t0: int = Field(400, ge=1, le=999, description="Timestep of each stochastic forward")
+    repeats: int = Field(5, ge=1, le=100, description="Forward-and-generate rounds")
+    num_gen_steps: int = Field(6, ge=1, le=100, description="DDIM steps from t0 to 0 per round")
+
+
+class SampleUnseenDomain(StageKind):
+    """Pull an image onto the model's domain: (noise to t0, DDIM back) ``repeats`` times."""
+
+    kind = "sample.unseen_domain"
+    version = "1"
+    description = (
+        "Unseen-domain translation (DiffusionCLIP): repeated stochastic forward to t0 and"
+        " DDIM generation with the original model"
+    )
+    params = SampleUnseenDomainParams
+    inputs = (Port("latents", ArtifactType.LATENT, "Images from another domain, x0"),)
+    outputs = (
+        Port("latents", ArtifactType.LATENT, "The images on the model's domain", size_of="latents"),
+    )
+    components = (specs.UNET, specs.SCHEDULER_CONFIG)
+    seeded = True
+
+    @classmethod
+    def check_models(
+        cls, params: SampleUnseenDomainParams, models: Mapping[str, Any]
+    ) -> list[tuple[str | None, str]]:
+        return check_t0(params.t0, models)
+
+    def run(
+        self, ctx: StageContext, params: SampleUnseenDomainParams, *, latents: torch.Tensor
+    ) -> dict[str, Any]:
+        unet = ctx.models.get("unet")
+        alphas = DDIMScheduler.from_config(ctx.models.scheduler_config).alphas_cumprod
+        generator = ctx.generator()
+        x = latents.to(ctx.device, ctx.dtype)
+        alpha = alphas[params.t0].to(ctx.device, ctx.dtype)
+        grid = t0_grid(params.t0, params.num_gen_steps)
+        cond = uncond = None
+        if not is_unconditional(unet):
+            cond, uncond = encode_prompt_pair(ctx.models, "", "", len(x), guided=False)
+        for round_index in range(params.repeats):
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+            x = alpha.sqrt() * x + (1 - alpha).sqrt() * noise.to(x.device, x.dtype)
+            x = grid_sample(unet_noise_predictor(unet), x, alphas, grid, cond, uncond)
+            ctx.progress(round_index + 1, params.repeats)
+        return {"latents": x}
