@@ -21,6 +21,8 @@ TEXT_EDIT = MANIFESTS / "edit_friendly" / "text_edit.toml"
 CAT2DOG = MANIFESTS / "pix2pix_zero" / "cat2dog.toml"
 IMMERSION = MANIFESTS / "compositing" / "immersion.toml"
 POSE = MANIFESTS / "interpolation" / "pose.toml"
+FINETUNE = MANIFESTS / "diffusionclip" / "finetune.toml"
+MULTI = MANIFESTS / "diffusionclip" / "multi_attribute.toml"
 PHOTOS = ", ".join(skimage_photos())
 
 
@@ -153,6 +155,17 @@ CASES = [
     ("keypoints too few", lambda d: _pose_recipe(d, astronaut='{"people": [{"pose_keypoints_2d": [1, 2, 3]}]}'), [],
      "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: people[0].pose_keypoints_2d "
      "has 3 numbers; OpenPose's body model has 18 points of (x, y, confidence), 54 numbers"),
+    ("identity loss", lambda d: FINETUNE, ["--set", "stages.finetune.w_id=0.5"],
+     "--set stages.finetune.w_id=0.5: stages.finetune.w_id: needs a face-recognition model for "
+     "the identity loss, which editflow does not have: set w_id = 0"),
+    ("ratio table length", lambda d: MULTI, ["--set", "stages.edit.ratio={300=[0.4,0.6,0.1]}"],
+     "--set stages.edit.ratio={{300=[0.4,0.6,0.1]}}: stages.edit.ratio: threshold 300 has 3 "
+     "weights but weights has 2 references"),
+    ("one ratio two models", lambda d: MULTI, ["--set", "stages.edit.ratio=0.5"],
+     "--set stages.edit.ratio=0.5: stages.edit.ratio: a single ratio mixes one tuned model with "
+     "the original, but weights has 2: give a table of weight vectors"),
+    ("t0 above the steps", lambda d: FINETUNE, ["--set", "stages.invert.t0=1000"],
+     "--set stages.invert.t0=1000: stages.invert.t0: must be <= 999, got 1000"),
     ("controlnet for another unet", _mismatched_controlnet, ['--set', 'model.controlnet="cn"'],
      "{f}:35: stages.interpolate: the ControlNet 'cn' does not match the model's UNet "
      "(block_out_channels differ): use a ControlNet trained for 'tiny'"),
@@ -270,3 +283,30 @@ def test_the_background_preset_on_a_4_channel_model_is_one_line_and_exit_2(
         "'tiny-inpaint')"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_vae_stages_on_a_pixel_model_and_pixel_stages_on_a_latent_model_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = write(tmp_path, "r.toml", OK + '\n[model]\nid = "tiny-pixel"\n')
+    code = main(["validate", str(recipe), "--cache", str(tmp_path / "c")])
+    assert code == 2
+    hint = "has no VAE: it denoises pixels, so images enter with encode.pixels and leave with decode.pixels"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{recipe}:8: stages.encode: model 'tiny-pixel' {hint}",
+        f"{recipe}:12: stages.decode: model 'tiny-pixel' {hint}",
+    ]
+    code = main(["validate", str(FINETUNE), "--cache", str(tmp_path / "c"), "--set",
+                 'model.id="tiny"'])  # fmt: skip
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    latent = (
+        "model 'tiny' denoises VAE latents: images enter with encode.vae and leave with decode.vae"
+    )
+    assert lines[0] == f"{FINETUNE}:27: stages.encode_cat: {latent}"
+    assert f"{FINETUNE}:82: stages.decode_edit: {latent}" in lines
+    assert (
+        f"{FINETUNE}:47: stages.finetune: model 'tiny' denoises VAE latents; DiffusionCLIP"
+        " fine-tunes pixel-space models (such as 'tiny-pixel')" in lines
+    )
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,244 @@
+"""DiffusionCLIP: the t0 grid against diffusers, mixing invariants, fine-tuning, the
+weights artifact in the cache, and the recipes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from support import MANIFESTS
+
+from editflow.cache import Cache
+from editflow.cache.artifacts import read_outputs, write_outputs
+from editflow.engine.api import plan_recipe, run_recipe
+from editflow.engine.cli import main
+from editflow.models.registry import ModelWithProcessor
+from editflow.models.tiny import ensure_tiny
+from editflow.stages.diffusion import unet_noise_predictor
+from editflow.stages.diffusionclip import (
+    clip_pixels,
+    directional_clip_loss,
+    finetune,
+    grid_invert,
+    grid_sample,
+    image_features,
+    t0_grid,
+    text_direction,
+)
+from editflow.stages.tuned import mix_coefficients, mixing_predictor
+
+FINETUNE = MANIFESTS / "diffusionclip" / "finetune.toml"
+MIX = MANIFESTS / "diffusionclip" / "mix.toml"
+MULTI = MANIFESTS / "diffusionclip" / "multi_attribute.toml"
+
+
+@pytest.fixture(scope="module")
+def pixel(models_dir: Path):
+    folder = ensure_tiny(models_dir, "tiny-pixel")
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return unet, scheduler, images
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_folder: Path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = tiny_folder / "clip"
+    model = CLIPModel.from_pretrained(folder).eval().requires_grad_(False)
+    return ModelWithProcessor(model, CLIPProcessor.from_pretrained(folder))
+
+
+def _tuned_state(unet: UNet2DModel, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: value + 0.02 * torch.randn(value.shape, generator=generator)
+        for name, value in unet.state_dict().items()
+    }
+
+
+def test_the_time_grid_is_linspace_times_t0_truncated() -> None:
+    assert t0_grid(400, 41) == list(range(0, 401, 10))
+    grid = t0_grid(400, 40)
+    assert grid[:4] == [0, 10, 20, 30] and grid[-1] == 400 and grid[13] == 133  # 133.33
+
+
+def test_generation_on_the_grid_equals_a_diffusers_ddim_loop(pixel) -> None:
+    unet, scheduler, images = pixel
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ours = grid_sample(unet_noise_predictor(unet), x, scheduler.alphas_cumprod, t0_grid(400, 41))
+    # diffusers' DDIM with 100 of 1000 steps walks the same 10-step grid; from 400 to 0 and
+    # then to the clean image (set_alpha_to_one).
+    peer = DDIMScheduler.from_config(scheduler.config)
+    peer.set_timesteps(100)
+    theirs = x
+    with torch.no_grad():
+        for t in [t for t in peer.timesteps if t <= 400]:
+            theirs = peer.step(unet(theirs, t).sample, t, theirs).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_inversion_to_t0_and_back_reconstructs_better_with_more_steps(pixel) -> None:
+    unet, scheduler, images = pixel
+    predict, alphas = unet_noise_predictor(unet), scheduler.alphas_cumprod
+    errors = []
+    for steps in (4, 12, 40):
+        grid = t0_grid(400, steps)
+        x_t0, trajectory = grid_invert(predict, images, alphas, grid)
+        assert trajectory.shape == (steps - 1, *images.shape)
+        errors.append(float((grid_sample(predict, x_t0, alphas, grid) - images).abs().mean()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.05  # of a [-1, 1] range
+
+
+def test_ratio_0_is_the_original_and_1_the_tuned_model_exactly(pixel) -> None:
+    unet, scheduler, images = pixel
+    before = {name: value.clone() for name, value in unet.state_dict().items()}
+    tuned = _tuned_state(unet, 0)
+    copy = UNet2DModel.from_config(unet.config).eval()
+    copy.load_state_dict(tuned)
+    x, t = images[:1], torch.tensor(300)
+    original = unet_noise_predictor(unet)(x, t, None)
+    with torch.no_grad():
+        assert torch.equal(mixing_predictor(unet, [tuned], 0.0)(x, t, None), original)
+        assert torch.equal(mixing_predictor(unet, [tuned], 1.0)(x, t, None), copy(x, t).sample)
+        half = mixing_predictor(unet, [tuned], 0.5)(x, t, None)
+    torch.testing.assert_close(half, 0.5 * original + 0.5 * copy(x, t).sample.detach())
+    assert all(torch.equal(before[name], value) for name, value in unet.state_dict().items())
+
+
+def test_one_hot_multi_attribute_weights_equal_the_single_model(pixel) -> None:
+    unet, _, images = pixel
+    first, second = _tuned_state(unet, 1), _tuned_state(unet, 2)
+    x = images[:1]
+    table = {"300": [0.0, 2.0], "0": [1.0, 0.0]}
+    mixed = mixing_predictor(unet, [first, second], table)
+    with torch.no_grad():
+        for t, alone in ((500, second), (300, second), (200, first), (0, first)):
+            single = mixing_predictor(unet, [alone], 1.0)(x, torch.tensor(t), None)
+            assert torch.equal(mixed(x, torch.tensor(t), None), single)
+
+
+def test_the_first_threshold_not_above_t_applies_normalised() -> None:
+    table = {"300": [0.4, 0.6], "0": [0.15, 0.85]}
+    assert mix_coefficients(table, 2, 999) == [(0, 0.4), (1, 0.6)]
+    assert mix_coefficients(table, 2, 300) == [(0, 0.4), (1, 0.6)]
+    assert mix_coefficients(table, 2, 299) == [(0, 0.15), (1, 0.85)]
+    assert mix_coefficients({"100": [1, 3]}, 2, 50) == [(0, 0.25), (1, 0.75)]
+    assert mix_coefficients(0.25, 1, 10) == [(-1, 0.75), (0, 0.25)]
+    assert mix_coefficients(1.0, 1, 10) == [(0, 1.0)]
+
+
+def test_clip_preprocessing_matches_clips_processor(clip) -> None:
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ours = clip_pixels(clip.processor, images * 2 - 1)
+    arrays = [(image * 255).round().byte().permute(1, 2, 0).numpy() for image in images]
+    theirs = clip.processor(images=arrays, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape
+    # PIL's bicubic and torch's antialiased bicubic differ by rounding and edge handling.
+    assert float((ours - theirs).abs().mean()) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["full", "light"])
+def test_fine_tuning_lowers_the_directional_clip_loss(pixel, clip, mode: str) -> None:
+    unet, scheduler, images = pixel
+    tuned = UNet2DModel.from_config(unet.config)
+    tuned.load_state_dict(unet.state_dict())
+    alphas, grid = scheduler.alphas_cumprod, t0_grid(400, 6)
+    x_t0, _ = grid_invert(unet_noise_predictor(unet), images, alphas, t0_grid(400, 10))
+    direction = text_direction(clip.model, clip.processor, "photo", "sketch")
+    sources = image_features(clip.model, clip.processor, images)
+
+    def loss(x0: torch.Tensor, index: int) -> torch.Tensor:
+        return 3 * directional_clip_loss(
+            clip.model, clip.processor, x0, sources[index : index + 1], direction
+        )
+
+    def clip_loss() -> float:
+        with torch.no_grad():
+            generated = grid_sample(unet_noise_predictor(tuned), x_t0, alphas, grid)
+            return float(
+                directional_clip_loss(clip.model, clip.processor, generated, sources, direction)
+            )
+
+    before = clip_loss()
+    losses = finetune(
+        unet_noise_predictor(tuned), list(tuned.parameters()), x_t0, alphas, grid, loss,
+        epochs=3, learning_rate=2e-4, mode=mode,
+    )  # fmt: skip
+    assert len(losses) == 3 * 2 * (1 if mode == "full" else 6)
+    assert clip_loss() < before - 0.05
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), unet.parameters(), strict=True))
+
+
+def test_weights_round_trip_through_the_cache_bit_for_bit(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        "conv_in.weight": torch.randn(16, 3, 3, 3, generator=generator),
+        "down_blocks.0.resnets.0.norm1.bias": torch.tensor([1e-38, -0.0, 3.4e38, 1 / 3]),
+    }
+    cache = Cache(tmp_path / "c")
+    key = "ab" * 32
+    with cache.writer(key, {}) as writer:
+        write_outputs(writer, {"weights": weights}, {"weights": "tensors"}, {}, 0.0)
+    back = read_outputs(cache, cache.get(key), {"weights": "tensors"})["weights"]
+    assert sorted(back) == sorted(weights)
+    for name, value in weights.items():
+        assert back[name].dtype == torch.float32
+        assert back[name].view(torch.int32).equal(value.view(torch.int32))
+
+
+def test_changing_the_ratio_reuses_the_fine_tune_and_tuned_weights_key_downstream(
+    tmp_path: Path,
+) -> None:
+    cache = Cache(tmp_path / "c")
+    fast = ["stages.finetune.epochs=1"]
+    first = run_recipe(MIX, fast, cache=cache, out_dir=None, device="cpu")
+    assert "finetune" in first.computed
+    edits = {name: cache.get(first.keys[name]).tensor("latents") for name in ("edit_0", "edit_1")}
+    # r = 0 is the original model: the inversion regenerated without tuned weights.
+    reconstruct = run_recipe(
+        FINETUNE, fast, cache=cache, out_dir=None, device="cpu", targets=["reconstruct"]
+    )
+    assert torch.equal(
+        edits["edit_0"], cache.get(reconstruct.keys["reconstruct"]).tensor("latents")
+    )
+    assert not torch.equal(edits["edit_0"], edits["edit_1"])
+
+    again = run_recipe(MIX, [*fast, "stages.edit_half.ratio=0.25"], cache=cache, out_dir=None,
+                       device="cpu")  # fmt: skip
+    assert again.computed == ["edit_half", "decode_half", "figure"]
+
+    other = plan_recipe(MIX, ["stages.finetune.epochs=2"], cache=cache)
+    changed = {name for name, stage in other.stages.items() if stage.key != first.keys.get(name)}
+    # Every stage downstream of the weights, even r = 0's, whose numbers do not change.
+    assert changed == {"finetune", "edit_0", "edit_half", "edit_1", "decode_0", "decode_half",
+                       "decode_1", "figure"}  # fmt: skip
+
+
+def test_a_pixel_model_with_fewer_training_steps_refuses_a_later_t0(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = tmp_path / "recipe" / "short-ddpm"
+    shutil.copytree(ensure_tiny(models_dir, "tiny-pixel"), model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["num_train_timesteps"] = 300
+    config_path.write_text(json.dumps(config))
+    recipe = shutil.copy(FINETUNE, tmp_path / "recipe" / "finetune.toml")
+    code = main(["validate", str(recipe), "--cache", str(tmp_path / "c"), "--set",
+                 'model.id="short-ddpm"', "--set", 'model.clip="tiny"'])  # fmt: skip
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = "t0: is 400 but model 'short-ddpm' has 300 training steps (timesteps 0 to 299)"
+    # Every stage on the grid, those that take t0 from their inversion too.
+    stages = ["invert_cat", "invert_astronaut", "finetune", "invert", "reconstruct", "edit"]
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"stages.{stage}.{expected}" for stage in stages
+    ]
+    assert all(line.startswith(f"{recipe}:") for line in lines)
