@@ -20,16 +20,14 @@ quiet()  # before diffusers and transformers are imported
 
 import argparse
 import ctypes
-import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from support import models_dir
+from support import RssPeak, models_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.models.tiny import ensure_tiny
@@ -96,36 +94,6 @@ def main() -> None:
     print(f"  batched        {b * 1000:8.1f} ms  {memory} {peaks[0]:7.1f} MiB")
     print(f"  one at a time  {o * 1000:8.1f} ms  {memory} {peaks[1]:7.1f} MiB")
     print(f"  batched / one at a time: x{b / o:.3f} (target <= 0.6)")
-
-
-class RssPeak:
-    """The growth of this process's resident memory over a block, sampled every millisecond
-    on a thread from ``/proc/self/statm`` (Linux)."""
-
-    def __enter__(self) -> RssPeak:
-        self.baseline = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.baseline) / 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _child_memory(args: argparse.Namespace, batch_size: int) -> float:

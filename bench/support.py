@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 
@@ -11,3 +13,33 @@ def models_dir() -> Path:
     from editflow.engine.api import models_dir_for, open_cache
 
     return models_dir_for(open_cache())
+
+
+class RssPeak:
+    """The growth of this process's resident memory over a block, sampled every millisecond
+    on a thread from ``/proc/self/statm`` (Linux)."""
+
+    def __enter__(self) -> RssPeak:
+        self.baseline = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -29,6 +29,7 @@ from editflow.stages.base import (
 )
 from editflow.stages.diffusion import NoisePredictor, encode_prompt_pair, unet_noise_predictor
 from editflow.stages.local_ilvr import LocalIlvr, local_ilvr_sample, noise_to
+from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
 
 VAE_FACTOR = 8  # pixels per latent pixel, for the plan-time size checks (SD and tiny)
 
@@ -152,7 +153,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
 }
 
 
-class LocalIlvrParams(Params):
+class LocalIlvrParams(TunedParams):
     prompt: str = Field("", description="Prompt")
     negative_prompt: str = Field("", description="Negative prompt for CFG")
     guidance_scale: float = Field(5.0, ge=1.0, le=30.0, description="CFG scale (1 = no CFG)")
@@ -200,6 +201,7 @@ class SampleLocalIlvr(StageKind):
             "Latent of compose.paste's masked image (needed by an inpainting UNet)",
             optional=True,
         ),
+        WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="reference"),)
     seeded = True
@@ -209,7 +211,7 @@ class SampleLocalIlvr(StageKind):
     def check(
         cls, params: LocalIlvrParams, references: Mapping[str, Any], sizes: Mapping[str, Any]
     ) -> list[tuple[str | None, str]]:
-        problems: list[tuple[str | None, str]] = []
+        problems = check_ratio(params.ratio, references.get("weights") or [])
         image, mask = sizes.get("reference"), sizes.get("mask")
         if image is not None and mask is not None and image != mask:
             problems.append(
@@ -241,6 +243,7 @@ class SampleLocalIlvr(StageKind):
         reference: torch.Tensor,
         mask: torch.Tensor,
         masked_reference: torch.Tensor | None,
+        weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
         unet = models.get("unet")
@@ -258,7 +261,8 @@ class SampleLocalIlvr(StageKind):
             mask.to(ctx.device, ctx.dtype), size=latent_size, mode="nearest"
         )
         latent_mask = (latent_mask > 0.5).to(ctx.dtype).expand(len(reference), -1, -1, -1)
-        predict = _predictor(ctx, params, unet, latent_mask, masked_reference)
+        wrap = _predictor(ctx, params, unet, latent_mask, masked_reference)
+        predict = mixing_predictor(unet, weights or [], params.ratio, wrap)
         cond, uncond = encode_prompt_pair(
             models, params.prompt, params.negative_prompt, len(reference),
             guided=params.guidance_scale != 1.0,
@@ -320,7 +324,8 @@ def _predictor(
     unet: Any,
     latent_mask: torch.Tensor,
     masked_reference: torch.Tensor | None,
-) -> NoisePredictor:
+) -> Callable[[Any], NoisePredictor]:
+    """How a model (the original, or one with tuned weights) becomes the noise predictor."""
     channels = unet.config.in_channels
     if channels == 4:
         if params.preset == "background":
@@ -330,7 +335,7 @@ def _predictor(
                 key=f"stages.{ctx.name}.preset",
                 hint="set model.id to an inpainting model such as 'tiny-inpaint'",
             )
-        return unet_noise_predictor(unet)
+        return unet_noise_predictor
     if channels != 9:
         raise EditflowError(
             f"sample.local_ilvr needs a UNet with 4 or 9 input channels, this one takes {channels}",
@@ -344,4 +349,4 @@ def _predictor(
         )
     masked = masked_reference.to(ctx.device, ctx.dtype).expand(len(latent_mask), -1, -1, -1)
     # The inpainting model generates where its mask is 1: everything but the object.
-    return inpainting_predictor(unet, 1 - latent_mask, masked)
+    return lambda model: inpainting_predictor(model, 1 - latent_mask, masked)

@@ -15,13 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
 from editflow.models import specs
 from editflow.stages.base import (
     ArtifactType,
-    Params,
     Port,
     StageContext,
     StageKind,
@@ -32,7 +31,6 @@ from editflow.stages.diffusion import (
     check_t0,
     encode_prompt_pair,
     prompt_pair,
-    unet_noise_predictor,
     vae_encode,
 )
 from editflow.stages.diffusionclip import grid_sample, t0_grid
@@ -42,10 +40,10 @@ from editflow.stages.edit_friendly import (
     edit_friendly_sample,
 )
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
-from editflow.stages.tuned import check_ratio, mixing_predictor
+from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
 
 
-class SampleDdimParams(Params):
+class SampleDdimParams(TunedParams):
     prompt: str = Field("", description="Target prompt")
     negative_prompt: str = Field("", description="Negative prompt for CFG")
     num_inference_steps: int = Field(50, ge=1, le=999, description="DDIM steps")
@@ -59,28 +57,6 @@ class SampleDdimParams(Params):
         " num_inference_steps (DiffusionCLIP's S_test); default: the whole schedule, or the"
         " t0 of the inversion that made the latents",
     )
-    ratio: float | dict[str, list[float]] = Field(
-        1.0,
-        description="With `weights`: r in eps = r * eps_tuned + (1 - r) * eps_original, or a"
-        " table {threshold = [one weight per tuned model]}: the first threshold not above t"
-        " applies, weights normalised",
-    )
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio(cls, ratio: Any) -> Any:
-        if isinstance(ratio, int | float):
-            if not 0.0 <= ratio <= 1.0:
-                raise ValueError(f"must be in [0, 1], got {ratio}")
-            return ratio
-        if not ratio:
-            raise ValueError("needs at least one threshold")
-        for key, weights in ratio.items():
-            if not key.isdigit() or int(key) > 999:
-                raise ValueError(f"threshold {key!r} must be a timestep from 0 to 999")
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"threshold {key}: weights must be >= 0 with a positive sum")
-        return ratio
 
 
 class SampleDdim(StageKind):
@@ -90,13 +66,7 @@ class SampleDdim(StageKind):
     params = SampleDdimParams
     inputs = (
         Port("latents", ArtifactType.LATENT, "Starting latents x_T"),
-        Port(
-            "weights",
-            ArtifactType.WEIGHTS,
-            "Tuned weights of the denoiser (e.g. finetune.diffusionclip), mixed by `ratio`",
-            optional=True,
-            many=True,
-        ),
+        WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="latents"),)
     components = specs.DENOISER
@@ -166,7 +136,7 @@ class SampleDdim(StageKind):
         return {"latents": latents}
 
 
-class SampleEditFriendlyParams(Params):
+class SampleEditFriendlyParams(TunedParams):
     target_prompt: str = Field(
         "", description="Prompt describing the edited image; empty means no CFG"
     )
@@ -243,6 +213,7 @@ class SampleEditFriendly(StageKind):
             "Colour image M (image resolution)",
             optional=True,
         ),
+        WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Edited clean latents", size_of="noise_maps"),)
     # The vae is loaded only when colour inputs are given.
@@ -261,7 +232,7 @@ class SampleEditFriendly(StageKind):
         if mask != image:
             missing = "colour_image" if not image else "colour_mask"
             return [(None, f"colour_mask and colour_image go together: {missing} is missing")]
-        problems: list[tuple[str | None, str]] = []
+        problems = check_ratio(params.ratio, references.get("weights") or [])
         if params.colour_strength > 0 and not mask:
             problems.append(
                 (None, "colour_strength > 0 needs the colour_mask and colour_image inputs")
@@ -286,6 +257,7 @@ class SampleEditFriendly(StageKind):
         auxiliary_path: torch.Tensor,
         colour_mask: torch.Tensor | None,
         colour_image: torch.Tensor | None,
+        weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
         noise_maps = noise_maps.to(ctx.device, ctx.dtype)
@@ -314,7 +286,7 @@ class SampleEditFriendly(StageKind):
         )
         colour = _colour_guidance(ctx, params, colour_mask, colour_image, path.shape[-2:])
         latents = edit_friendly_sample(
-            unet_noise_predictor(models.get("unet")),
+            mixing_predictor(models.get("unet"), weights or [], params.ratio),
             inversion,
             scheduler,
             cond,

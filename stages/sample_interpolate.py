@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
 from editflow.models import specs
-from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.base import ArtifactType, Port, StageContext, StageKind
 from editflow.stages.diffusion import NoisePredictor, encode_prompts, vae_decode
 from editflow.stages.interpolation import (
     Spacing,
@@ -30,6 +30,7 @@ from editflow.stages.interpolation import (
 )
 from editflow.stages.pose import draw_pose
 from editflow.stages.rank import clip_scores
+from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
 
 MAX_LEVELS = 7  # 129 frames
 # METHODS.md section 4: the noise-level range of each variant, as schedule fractions.
@@ -37,7 +38,7 @@ DEFAULT_SCHEDULE = {"quality": (0.3, 0.55), "plain": (0.25, 0.5)}
 _CONTROLNET_PARTS = ("block_out_channels", "down_block_types", "layers_per_block")
 
 
-class SampleInterpolateParams(Params):
+class SampleInterpolateParams(TunedParams):
     levels: int = Field(3, ge=1, le=MAX_LEVELS, description="Tree depth L: 2^L + 1 frames")
     variant: Literal["plain", "quality"] = Field(
         "quality",
@@ -121,6 +122,7 @@ class SampleInterpolate(StageKind):
             optional=True,
             many=True,
         ),
+        WEIGHTS_PORT,
     )
     outputs = (
         Port("latents", ArtifactType.LATENT, "(2^L + 1, C, h, w) the frames", size_of="latents"),
@@ -148,7 +150,7 @@ class SampleInterpolate(StageKind):
         references: Mapping[str, Any],
         sizes: Mapping[str, Any],
     ) -> list[tuple[str | None, str]]:
-        problems: list[tuple[str | None, str]] = []
+        problems = check_ratio(params.ratio, references.get("weights") or [])
         if references.get("keypoints") and references.get("poses"):
             problems.append(("poses", "give keypoints or poses, not both"))
         # Input files hold one image or pose each, so their count is known while planning.
@@ -205,6 +207,7 @@ class SampleInterpolate(StageKind):
         negative_embeds: torch.Tensor | None,
         keypoints: Sequence[torch.Tensor] | None,
         poses: Sequence[torch.Tensor] | None,
+        weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
         ends = torch.cat([item.to(ctx.device, ctx.dtype) for item in latents])
@@ -219,10 +222,12 @@ class SampleInterpolate(StageKind):
             factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
             size = (ends.shape[-2] * factor, ends.shape[-1] * factor)
             pose_images = self._poses(ctx, params, keypoints, poses, frames, size)
+        tuned = weights or []
         if pose_images is None:
+            unguided = mixing_predictor(unet, tuned, params.ratio)
 
             def predictor(frame: int) -> NoisePredictor:
-                return lambda x, t, embeds: unet(x, t, encoder_hidden_states=embeds)[0]
+                return unguided
         else:
             last = frames - 1
             pose_images = pose_images.to(ctx.device, ctx.dtype)
@@ -231,7 +236,11 @@ class SampleInterpolate(StageKind):
                 scale = controlnet_strength(
                     frame / last, params.pose_strength_ends, params.pose_strength_middle
                 )
-                return controlled_predictor(unet, controlnet, pose_images[frame], scale)
+                pose = pose_images[frame]
+                return mixing_predictor(
+                    unet, tuned, params.ratio,
+                    lambda model: controlled_predictor(model, controlnet, pose, scale),
+                )  # fmt: skip
 
         scheduler = DDIMScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)

@@ -3,7 +3,7 @@ al. 2023); math in :mod:`editflow.stages.pix2pix_zero`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,19 +15,16 @@ from editflow.models import specs
 from editflow.stages.attention import AttentionMaps, install_attention_recorder
 from editflow.stages.base import (
     ArtifactType,
-    Params,
     Port,
     StageContext,
     StageKind,
     step_reporter,
 )
-from editflow.stages.diffusion import (
-    unet_noise_predictor,
-)
 from editflow.stages.pix2pix_zero import guided_edit, match_batch, no_weight_grads
+from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
 
 
-class SamplePix2PixZeroParams(Params):
+class SamplePix2PixZeroParams(TunedParams):
     xa_guidance: float = Field(
         0.1,
         ge=0.0,
@@ -65,6 +62,7 @@ class SamplePix2PixZero(StageKind):
             "Reference maps from guide.attention_reference (needed when xa_guidance > 0)",
             optional=True,
         ),
+        WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Edited latents x_0", size_of="x_T"),)
     components = (specs.UNET, specs.SCHEDULER_CONFIG)
@@ -81,9 +79,10 @@ class SamplePix2PixZero(StageKind):
         references: Mapping[str, Any],
         sizes: Mapping[str, Any],
     ) -> list[tuple[str | None, str]]:
+        problems = check_ratio(params.ratio, references.get("weights") or [])
         if params.xa_guidance > 0 and "attention_maps" not in references:
-            return [("attention_maps", _NO_MAPS.format(params.xa_guidance))]
-        return []
+            problems.append(("attention_maps", _NO_MAPS.format(params.xa_guidance)))
+        return problems
 
     def run(
         self,
@@ -94,6 +93,7 @@ class SamplePix2PixZero(StageKind):
         prompt_embeds: torch.Tensor,
         direction: torch.Tensor,
         attention_maps: Any,
+        weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         unet = ctx.models.get("unet")
         x_T = x_T.to(ctx.device, ctx.dtype)
@@ -121,7 +121,7 @@ class SamplePix2PixZero(StageKind):
         scheduler.set_timesteps(params.num_inference_steps)
 
         with no_weight_grads(unet), install_attention_recorder(unet) as recorder:
-            predict = unet_noise_predictor(unet)
+            predict = mixing_predictor(unet, weights or [], params.ratio)
             latents = guided_edit(
                 predict,
                 x_T,

@@ -13,16 +13,54 @@ prediction as it is, so r = 0 and r = 1 reproduce the original and the tuned mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 from torch.func import functional_call
 
+from editflow.stages.base import ArtifactType, Params, Port
 from editflow.stages.diffusion import NoisePredictor, unet_noise_predictor
 
 Weights = Mapping[str, torch.Tensor]
 Ratio = float | Mapping[str, Sequence[float]]
+
+# The input every sampler that runs the UNet has.
+WEIGHTS_PORT = Port(
+    "weights",
+    ArtifactType.WEIGHTS,
+    "Tuned weights of the denoiser (e.g. finetune.diffusionclip), mixed by `ratio`",
+    optional=True,
+    many=True,
+)
+
+
+class TunedParams(Params):
+    """The parameter of samplers with a ``weights`` input."""
+
+    ratio: float | dict[str, list[float]] = Field(
+        1.0,
+        description="With `weights`: r in eps = r * eps_tuned + (1 - r) * eps_original, or a"
+        " table {threshold = [one weight per tuned model]}: the first threshold not above t"
+        " applies, weights normalised",
+    )
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, ratio: Any) -> Any:
+        if isinstance(ratio, int | float):
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"must be in [0, 1], got {ratio}")
+            return ratio
+        if not ratio:
+            raise ValueError("needs at least one threshold")
+        for key, weights in ratio.items():
+            if not key.isdigit() or int(key) > 999:
+                raise ValueError(f"threshold {key!r} must be a timestep from 0 to 999")
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"threshold {key}: weights must be >= 0 with a positive sum")
+        return ratio
 
 
 def thresholds(ratio: Mapping[str, Sequence[float]]) -> list[tuple[int, list[float]]]:
@@ -43,8 +81,8 @@ def mix_coefficients(ratio: Ratio, count: int, t: int) -> list[tuple[int, float]
     return [(model, weight) for model, weight in pairs if weight != 0]
 
 
-def weights_predictor(unet: Any, weights: Weights) -> NoisePredictor:
-    """The noise predictor of ``unet`` run with ``weights`` instead of its own parameters."""
+def tuned_module(unet: Any, weights: Weights) -> torch.nn.Module:
+    """A module that runs ``unet`` with ``weights`` instead of its own parameters."""
     module = getattr(unet, "_orig_mod", unet)  # a compiled model's own module
     parameter = next(module.parameters())
     tuned = {name: value.to(parameter.device, parameter.dtype) for name, value in weights.items()}
@@ -55,15 +93,24 @@ def weights_predictor(unet: Any, weights: Weights) -> NoisePredictor:
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             return functional_call(module, tuned, args, kwargs, strict=False)
 
-    return unet_noise_predictor(_Tuned())
+    return _Tuned()
 
 
-def mixing_predictor(unet: Any, tuned: Sequence[Weights], ratio: Ratio) -> NoisePredictor:
-    """The noise predictor of the original model mixed with tuned ones (see the module)."""
-    original = unet_noise_predictor(unet)
+def mixing_predictor(
+    unet: Any,
+    tuned: Sequence[Weights],
+    ratio: Ratio,
+    wrap: Callable[[Any], NoisePredictor] = unet_noise_predictor,
+) -> NoisePredictor:
+    """The noise predictor of the original model mixed with tuned ones (see the module).
+
+    ``wrap`` turns a model into a noise predictor (an inpainting model's conditioning ...);
+    it is applied to the original and to each tuned model alike.
+    """
+    original = wrap(unet)
     if not tuned:
         return original
-    predictors = [weights_predictor(unet, weights) for weights in tuned]
+    predictors = [wrap(tuned_module(unet, weights)) for weights in tuned]
 
     def predict(
         x: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor | None

@@ -626,3 +626,28 @@ def test_ledits_invert_with_a_zero_final_sigma_leaves_the_last_map_empty(
     torch.testing.assert_close(zs[:-1], ours.noise_maps[:-1], rtol=0, atol=1e-5 * scale)
     assert float(zs[-1].abs().max()) == 0.0
     assert float(ours.noise_maps[-1].abs().max()) > 0.1
+
+
+def test_the_edit_runs_tuned_weights_mixed_by_ratio_and_leaves_the_model_alone(tiny, x0):
+    common = {"num_inference_steps": 10, "target_prompt": "a photo of a dog", "skip": 2}
+    inverted = run_invert(tiny, x0, source_prompt="a photo", num_inference_steps=10)
+    unet = tiny.get("unet")
+    generator = torch.Generator().manual_seed(0)
+    tuned = {
+        name: value + 0.01 * torch.randn(value.shape, generator=generator)
+        for name, value in unet.state_dict().items()
+    }
+    plain = run_sample(tiny, inverted, **common)
+    weights = {"weights": [tuned]}
+    assert torch.equal(run_sample(tiny, inverted, ratio=0.0, inputs=weights, **common), plain)
+    full = run_sample(tiny, inverted, ratio=1.0, inputs=dict(weights), **common)
+    # r = 1 is the model with the tuned weights loaded, exactly; the loaded model is unchanged.
+    copy = UNet2DConditionModel.from_config(unet.config).eval()
+    copy.load_state_dict(tuned)
+    tiny.loaded["unet"], original = copy, unet
+    try:
+        assert torch.equal(run_sample(tiny, inverted, **common), full)
+    finally:
+        tiny.loaded["unet"] = original
+    assert not torch.equal(full, plain)
+    assert torch.equal(run_sample(tiny, inverted, **common), plain)

@@ -1,0 +1,137 @@
+"""DiffusionCLIP fine-tuning: editflow's loop against a plain torch loop, and memory by mode.
+
+On ``tiny-pixel`` at 64 px with tiny's CLIP: two training images inverted to t0 = 400,
+S_gen = 6, the directional CLIP loss times 3.
+
+1. Step time: :func:`editflow.stages.diffusionclip.finetune` against a plain loop written as
+   one writes it with diffusers (``UNet2DModel`` calls, the DDIM update, Adam), doing the
+   same steps on the same data, in ``full`` mode without checkpointing and in ``light``
+   mode (target >= 0.95x the plain loop's steps per second). Medians of alternating runs.
+2. Peak memory of one epoch: ``full`` with checkpointing, ``full`` without, and ``light``
+   (CUDA's allocator peak on a GPU; on a CPU the growth of resident memory over the first
+   such call in a fresh process, sampled every millisecond).
+
+    python bench/bench_diffusionclip.py [--repeats 5] [--size 64]
+"""
+
+from __future__ import annotations
+
+from quiet import quiet
+
+quiet()  # before diffusers and transformers are imported
+
+import argparse
+import copy
+import ctypes
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from support import RssPeak, models_dir
+from transformers import CLIPModel, CLIPProcessor
+
+from editflow.models.tiny import ensure_tiny
+from editflow.stages.diffusion import unet_noise_predictor
+from editflow.stages.diffusionclip import (
+    directional_clip_loss,
+    finetune,
+    grid_invert,
+    image_features,
+    t0_grid,
+    text_direction,
+)
+
+
+def setup(size: int):
+    folder = ensure_tiny(models_dir(), "tiny-pixel")
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    alphas = DDIMScheduler.from_pretrained(folder / "scheduler").alphas_cumprod
+    clip_folder = ensure_tiny(models_dir()) / "clip"
+    clip = CLIPModel.from_pretrained(clip_folder).eval().requires_grad_(False)
+    processor = CLIPProcessor.from_pretrained(clip_folder)
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x_t0, _ = grid_invert(unet_noise_predictor(unet), images, alphas, t0_grid(400, 10))
+    direction = text_direction(clip, processor, "photo", "sketch")
+    sources = image_features(clip, processor, images)
+
+    def loss(x0: torch.Tensor, index: int) -> torch.Tensor:
+        return 3 * directional_clip_loss(clip, processor, x0, sources[index : index + 1], direction)
+
+    return unet, alphas, x_t0, loss
+
+
+def editflow_loop(unet, alphas, x_t0, loss, mode: str, checkpointing: bool) -> None:
+    tuned = copy.deepcopy(unet).requires_grad_(True)
+    finetune(
+        unet_noise_predictor(tuned), list(tuned.parameters()), x_t0, alphas, t0_grid(400, 6),
+        loss, epochs=1, learning_rate=4e-6, mode=mode, checkpointing=checkpointing,
+    )  # fmt: skip
+
+
+def plain_loop(unet, alphas, x_t0, loss, mode: str) -> None:
+    tuned = copy.deepcopy(unet).requires_grad_(True)
+    optimizer = torch.optim.Adam(tuned.parameters(), lr=4e-6)
+    grid = t0_grid(400, 6)
+    pairs = list(zip(reversed(grid), reversed([-1, *grid[:-1]]), strict=True))
+    for index in range(len(x_t0)):
+        x = x_t0[index : index + 1]
+        for t, t_next in pairs:
+            a_t = alphas[t]
+            a_next = alphas[t_next] if t_next >= 0 else torch.tensor(1.0)
+            eps = tuned(x, torch.tensor(t)).sample
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            x_next = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            if mode == "light":
+                optimizer.zero_grad()
+                loss(x0, index).backward()
+                optimizer.step()
+                x_next = x_next.detach()
+            x = x_next
+        if mode == "full":
+            optimizer.zero_grad()
+            loss(x, index).backward()
+            optimizer.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # a child's one epoch
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    unet, alphas, x_t0, loss = setup(args.size)
+    if args.memory_of is not None:
+        mode, checkpointing = args.memory_of.split(":")
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with RssPeak() as rss:
+            editflow_loop(unet, alphas, x_t0, loss, mode, checkpointing == "1")
+        print(rss.mib)
+        return
+
+    print(f"tiny-pixel, {args.size} px, 2 images, S_gen = 6, one epoch ({args.repeats} runs):")
+    for mode in ("full", "light"):
+        ours, theirs = [], []
+        editflow_loop(unet, alphas, x_t0, loss, mode, False)  # warm-up
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            editflow_loop(unet, alphas, x_t0, loss, mode, False)
+            ours.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            plain_loop(unet, alphas, x_t0, loss, mode)
+            theirs.append(time.perf_counter() - started)
+        a, b = statistics.median(ours), statistics.median(theirs)
+        print(f"  {mode:5s} editflow {a * 1000:7.1f} ms  plain loop {b * 1000:7.1f} ms"
+              f"  speed x{b / a:.3f} (target >= 0.95)")  # fmt: skip
+    print("peak memory of one epoch (resident growth, fresh process):")
+    for label, spec in (("full, checkpointed", "full:1"), ("full", "full:0"), ("light", "light:0")):
+        command = [sys.executable, __file__, "--size", str(args.size), "--memory-of", spec]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        print(f"  {label:19s} {float(result.stdout):7.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
