@@ -1,3 +1,3 @@
-from editflow.engine.cli import entry
+from editflow.cli import entry
 
 entry()

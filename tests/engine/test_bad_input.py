@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from support import MANIFESTS, RECIPES
 
-from editflow.engine.cli import main
+from editflow.cli import main
 from editflow.inputs import skimage_photos
 
 OK = (RECIPES / "ok.toml").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
-from editflow.engine.cli import main
+from editflow.cli import main
 
 QUICKSTART = str(ROOT / "manifests" / "quickstart.toml")
 FAST = [

@@ -10,7 +10,7 @@ from support import MANIFESTS
 
 from editflow.cache import Cache
 from editflow.engine.api import run_recipe
-from editflow.engine.cli import main
+from editflow.cli import main
 
 FOLDER = MANIFESTS / "edit_friendly"
 STEPS = ["stages.invert.num_inference_steps=20"]

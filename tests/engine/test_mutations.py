@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from support import MANIFESTS
 
-from editflow.engine.cli import main
+from editflow.cli import main
 
 MANIFEST_FILES = sorted(MANIFESTS.rglob("*.toml"))
 PER_MANIFEST = 1000  # mutations drawn per manifest (deterministically); today all of them

@@ -9,7 +9,7 @@ from support import MANIFESTS, RECIPES
 
 from editflow.cache import Cache
 from editflow.engine.api import plan_recipe, run_recipe
-from editflow.engine.cli import main
+from editflow.cli import main
 
 CUSTOM = MANIFESTS / "pix2pix_zero" / "custom_sentences.toml"
 

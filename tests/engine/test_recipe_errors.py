@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from support import RECIPES
 
-from editflow.engine.cli import main
+from editflow.cli import main
 from editflow.stages import KINDS_BY_NAME
 
 BAD = RECIPES / "bad"

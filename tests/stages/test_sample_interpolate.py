@@ -343,7 +343,7 @@ def test_pose_images_as_inputs_guide_like_the_keypoints_they_draw(tmp_path: Path
 def test_a_pose_image_count_that_is_not_one_per_frame_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from editflow.engine.cli import main
+    from editflow.cli import main
 
     recipe = _pose_images_recipe(tmp_path / "recipe", 3)
     code = main(["validate", str(recipe), "--cache", str(tmp_path / "c")])
