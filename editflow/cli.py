@@ -1,4 +1,5 @@
-"""The ``editflow`` command line: run, plan, validate, schema, explain, cache.
+"""The ``editflow`` command line: run, plan, validate, schema, explain, cache, lock, repro,
+figures.
 
 User errors (``EditflowError``) print one line per problem and exit 2, without a
 traceback; anything else is a bug and keeps its traceback.
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
-    _recipe_command(commands, "plan", "show what would run and why; loads no weights")
+    plan = _recipe_command(commands, "plan", "show what would run and why; loads no weights")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _recipe_command(commands, "validate", "check a recipe and its graph")
     commands.add_parser("schema", help="print the recipe JSON Schema")
     explain = _recipe_command(
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_option(cache)
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("ls", help="list entries")
+    ls.add_argument("--json", action="store_true", help="print the entries as JSON")
     du = actions.add_parser("du", help="disk usage")
     verify = actions.add_parser("verify", help="recompute checksums; damaged entries are removed")
     verify.add_argument("--keep-damaged", action="store_true", help="report only")
@@ -94,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     for action in (ls, du, verify, gc, rm):
         # Accepted after the action too; SUPPRESS keeps a value given before it.
         _cache_option(action, default=argparse.SUPPRESS)
+
+    lock = commands.add_parser("lock", help="run recipes and write RECIPE.lock next to each")
+    repro = commands.add_parser("repro", help="rerun recipes and compare with their locks")
+    repro.add_argument("--check", action="store_true", help="exit 1 when a rerun drifts")
+    repro.add_argument("--update", action="store_true", help="rewrite the locks afterwards")
+    for command in (lock, repro):
+        command.add_argument("recipes", nargs="+", type=Path, metavar="RECIPE")
+    figures = commands.add_parser("figures", help="run every recipe under a folder, one process")
+    figures.add_argument("folder", nargs="?", type=Path, default=Path("manifests"))
+    for command in (lock, repro, figures):
+        _cache_option(command)
+        command.add_argument("--out", type=Path, default=Path("out"), help="output root")
+        command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    for command in (repro, figures):
+        command.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 
 
@@ -145,6 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from editflow.engine.api import run_recipe
     from editflow.progress import JsonLines, ProgressDisplay
 
+    if args.recipe.suffix.lower() == ".png":
+        return run_figure(args)
     out_dir = args.out or Path("out") / args.recipe.stem
     if out_dir.exists() and not out_dir.is_dir():
         raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
@@ -176,10 +196,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from editflow.engine.api import plan_recipe
     from editflow.engine.execute import last_run_record
-    from editflow.engine.keys import describe_change
+    from editflow.engine.keys import describe_change, describe_changes
 
     cache = _cache(args)
     plan = plan_recipe(args.recipe, args.overrides, cache=cache, targets=args.targets)
+    if args.json:
+        rows = []
+        for stage in plan.stages.values():
+            row = {"stage": stage.name, "kind": stage.kind.kind, "key": stage.key}
+            if not stage.needed:
+                row["status"] = "skip"
+            elif cache.has(stage.key):
+                row["status"] = "hit"
+            else:
+                record = cache.get_record(last_run_record(plan, stage.name))
+                before = record.get("preimage") if record else None
+                row["status"], row["reasons"] = "miss", describe_changes(before, stage.preimage)
+            rows.append(row)
+        print(json.dumps(rows, indent=2))
+        return 0
     width = max(len(name) for name in plan.stages)
     kind_width = max(len(stage.kind.kind) for stage in plan.stages.values())
     for stage in plan.stages.values():
@@ -239,7 +274,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from editflow.cache.report import human_size, keys_for_prefixes, listing
 
     cache = _cache(args)
-    if args.action == "ls":
+    if args.action == "ls" and getattr(args, "json", False):
+        rows = [
+            {
+                "key": info.key,
+                "kind": (info.attrs or {}).get("kind"),
+                "stage": (info.attrs or {}).get("stage"),
+                "recipe": (info.attrs or {}).get("recipe"),
+                "stored_bytes": info.stored_bytes,
+                "created": info.created,
+            }
+            for info in cache.ls()
+        ]
+        print(json.dumps(rows, indent=2))
+    elif args.action == "ls":
         print("\n".join(listing(cache.ls())) or "the cache is empty")
     elif args.action == "du":
         usage = cache.du()
@@ -275,6 +323,96 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_dir(root: Path, recipe: Path, base: Path | None = None) -> Path:
+    """``root/<recipe name>``, or ``root/<recipe path under base>`` for ``figures``."""
+    if base is None:
+        return root / recipe.stem
+    return root / recipe.relative_to(base).with_suffix("")
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from editflow.lock import rerun, write_lock
+
+    cache, registry = _cache(args), None
+    for recipe in args.recipes:
+        outcome, registry = rerun(
+            recipe, cache=cache, out_dir=_out_dir(args.out, recipe), device=args.device,
+            registry=registry,
+        )  # fmt: skip
+        path = write_lock(recipe, outcome.facts)
+        stages = len([key for key in outcome.facts if key.endswith(".kind")])
+        print(f"{path}: {stages} stages, {len(outcome.written)} files")
+    return 0
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    from editflow.lock import compare, describe, read_lock, rerun, write_lock
+
+    cache, registry, drifted, results = _cache(args), None, False, []
+    locks = {recipe: read_lock(recipe) for recipe in args.recipes}  # all missing ones first
+    for recipe, lock in locks.items():
+        outcome, registry = rerun(
+            recipe, cache=cache, out_dir=_out_dir(args.out, recipe), device=args.device,
+            registry=registry,
+        )  # fmt: skip
+        drift = compare(lock, outcome.facts)
+        drifted = drifted or drift.drifted
+        if args.update:
+            write_lock(recipe, outcome.facts)
+        lines = describe(drift)
+        results.append(
+            {"recipe": str(recipe), "computed": outcome.computed, "cached": outcome.cached,
+             "drift": drift.stages | drift.files, "comparable": drift.comparable,
+             "platform_changes": drift.platform_changes, "lines": lines}
+        )  # fmt: skip
+        if not args.json:
+            state = "drift" if drift.drifted else "matches its lock"
+            print(f"{recipe}: {state}" + (" (lock updated)" if args.update else ""))
+            for line in lines:
+                print(f"  {line}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if drifted and args.check and not args.update else 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from editflow.figures import run_figures
+
+    rows = run_figures(args.folder, cache=_cache(args), out_root=args.out, device=args.device)
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], indent=2))
+    else:
+        header = ("recipe", "computed", "cached", "outputs", "drift")
+        table = [header] + [row.cells() for row in rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        for line in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+        for row in rows:
+            if row.error:
+                print(f"{row.recipe}: {row.error}", file=sys.stderr)
+    return EXIT_USER_ERROR if any(row.error for row in rows) else 0
+
+
+def run_figure(args: argparse.Namespace) -> int:
+    """``editflow run FIGURE.png``: rerun the recipe a figure carries."""
+    from editflow.engine.api import run_recipe
+    from editflow.figures import recipe_of_figure
+
+    recipe, document = recipe_of_figure(args.recipe)
+    out_dir = args.out or Path("out") / recipe.stem
+    result = run_recipe(
+        recipe, args.overrides, cache=_cache(args), out_dir=out_dir, device=args.device,
+        targets=args.targets, document=document,
+    )  # fmt: skip
+    print(
+        f"{args.recipe}: the recipe {recipe} as it made this figure; {len(result.hits)} stages"
+        f" were in the cache, {len(result.computed)} computed; {len(result.written)} files in"
+        f" {out_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "plan": cmd_plan,
@@ -282,6 +420,9 @@ COMMANDS = {
     "schema": cmd_schema,
     "explain": cmd_explain,
     "cache": cmd_cache,
+    "lock": cmd_lock,
+    "repro": cmd_repro,
+    "figures": cmd_figures,
 }
 
 if __name__ == "__main__":

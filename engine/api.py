@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from editflow.cache import Cache, default_cache_url
 from editflow.engine.events import CollectEvents, EventSink
@@ -34,9 +35,10 @@ def plan_recipe(
     *,
     cache: Cache,
     targets: list[str] | None = None,
+    document: dict[str, Any] | None = None,
 ) -> Plan:
     """Load, validate and plan a recipe; loads no model weights and writes nothing."""
-    loaded = load_recipe(path, overrides, defer=True)
+    loaded = load_recipe(path, overrides, defer=True, document=document)
     return build_plan(loaded, models_dir=models_dir_for(cache), targets=targets)
 
 
@@ -51,10 +53,11 @@ def run_recipe(
     targets: list[str] | None = None,
     registry: RunModels | None = None,
     executor: Executor | None = None,
+    document: dict[str, Any] | None = None,
 ) -> RunResult:
     """Plan and run a recipe; returns what ran, what hit and which files were written."""
     torch_device = resolve_device(device)
-    plan = plan_recipe(path, overrides, cache=cache, targets=targets)
+    plan = plan_recipe(path, overrides, cache=cache, targets=targets, document=document)
     session = Session(
         cache=cache,
         out_dir=Path(out_dir) if out_dir is not None else None,

@@ -20,7 +20,7 @@ from editflow.cache.artifacts import LazyEntry, WriteQueue, finish_entry, read_o
 from editflow.documents import document_identity
 from editflow.engine.events import Event, EventSink
 from editflow.engine.graph import producer_of
-from editflow.engine.keys import describe_change, key_of
+from editflow.engine.keys import canonical_json, describe_change, key_of
 from editflow.engine.plan import Plan, PlannedStage
 from editflow.errors import EditflowError, StageFailedError
 from editflow.inputs import load_input
@@ -270,6 +270,9 @@ def provenance(plan: Plan, stage: PlannedStage) -> dict[str, str]:
         "editflow:version": editflow.__version__,
         "editflow:recipe": plan.loaded.path.name,
         "editflow:recipe_sha256": plan.recipe_hash,
+        # The recipe as run (after overrides) and where it lives, so the figure reruns it.
+        "editflow:recipe_json": canonical_json(plan.loaded.raw),
+        "editflow:recipe_path": document_identity(plan.loaded.path),
         "editflow:stage": stage.name,
         "editflow:kind": stage.kind.kind,
         "editflow:stage_key": stage.key,

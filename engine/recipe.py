@@ -7,6 +7,7 @@ key path and, for TOML, its line.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -130,17 +131,25 @@ class LoadedRecipe(BaseModel):
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, *, defer: bool = False
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    defer: bool = False,
+    document: dict[str, Any] | None = None,
 ) -> LoadedRecipe:
     """Read, override, migrate and validate a recipe.
 
     Raises RecipeError with every problem found. With ``defer``, problems inside individual
     stages are returned on the result instead, for the planner to report together with
-    the graph's problems.
+    the graph's problems. ``document`` stands in for the file's contents (a recipe carried
+    by a figure); ``path`` still places it, for its relative input paths.
     """
     path = Path(path)
     label = str(path)
-    document, text = read_document(path)
+    if document is None:
+        document, text = read_document(path)
+    else:
+        text = json.dumps(document, indent=1)
     document = apply_overrides(document, overrides or [])
     document = migrate(document, label)
     locator = Locator.of(path, text, overrides or [])

@@ -12,7 +12,7 @@ import pytest
 from support import MANIFESTS, ROOT
 
 from editflow.cache import Cache
-from editflow.engine.api import run_recipe
+from editflow.cli import main
 from editflow.stages.docs import BEGIN, END, stage_reference
 
 
@@ -58,15 +58,34 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 MANIFEST_FILES = sorted(MANIFESTS.rglob("*.toml"))
 
 
-@pytest.mark.parametrize(
-    "recipe", MANIFEST_FILES, ids=[str(p.relative_to(MANIFESTS)) for p in MANIFEST_FILES]
-)
-def test_every_manifest_runs_on_tiny_and_writes_its_figure(recipe: Path, tmp_path: Path) -> None:
-    result = run_recipe(
-        recipe, cache=Cache(tmp_path / "cache"), out_dir=tmp_path / "out", device="cpu"
+def test_every_manifest_writes_its_figure_matches_its_lock_and_shares_its_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """What CI regenerates: `editflow figures` over manifests/ on a cold cache (each model
+    part loaded once for every recipe that names it), then `editflow repro --check` against
+    the committed locks on the warm cache."""
+    from editflow.engine.events import CollectEvents
+    from editflow.figures import run_figures
+
+    cache, events = Cache(tmp_path / "cache"), CollectEvents()
+    rows = run_figures(
+        MANIFESTS, cache=cache, out_root=tmp_path / "out", device="cpu", events=events
     )
-    assert result.written, "every manifest must write at least one image"
-    assert any(path.name.startswith("figure") for path in result.written)
+    assert [row.recipe for row in rows] == [str(p.relative_to(MANIFESTS)) for p in MANIFEST_FILES]
+    for row in rows:
+        assert row.error is None, row.error
+        figures = list((tmp_path / "out" / Path(row.recipe).with_suffix("")).glob("figure*"))
+        assert figures, f"{row.recipe} wrote no figure"
+        assert row.drift == "none", (row.recipe, row.drift_lines)
+    loads = [event.message for event in events.of("loaded")]
+    # One UNet per built-in model (tiny, tiny-inpaint, tiny-pixel); tiny's CLIP and VAE once.
+    assert loads.count("unet") == 3 and loads.count("clip") == 1 and loads.count("vae") == 2
+
+    code = main(["repro", "--check", *map(str, MANIFEST_FILES), "--cache", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("matches its lock") == len(MANIFEST_FILES)
 
 
 def test_the_engine_is_small_and_names_no_model_part() -> None:

@@ -9,8 +9,8 @@ import torch
 from support import MANIFESTS
 
 from editflow.cache import Cache
-from editflow.engine.api import run_recipe
 from editflow.cli import main
+from editflow.engine.api import run_recipe
 
 FOLDER = MANIFESTS / "edit_friendly"
 STEPS = ["stages.invert.num_inference_steps=20"]

@@ -8,8 +8,8 @@ import pytest
 from support import MANIFESTS, RECIPES
 
 from editflow.cache import Cache
-from editflow.engine.api import plan_recipe, run_recipe
 from editflow.cli import main
+from editflow.engine.api import plan_recipe, run_recipe
 
 CUSTOM = MANIFESTS / "pix2pix_zero" / "custom_sentences.toml"
 

@@ -14,8 +14,8 @@ from support import MANIFESTS
 
 from editflow.cache import Cache
 from editflow.cache.artifacts import read_outputs, write_outputs
-from editflow.engine.api import plan_recipe, run_recipe
 from editflow.cli import main
+from editflow.engine.api import plan_recipe, run_recipe
 from editflow.models.registry import ModelWithProcessor
 from editflow.models.tiny import ensure_tiny
 from editflow.stages.diffusion import unet_noise_predictor
