@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
+from editflow.lazy import lazy
 
 from .entry import Entry
 from .store import Cache
 from .streams import STREAMS_ATTR, StreamedMaps, StreamWriter
 from .writer import EntryWriter
+
+torch = lazy("torch")
 
 LAYOUTS = ("text", "maps", "steps", "tensors", "whole")
 

@@ -13,31 +13,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 import xxhash
 
-# Torch dtypes that numpy (and therefore zarr) can hold as they are.
-_NATIVE = {
-    torch.bool: "bool",
-    torch.uint8: "uint8",
-    torch.uint16: "uint16",
-    torch.uint32: "uint32",
-    torch.uint64: "uint64",
-    torch.int8: "int8",
-    torch.int16: "int16",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.float16: "float16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.complex64: "complex64",
-    torch.complex128: "complex128",
-}
-# Torch dtypes stored as a wider numpy dtype; the torch dtype is restored on read.
-_WIDENED = {torch.bfloat16: ("bfloat16", torch.float32)}
+from editflow.lazy import lazy
 
-TORCH_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in _NATIVE.items()}
-TORCH_DTYPES.update({name: dtype for dtype, (name, _) in _WIDENED.items()})
+torch = lazy("torch")
+
+# Torch dtypes that numpy (and therefore zarr) can hold as they are, by name.
+_NATIVE = (
+    "bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+    "float16", "float32", "float64", "complex64", "complex128",
+)  # fmt: skip
+# Torch dtypes stored as a wider numpy dtype; the torch dtype is restored on read.
+_WIDENED = {"bfloat16": "float32"}
+# Names only, so that importing the cache does not import torch.
+DTYPE_NAMES = frozenset((*_NATIVE, *_WIDENED))
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
@@ -46,18 +36,16 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     Raises:
         TypeError: The dtype cannot be cached (for example a float8 type).
     """
-    if dtype in _NATIVE:
-        return _NATIVE[dtype]
-    if dtype in _WIDENED:
-        return _WIDENED[dtype][0]
-    raise TypeError(f"cannot cache tensors of dtype {dtype}; supported: {sorted(TORCH_DTYPES)}")
+    name = str(dtype).removeprefix("torch.")
+    if name in DTYPE_NAMES:
+        return name
+    raise TypeError(f"cannot cache tensors of dtype {dtype}; supported: {sorted(DTYPE_NAMES)}")
 
 
 def stored_dtype(dtype: torch.dtype) -> np.dtype:
     """Return the numpy dtype that holds a torch dtype on disk."""
-    torch_dtype_name(dtype)  # validates
-    wide = _WIDENED.get(dtype)
-    return np.dtype(_NATIVE[wide[1]] if wide else _NATIVE[dtype])
+    name = torch_dtype_name(dtype)
+    return np.dtype(_WIDENED.get(name, name))
 
 
 def to_stored(
@@ -78,7 +66,7 @@ def to_stored(
     """
     if isinstance(value, np.ndarray):
         native = value.dtype.newbyteorder("=")
-        if native.name not in TORCH_DTYPES:
+        if native.name not in _NATIVE:
             raise TypeError(
                 f"cannot cache numpy arrays of dtype {value.dtype}; put text and small "
                 "values in attrs instead"
@@ -92,8 +80,8 @@ def to_stored(
     if cast_to is not None and tensor.dtype != cast_to:
         tensor = tensor.to(cast_to)
     name = torch_dtype_name(tensor.dtype)
-    if tensor.dtype in _WIDENED:
-        tensor = tensor.to(_WIDENED[tensor.dtype][1])
+    if name in _WIDENED:
+        tensor = tensor.to(getattr(torch, _WIDENED[name]))
     return tensor.cpu().contiguous().numpy(), name
 
 
@@ -103,11 +91,11 @@ def from_stored(stored: np.ndarray, torch_dtype: str) -> torch.Tensor:
     Raises:
         ValueError: ``torch_dtype`` is not a dtype this module writes.
     """
-    if torch_dtype not in TORCH_DTYPES:
+    if torch_dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown torch dtype {torch_dtype!r} in cache manifest")
     # zarr hands out a new array per read, so this copies only when it is not writable C-order.
     tensor = torch.from_numpy(np.require(stored, requirements=["C", "W"]))
-    return tensor.to(TORCH_DTYPES[torch_dtype])
+    return tensor.to(getattr(torch, torch_dtype))
 
 
 def new_checksum() -> Any:

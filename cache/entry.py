@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from editflow.errors import CacheError
+from editflow.lazy import lazy
 
 from .dtypes import checksum_of, checksum_update, from_stored, new_checksum
 from .layout import Layout
 from .shards import Ineligible, ShardFile, shard_path
+
+torch = lazy("torch")
 
 # zarr encodes and decodes the chunks of one request in batches of this many, in parallel; its
 # default of 1 spent most of a 100-step read in per-chunk overhead (578 vs 1235 MiB/s, raw).

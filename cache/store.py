@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from editflow.errors import CacheError
+from editflow.lazy import lazy
 
 from . import maintenance
 from .entry import Damage, DamagedEntryError, Entry
 from .layout import Layout, check_key
 from .maintenance import DiskUsage, EntryInfo, GcReport
 from .writer import EntryWriter
+
+torch = lazy("torch")
 
 CACHE_ENV = "EDITFLOW_CACHE"
 

@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
+from editflow.lazy import lazy
 
 from .store import Cache
+
+torch = lazy("torch")
 
 STREAMS_ATTR = "streams"
 PREFETCH_MIN_BYTES = 4 * 2**20  # steps this big are read ahead (SD 1.x maps: 32 MiB a step)

@@ -20,9 +20,10 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import ZstdCodec
+
+from editflow.lazy import lazy
 
 from .dtypes import (
     checksum_of,
@@ -43,6 +44,8 @@ from .entry import (
 )
 from .layout import Layout, check_array_name, check_key
 from .shards import shard_path, shard_path_of, write_shard
+
+torch = lazy("torch")
 
 ZSTD_LEVEL = 1
 """Fast zstd, for arrays written with ``compress=True``; float noise barely shrinks at any level."""

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import Field, model_validator
 
 from editflow.documents import Table
 from editflow.errors import EditflowError, Problem
+from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType
 from editflow.stages.pose import read_openpose
+
+torch = lazy("torch")
 
 SKIMAGE_PREFIX = "skimage:"
 MAX_SIDE = 8192  # px; bigger images do not fit a diffusion model (SD 1.x works at 512)

@@ -56,12 +56,13 @@ def run_recipe(
     document: dict[str, Any] | None = None,
 ) -> RunResult:
     """Plan and run a recipe; returns what ran, what hit and which files were written."""
-    torch_device = resolve_device(device)
+    if device not in ("auto", "cpu"):
+        resolve_device(device)  # a device this machine lacks is an error before any work
     plan = plan_recipe(path, overrides, cache=cache, targets=targets, document=document)
     session = Session(
         cache=cache,
         out_dir=Path(out_dir) if out_dir is not None else None,
-        device=torch_device,
+        device_name=device,
         events=events or CollectEvents(),
         models_dir=models_dir_for(cache),
         registry=registry,

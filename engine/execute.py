@@ -7,12 +7,11 @@ stage that actually runs (or an export) needs them, so an all-hit rerun loads no
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-import torch
 
 import editflow
 from editflow.cache import Cache, DamagedEntryError, StreamedMaps, StreamWriter
@@ -24,9 +23,12 @@ from editflow.engine.keys import canonical_json, describe_change, key_of
 from editflow.engine.plan import Plan, PlannedStage
 from editflow.errors import EditflowError, StageFailedError
 from editflow.inputs import load_input
-from editflow.models import RunModels
+from editflow.lazy import lazy
+from editflow.models import RunModels, resolve_device
 from editflow.outputs import current_exports, export_images
 from editflow.stages import ArtifactType, StageContext
+
+torch = lazy("torch")
 
 # How the cache stores each artifact type (the rest: one array). Sequences are stored one
 # step per chunk, so a consumer can read a single step.
@@ -50,10 +52,14 @@ class Session:
 
     cache: Cache
     out_dir: Path | None
-    device: torch.device
+    device_name: str  # resolved when a stage first computes: an all-hit run imports no torch
     events: EventSink
     models_dir: Path
     registry: RunModels | None = None
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.device_name)
 
     def models(self, plan: Plan) -> RunModels:
         """The run's models, reusing the session's when they are the same models."""

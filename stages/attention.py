@@ -20,17 +20,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
+from editflow.lazy import lazy
 from editflow.stages.diffusion import NoisePredictor
 
+torch = lazy("torch")
+
 # Attention maps of one UNet call: {layer module name: (N * heads, queries, keys)}.
-AttentionMaps = dict[str, torch.Tensor]
+AttentionMaps = dict[str, "torch.Tensor"]
 
 # (x_t, t, embeds) -> (eps_hat, maps of that call).
-MapsPredictor = Callable[
-    [torch.Tensor, torch.Tensor | int, torch.Tensor], tuple[torch.Tensor, AttentionMaps]
-]
+MapsPredictor = Callable[..., tuple["torch.Tensor", AttentionMaps]]
 
 
 class RecordingCrossAttnProcessor:

@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import torch
 from pydantic import ValidationError
 
 from editflow.documents import Table, error_message
+from editflow.lazy import lazy
 from editflow.models.specs import ComponentSpec
+
+torch = lazy("torch")
 
 
 class ArtifactType(enum.StrEnum):

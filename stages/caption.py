@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy, no_grad
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 
+torch = lazy("torch")
 
-@torch.no_grad()
+
+@no_grad
 def caption_images(
     model: Any,
     processor: Any,

@@ -12,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import (
     ArtifactType,
@@ -30,6 +28,10 @@ from editflow.stages.base import (
 from editflow.stages.diffusion import NoisePredictor, encode_prompt_pair, unet_noise_predictor
 from editflow.stages.local_ilvr import LocalIlvr, local_ilvr_sample, noise_to
 from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+diffusers = lazy("diffusers")
 
 VAE_FACTOR = 8  # pixels per latent pixel, for the plan-time size checks (SD and tiny)
 
@@ -267,7 +269,7 @@ class SampleLocalIlvr(StageKind):
             models, params.prompt, params.negative_prompt, len(reference),
             guided=params.guidance_scale != 1.0,
         )  # fmt: skip
-        scheduler = DDIMScheduler.from_config(models.scheduler_config)
+        scheduler = diffusers.DDIMScheduler.from_config(models.scheduler_config)
         # Timesteps stay on the CPU: the loop reads them as numbers without waiting for the
         # device, and the UNet moves each one to the latent's device itself.
         scheduler.set_timesteps(params.num_inference_steps)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
+from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import (
     Callback,
     NoisePredictor,
@@ -38,6 +36,9 @@ from editflow.stages.diffusion import (
     guided_noise,
     split_model_output,
 )
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 # ------------------------------------------------------------------------------------------
 # pix2pix-zero noise regularisation
@@ -157,7 +158,7 @@ def _require_timesteps(scheduler: Any) -> None:
         raise ValueError(f"call {type(scheduler).__name__}.set_timesteps(n) before the loop")
 
 
-@torch.no_grad()
+@no_grad
 def ddim_invert(
     predict: NoisePredictor,
     latents: torch.Tensor,
@@ -234,7 +235,7 @@ def ddim_variance_noise(
     return noise.to(device=like.device, dtype=like.dtype)
 
 
-@torch.no_grad()
+@no_grad
 def ddim_sample(
     predict: NoisePredictor,
     x_T: torch.Tensor,

@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
-import torch
+from editflow.lazy import lazy, no_grad
+
+torch = lazy("torch")
+
 
 # A noise predictor: (x_t (N, C, h, w), timestep, text embeddings (N, tokens, D)) -> eps_hat.
-NoisePredictor = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], torch.Tensor]
+NoisePredictor = Callable[..., "torch.Tensor"]  # (x_t, t, embeds) -> eps_hat
 
 
 class StepInfo(TypedDict):
@@ -116,7 +119,7 @@ def is_unconditional(unet: Any) -> bool:
     return "cross_attention_dim" not in unet.config
 
 
-@torch.no_grad()
+@no_grad
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Encode prompts to the full padded text-encoder output, as Stable Diffusion does.
 
@@ -201,7 +204,7 @@ def guided_noise(
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-@torch.no_grad()
+@no_grad
 def vae_encode(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] to latents: the posterior MEAN times the scaling factor (deterministic).
 
@@ -216,7 +219,7 @@ def vae_encode(vae: Any, images: torch.Tensor) -> torch.Tensor:
     return posterior.mean * vae.config.scaling_factor
 
 
-@torch.no_grad()
+@no_grad
 def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents to images in [0, 1] (clamped).
 

@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+checkpoint = lazy("torch.utils.checkpoint")
 
 # CLIP's ImageNet prompt templates (Radford et al. 2021), a subset: the directional loss
 # averages the text features of each text over them, as the released code does.
@@ -74,7 +76,7 @@ def grid_step(
     return a_next.sqrt() * x0_hat + c1 * noise + c2 * eps, x0_hat
 
 
-@torch.no_grad()
+@no_grad
 def grid_invert(
     predict: NoisePredictor,
     x0: torch.Tensor,
@@ -98,7 +100,7 @@ def grid_invert(
     return x, torch.stack(trajectory) if trajectory else x[None, :0]
 
 
-@torch.no_grad()
+@no_grad
 def grid_sample(
     predict: NoisePredictor,
     x_t0: torch.Tensor,
@@ -167,7 +169,7 @@ def _features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-@torch.no_grad()
+@no_grad
 def text_direction(model: Any, processor: Any, source: str, target: str) -> torch.Tensor:
     """The unit CLIP text direction target - source, each text's features averaged over
     :data:`TEMPLATES` (normalised per template, then the mean normalised)."""
@@ -208,7 +210,7 @@ def directional_clip_loss(
 # ------------------------------------------------------------------------------------------
 # Fine-tuning
 
-Loss = Callable[[torch.Tensor, int], torch.Tensor]  # (x0 estimate, image index) -> loss
+Loss = Callable[..., "torch.Tensor"]  # (x0 estimate, image index) -> loss
 
 
 def finetune(
@@ -266,7 +268,7 @@ def finetune(
             if mode == "full":
                 for t, t_next in steps:
                     if checkpointing:
-                        x, _ = checkpoint(step, x, t, t_next, use_reentrant=False)
+                        x, _ = checkpoint.checkpoint(step, x, t, t_next, use_reentrant=False)
                     else:
                         x, _ = step(x, t, t_next)
                 losses.append(_optimise(optimizer, loss(x, index)))

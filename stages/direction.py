@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
-import torch
 from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy, no_grad
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import encode_prompts
+
+torch = lazy("torch")
 
 # "{}" receives the word with its indefinite article ("a cat", "an owl").
 TEMPLATES: tuple[str, ...] = (
@@ -108,7 +110,7 @@ def read_sentence_file(text: str) -> list[str]:
     return sentences
 
 
-@torch.no_grad()
+@no_grad
 def bank_mean(
     tokenizer: Any, text_encoder: Any, sentences: Sequence[str], batch_size: int = 32
 ) -> torch.Tensor:

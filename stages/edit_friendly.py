@@ -56,10 +56,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
 from editflow.stages.reverse_steps import Scheduler, level_scales, reverse_step
+
+torch = lazy("torch")
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def auxiliary_path(
     return torch.cat([alpha * x0 + sigma * noise, x0[None]])
 
 
-@torch.no_grad()
+@no_grad
 def edit_friendly_invert(
     predict: NoisePredictor,
     x0: torch.Tensor,
@@ -188,7 +189,7 @@ class ColourGuidance:
         return z + self.strength * self.mask * (self.colour_latent - x0_hat)
 
 
-@torch.no_grad()
+@no_grad
 def edit_friendly_sample(
     predict: NoisePredictor,
     inversion: EditFriendlyInversion,

@@ -13,14 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import Field
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.reverse_steps import Scheduler, SchedulerName, build_scheduler, level_scales
+
+torch = lazy("torch")
 
 FIGSIZE = (8.0, 3.0)  # inches
 DPI = 100  # so the figure is 800 x 300 pixels

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import vae_encode
 from editflow.stages.pixels import space_problems
+
+torch = lazy("torch")
 
 
 class EncodeVae(StageKind):

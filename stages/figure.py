@@ -6,12 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
+from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 LABEL_HEIGHT = 14
 PADDING = 4

@@ -12,11 +12,10 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
-from diffusers import DDIMScheduler
 from pydantic import Field
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import check_t0, is_unconditional, unet_noise_predictor
@@ -27,6 +26,9 @@ from editflow.stages.diffusionclip import (
     t0_grid,
     text_direction,
 )
+
+torch = lazy("torch")
+diffusers = lazy("diffusers")
 
 
 class FinetuneDiffusionclipParams(Params):
@@ -154,7 +156,7 @@ class FinetuneDiffusionclip(StageKind):
                 value = value + params.w_l1 * (x0 - images[index : index + 1]).abs().mean()
             return value
 
-        alphas = DDIMScheduler.from_config(models.scheduler_config).alphas_cumprod
+        alphas = diffusers.DDIMScheduler.from_config(models.scheduler_config).alphas_cumprod
         with torch.enable_grad():
             losses = finetune(
                 unet_noise_predictor(tuned),

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from diffusers import DDIMScheduler
 from pydantic import Field
 
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.attention import AttentionMaps, install_attention_recorder
 from editflow.stages.base import (
@@ -25,6 +24,9 @@ from editflow.stages.base import (
 )
 from editflow.stages.diffusion import unet_noise_predictor
 from editflow.stages.pix2pix_zero import InMemoryAttentionMaps, match_batch, reference_pass
+
+torch = lazy("torch")
+diffusers = lazy("diffusers")
 
 
 class GuideReferenceParams(Params):
@@ -68,7 +70,7 @@ class GuidePix2PixZeroReference(StageKind):
             prompt_embeds.to(ctx.device, ctx.dtype), len(x_T), "prompt_embeds", ctx
         )
         steps = params.num_inference_steps
-        scheduler = DDIMScheduler.from_config(ctx.models.scheduler_config)
+        scheduler = diffusers.DDIMScheduler.from_config(ctx.models.scheduler_config)
         scheduler.set_timesteps(steps)
         writer = None
 

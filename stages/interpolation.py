@@ -12,9 +12,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import torch
-
+from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import NoisePredictor, guided_noise
+
+torch = lazy("torch")
 
 Spacing = Literal["linear", "convex", "concave"]
 
@@ -105,7 +106,7 @@ def interpolate_keypoints(a: torch.Tensor, b: torch.Tensor, weight: float) -> to
 
 Variant = Literal["plain", "quality"]
 # Scores candidate latents (N, C, h, w) -> (N,): decode and CLIP in the stage.
-Scorer = Callable[[torch.Tensor], torch.Tensor]
+Scorer = Callable[..., "torch.Tensor"]
 
 
 def level_steps(fraction: float, num_steps: int) -> int:
@@ -114,7 +115,7 @@ def level_steps(fraction: float, num_steps: int) -> int:
     return max(1, min(num_steps, round(fraction * num_steps)))
 
 
-@torch.no_grad()
+@no_grad
 def denoise(
     predict: NoisePredictor,
     x: torch.Tensor,
@@ -133,7 +134,7 @@ def denoise(
     return x
 
 
-@torch.no_grad()
+@no_grad
 def interpolate_frames(
     predictor: Callable[[int], NoisePredictor],
     ends: torch.Tensor,

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from pydantic import Field, model_validator
 
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import (
     ArtifactType,
@@ -38,6 +37,9 @@ from editflow.stages.diffusionclip import grid_invert, t0_grid
 from editflow.stages.edit_friendly import edit_friendly_invert
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
 from editflow.stages.textual_inversion import textual_inversion
+
+torch = lazy("torch")
+diffusers = lazy("diffusers")
 
 
 class InvertDdimParams(Params):
@@ -125,7 +127,7 @@ class InvertDdim(StageKind):
         )
         no_embeds = torch.zeros(len(latents), 0, 0)
         if params.t0 is not None:
-            alphas = DDIMScheduler.from_config(models.scheduler_config).alphas_cumprod
+            alphas = diffusers.DDIMScheduler.from_config(models.scheduler_config).alphas_cumprod
             x_t0, trajectory = grid_invert(
                 unet_noise_predictor(models.get("unet")),
                 latents.to(ctx.device, ctx.dtype),
@@ -138,7 +140,7 @@ class InvertDdim(StageKind):
             )
             embeds = cond if cond is not None else no_embeds
             return {"latents": x_t0, "trajectory": trajectory, "prompt_embeds": embeds}
-        scheduler = DDIMInverseScheduler.from_config(models.scheduler_config)
+        scheduler = diffusers.DDIMInverseScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
         x_T, trajectory = ddim_invert(
             unet_noise_predictor(models.get("unet")),
@@ -306,7 +308,7 @@ class InvertTextualInversion(StageKind):
             models.get("tokenizer"), models.get("text_encoder"), [prompt, params.negative_prompt]
         )
         cond, negative = embeds[:1].expand(len(x0), -1, -1), embeds[1:]
-        scheduler = DDPMScheduler.from_config(models.scheduler_config)
+        scheduler = diffusers.DDPMScheduler.from_config(models.scheduler_config)
         prompt_embeds, negative_embeds, losses = textual_inversion(
             unet_noise_predictor(models.get("unet")),
             x0,

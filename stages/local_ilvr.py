@@ -34,10 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -157,7 +158,7 @@ def noise_to(
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
-@torch.no_grad()
+@no_grad
 def local_ilvr_sample(
     predict: NoisePredictor,
     x: torch.Tensor,

@@ -52,19 +52,20 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 from editflow.errors import EditflowError
+from editflow.lazy import lazy, no_grad
 from editflow.stages.attention import AttentionMaps, MapsPredictor, attention_loss
 from editflow.stages.base import StageContext
 from editflow.stages.ddim import ddim_step
 from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
 
+torch = lazy("torch")
+
 # ------------------------------------------------------------------------------------------
 # The two loops
 
 
-@torch.no_grad()
+@no_grad
 def reference_pass(
     predict_maps: MapsPredictor,
     x_T: torch.Tensor,
@@ -103,7 +104,7 @@ def reference_pass(
     return x
 
 
-@torch.no_grad()
+@no_grad
 def guided_edit(
     predict: NoisePredictor,
     x_T: torch.Tensor,
@@ -192,10 +193,10 @@ class InMemoryAttentionMaps:
     """
 
     def __init__(
-        self, layers: Mapping[str, tuple[int, ...]], dtype: torch.dtype = torch.float16
+        self, layers: Mapping[str, tuple[int, ...]], dtype: torch.dtype | None = None
     ) -> None:
         self.layers = {name: tuple(shape[1:]) for name, shape in layers.items()}
-        self.dtype = dtype
+        self.dtype = dtype if dtype is not None else torch.float16
         self._total_steps = next(iter(layers.values()))[0] if layers else 0
         self._steps: list[AttentionMaps] = []
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+
+torch = lazy("torch")
 
 MODEL = "model.id"
 

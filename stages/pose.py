@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 
-import torch
 from PIL import Image, ImageDraw
+
+from editflow.lazy import lazy
+
+torch = lazy("torch")
 
 BODY_POINTS = 18  # OpenPose's COCO body model
 # Limbs as pairs of point indices (OpenPose's COCO order: nose, neck, right arm, left arm,

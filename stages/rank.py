@@ -12,15 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from editflow.lazy import lazy, no_grad
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
-@torch.no_grad()
+
+@no_grad
 def clip_scores(
     model: Any, processor: Any, images: torch.Tensor, positive: str, negative: str = ""
 ) -> torch.Tensor:

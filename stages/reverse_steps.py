@@ -21,15 +21,19 @@ absorb the residual, and reconstruction would not be exact.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
+from editflow.lazy import lazy
 from editflow.stages.diffusion import ddim_posterior_variance, split_model_output
 
+torch = lazy("torch")
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+diffusers = lazy("diffusers")
+
 SchedulerName = Literal["ddim", "dpmsolver++"]
-Scheduler = DDIMScheduler | DPMSolverMultistepScheduler
+Scheduler = Any  # a DDIMScheduler or DPMSolverMultistepScheduler
 
 
 def build_scheduler(
@@ -52,9 +56,9 @@ def build_scheduler(
         device: Where the timesteps live.
     """
     if name == "ddim":
-        scheduler = DDIMScheduler.from_config(config, set_alpha_to_one=False)
+        scheduler = diffusers.DDIMScheduler.from_config(config, set_alpha_to_one=False)
     elif name == "dpmsolver++":
-        scheduler = DPMSolverMultistepScheduler.from_config(
+        scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
             config,
             algorithm_type="sde-dpmsolver++",
             solver_order=2,
@@ -85,7 +89,7 @@ def level_scales(scheduler: Scheduler) -> tuple[torch.Tensor, torch.Tensor]:
         ``alpha`` and ``sigma``, each (T + 1,) float32 on the CPU: entries ``0 .. T-1`` are the
         levels of ``scheduler.timesteps``, entry ``T`` the level its last step lands on.
     """
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
+    if isinstance(scheduler, diffusers.DPMSolverMultistepScheduler):
         return scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas.float())
     timesteps = [int(t) for t in scheduler.timesteps]
     last = _ddim_prev_timestep(scheduler, timesteps[-1])
@@ -207,10 +211,10 @@ def reverse_step(scheduler: Scheduler, eta: float) -> _DdimStep | _SdeDpmSolverS
     """A private copy of the scheduler wrapped as a reverse step; the caller's is never mutated."""
     if not eta > 0:
         raise ValueError(f"eta must be > 0 for noise maps to exist, got {eta}")
-    if isinstance(scheduler, DDIMScheduler):
+    if isinstance(scheduler, diffusers.DDIMScheduler):
         return _DdimStep(scheduler, eta)
     if (
-        isinstance(scheduler, DPMSolverMultistepScheduler)
+        isinstance(scheduler, diffusers.DPMSolverMultistepScheduler)
         and scheduler.config.algorithm_type == "sde-dpmsolver++"
         and scheduler.config.solver_order == 2
     ):

@@ -12,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import (
     ArtifactType,
@@ -41,6 +39,10 @@ from editflow.stages.edit_friendly import (
 )
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
 from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+diffusers = lazy("diffusers")
 
 
 class SampleDdimParams(TunedParams):
@@ -105,7 +107,7 @@ class SampleDdim(StageKind):
             batch=len(x_T),
             guided=params.guidance_scale != 1.0,
         )
-        scheduler = DDIMScheduler.from_config(models.scheduler_config)
+        scheduler = diffusers.DDIMScheduler.from_config(models.scheduler_config)
         predict = mixing_predictor(models.get("unet"), weights or [], params.ratio)
         if params.t0 is not None:
             sampled = grid_sample(

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
-from diffusers import DDIMScheduler
 from pydantic import Field, model_validator
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Port, StageContext, StageKind
 from editflow.stages.diffusion import NoisePredictor, encode_prompts, vae_decode
@@ -31,6 +30,9 @@ from editflow.stages.interpolation import (
 from editflow.stages.pose import draw_pose
 from editflow.stages.rank import clip_scores
 from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
+
+torch = lazy("torch")
+diffusers = lazy("diffusers")
 
 MAX_LEVELS = 7  # 129 frames
 # METHODS.md section 4: the noise-level range of each variant, as schedule fractions.
@@ -242,7 +244,7 @@ class SampleInterpolate(StageKind):
                     lambda model: controlled_predictor(model, controlnet, pose, scale),
                 )  # fmt: skip
 
-        scheduler = DDIMScheduler.from_config(models.scheduler_config)
+        scheduler = diffusers.DDIMScheduler.from_config(models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
         low, high = params.schedule_range()
         spacing: Spacing = params.spacing

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-from diffusers import DDIMScheduler
 from pydantic import Field
 
 from editflow.errors import EditflowError
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.attention import AttentionMaps, install_attention_recorder
 from editflow.stages.base import (
@@ -22,6 +21,9 @@ from editflow.stages.base import (
 )
 from editflow.stages.pix2pix_zero import guided_edit, match_batch, no_weight_grads
 from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
+
+torch = lazy("torch")
+diffusers = lazy("diffusers")
 
 
 class SamplePix2PixZeroParams(TunedParams):
@@ -117,7 +119,7 @@ class SamplePix2PixZero(StageKind):
                     key=f"stages.{ctx.name}.num_inference_steps",
                     hint="use the reference stage's num_inference_steps",
                 )
-        scheduler = DDIMScheduler.from_config(ctx.models.scheduler_config)
+        scheduler = diffusers.DDIMScheduler.from_config(ctx.models.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps)
 
         with no_weight_grads(unet), install_attention_recorder(unet) as recorder:

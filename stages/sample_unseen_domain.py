@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from diffusers import DDIMScheduler
 from pydantic import Field
 
+from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import (
@@ -24,6 +23,9 @@ from editflow.stages.diffusion import (
     unet_noise_predictor,
 )
 from editflow.stages.diffusionclip import grid_sample, t0_grid
+
+torch = lazy("torch")
+diffusers = lazy("diffusers")
 
 
 class SampleUnseenDomainParams(Params):
@@ -59,7 +61,7 @@ class SampleUnseenDomain(StageKind):
         self, ctx: StageContext, params: SampleUnseenDomainParams, *, latents: torch.Tensor
     ) -> dict[str, Any]:
         unet = ctx.models.get("unet")
-        alphas = DDIMScheduler.from_config(ctx.models.scheduler_config).alphas_cumprod
+        alphas = diffusers.DDIMScheduler.from_config(ctx.models.scheduler_config).alphas_cumprod
         generator = ctx.generator()
         x = latents.to(ctx.device, ctx.dtype)
         alpha = alphas[params.t0].to(ctx.device, ctx.dtype)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-
+from editflow.lazy import lazy
 from editflow.stages.diffusion import NoisePredictor, split_model_output
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 def shift_latents(latents: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -16,14 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from pydantic import Field, field_validator
-from torch.func import functional_call
 
+from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType, Params, Port
 from editflow.stages.diffusion import NoisePredictor, unet_noise_predictor
 
-Weights = Mapping[str, torch.Tensor]
+torch = lazy("torch")
+torch_func = lazy("torch.func")
+
+Weights = Mapping[str, "torch.Tensor"]
 Ratio = float | Mapping[str, Sequence[float]]
 
 # The input every sampler that runs the UNet has.
@@ -91,7 +93,7 @@ def tuned_module(unet: Any, weights: Weights) -> torch.nn.Module:
         config = module.config
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return functional_call(module, tuned, args, kwargs, strict=False)
+            return torch_func.functional_call(module, tuned, args, kwargs, strict=False)
 
     return _Tuned()
 

@@ -212,3 +212,29 @@ def test_plan_and_cache_ls_json_carry_the_text_facts(locked, tmp_path, capsys) -
     entries = json.loads(capsys.readouterr().out)
     assert sorted(entry["stage"] for entry in entries) == ["edit", "encode", "figure", "invert"]
     assert all(len(entry["key"]) == 64 and entry["stored_bytes"] > 0 for entry in entries)
+
+
+def test_validate_plan_and_an_all_hit_run_import_no_torch_diffusers_or_transformers(
+    locked, tmp_path
+) -> None:
+    """A cached run is a lookup: declaring stages, planning and hitting the cache load no ML
+    library (checked in a fresh interpreter after each command)."""
+    import subprocess
+    import sys
+
+    commands = {
+        "validate": ["validate", str(locked), "--cache", str(tmp_path / "cache")],
+        "plan": ["plan", str(locked), "--cache", str(tmp_path / "cache")],
+        "run": ["run", str(locked), "--cache", str(tmp_path / "cache"), "--out",
+                str(tmp_path / "out" / "edit")],
+    }  # fmt: skip
+    for name, argv in commands.items():
+        script = (
+            "import sys\nfrom editflow.cli import main\n"
+            f"assert main({argv!r}) == 0\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "[]", name
+    assert "0 computed, 4 cached" in done.stderr
