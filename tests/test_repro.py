@@ -238,3 +238,16 @@ def test_validate_plan_and_an_all_hit_run_import_no_torch_diffusers_or_transform
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == "[]", name
     assert "0 computed, 4 cached" in done.stderr
+
+
+def test_figures_json_and_table_say_the_same(locked, tmp_path, capsys) -> None:
+    folder = locked.parent
+    assert main(["figures", str(folder), *_where(tmp_path)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].split() == ["recipe", "computed", "cached", "outputs", "drift"]
+    assert table[1].split() == ["edit.toml", "0", "4", "1", "none"]
+    assert main(["figures", str(folder), "--json", *_where(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["recipe"], r["computed"], r["cached"], r["outputs"], r["drift"]) for r in rows] == [
+        ("edit.toml", 0, 4, 1, "none")
+    ]
