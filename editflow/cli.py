@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
     plan = _recipe_command(commands, "plan", "show what would run and why; loads no weights")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    for command in (run, plan):
+        command.add_argument(
+            "--sweep",
+            dest="sweeps",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=V1,V2,...",
+            help="run over these values (repeatable: the Cartesian product); adds to or"
+            " replaces the recipe's [sweep] table",
+        )
     _recipe_command(commands, "validate", "check a recipe and its graph")
     commands.add_parser("schema", help="print the recipe JSON Schema")
     explain = _recipe_command(
@@ -166,6 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.recipe.suffix.lower() == ".png":
         return run_figure(args)
     out_dir = args.out or Path("out") / args.recipe.stem
+    axes = _sweep_axes(args)
+    if axes:
+        return run_swept(args, axes, out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
     display = JsonLines() if args.log_json else ProgressDisplay()
@@ -199,6 +212,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from editflow.engine.keys import describe_change, describe_changes
 
     cache = _cache(args)
+    axes = _sweep_axes(args)
+    if axes:
+        return plan_swept(args, axes, cache)
     plan = plan_recipe(args.recipe, args.overrides, cache=cache, targets=args.targets)
     if args.json:
         rows = []
@@ -320,6 +336,66 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(
             f"removed {cache.rm(keys if args.all else keys_for_prefixes(keys, args.keys))} entries"
         )
+    return 0
+
+
+def _sweep_axes(args: argparse.Namespace) -> list[Any]:
+    from editflow.documents import read_document
+    from editflow.sweeps import combine, parse_sweep, table_axes
+
+    command_line = [parse_sweep(argument) for argument in args.sweeps]
+    document, _ = read_document(args.recipe)
+    return combine(table_axes(document), command_line)
+
+
+def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
+    from editflow.progress import JsonLines, ProgressDisplay
+    from editflow.sweeps import run_sweep
+
+    if args.overrides or args.targets:
+        raise EditflowError("--sweep runs whole recipes: use --sweep alone", file="--set/--target")
+    display = JsonLines() if args.log_json else ProgressDisplay()
+    started = time.perf_counter()
+    try:
+        result = run_sweep(
+            args.recipe, axes, cache=_cache(args), out_root=out_dir, device=args.device,
+            events=display,
+        )  # fmt: skip
+    finally:
+        if isinstance(display, ProgressDisplay):
+            display.close()
+    if not args.log_json:
+        grid = f", grid {result.grid}" if result.grid else ""
+        print(
+            f"{len(result.points)} points: {len(result.computed)} stages computed,"
+            f" {len(result.cached)} cached, {len(result.written)} files in {out_dir}{grid}"
+            f" ({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def plan_swept(args: argparse.Namespace, axes: list[Any], cache: Any) -> int:
+    from editflow.sweeps import plan_points, shared_stages
+
+    planned = plan_points(args.recipe, axes, cache)
+    shared = shared_stages(planned)
+    if args.json:
+        rows = {
+            "points": [{"name": p.name, "overrides": p.overrides, "keys": p.keys} for p in planned],
+            "variants": shared,
+        }
+        print(json.dumps(rows, indent=2))
+        return 0
+    shape = " x ".join(f"{axis.key} ({len(axis.values)})" for axis in axes)
+    print(f"{len(planned)} points over {shape}:")
+    for point in planned:
+        done = sum(cache.has(key) for key in point.keys.values())
+        print(f"  {point.label}  ({done} of {len(point.keys)} stages cached)")
+    width = max(len(name) for name in shared)
+    for name, count in shared.items():
+        what = "shared by every point: computed once" if count == 1 else f"{count} variants"
+        print(f"{name:<{width}}  {what}")
     return 0
 
 

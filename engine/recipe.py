@@ -86,6 +86,11 @@ class Recipe(Table):
     targets: list[str] | None = Field(
         None, description="Stages to produce (default: every stage nothing else consumes)"
     )
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description='Sweep axes: {"stages.edit.skip" = [20, 30, 40], ...}; run and plan go'
+        " over their Cartesian product",
+    )
 
 
 def recipe_json_schema() -> dict[str, Any]:

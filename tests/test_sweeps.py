@@ -1,0 +1,118 @@
+"""Sweeps: shared upstream computed once, one folder per point, the grid, command line and
+table alike, and bad axes named by where they were given."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_repro import RECIPE
+
+from editflow.cli import main
+from editflow.inputs import skimage_photos
+
+SWEEP = ["--sweep", "stages.edit.skip=1,2", "--sweep", "stages.edit.cfg_tar=3.5,7.5"]
+POINTS = [
+    "edit.skip=1,edit.cfg_tar=3.5",
+    "edit.skip=1,edit.cfg_tar=7.5",
+    "edit.skip=2,edit.cfg_tar=3.5",
+    "edit.skip=2,edit.cfg_tar=7.5",
+]
+
+
+def _recipe(folder: Path, text: str = RECIPE) -> Path:
+    folder.mkdir(parents=True)
+    shutil.copy(skimage_photos()["chelsea"], folder / "photo.png")
+    (folder / "edit.toml").write_text(text)
+    return folder / "edit.toml"
+
+
+def _run(recipe: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
+    from editflow.cache import Cache
+    from editflow.documents import read_document
+    from editflow.engine.events import CollectEvents
+    from editflow.sweeps import combine, parse_sweep, run_sweep, table_axes
+
+    axes = combine(table_axes(read_document(recipe)[0]), [parse_sweep(a) for a in extra[1::2]])
+    result = run_sweep(recipe, axes, cache=Cache(tmp_path / "cache"), out_root=tmp_path / out,
+                       device="cpu", events=CollectEvents())  # fmt: skip
+    return result.computed
+
+
+def test_a_2x2_sweep_computes_its_shared_inversion_once_and_writes_four_points_and_a_grid(
+    tmp_path: Path,
+) -> None:
+    recipe = _recipe(tmp_path / "recipe")
+    computed = _run(recipe, tmp_path, "out", *SWEEP)
+    stages = [entry.split("/")[1] for entry in computed]
+    assert stages.count("encode") == 1 and stages.count("invert") == 1
+    assert stages.count("edit") == 4 and stages.count("figure") == 4
+    folders = sorted(path.name for path in (tmp_path / "out").iterdir() if path.is_dir())
+    assert folders == POINTS
+    for point in POINTS:
+        assert (tmp_path / "out" / point / "figure.png").is_file()
+    with (
+        Image.open(tmp_path / "out" / "sweep.png") as grid,
+        Image.open(tmp_path / "out" / POINTS[0] / "figure.png") as tile,
+    ):
+        assert grid.width > 2 * tile.width and grid.height > 2 * tile.height
+
+
+def test_the_same_sweep_from_the_command_line_and_from_a_table_gives_identical_files(
+    tmp_path: Path,
+) -> None:
+    recipe = _recipe(tmp_path / "recipe")
+    _run(recipe, tmp_path, "from-flags", *SWEEP)
+    # The same file, now with the axes in its table.
+    recipe.write_text(
+        RECIPE + '\n[sweep]\n"stages.edit.skip" = [1, 2]\n"stages.edit.cfg_tar" = [3.5, 7.5]\n'
+    )
+    assert _run(recipe, tmp_path, "from-table") == []  # the same keys: all cached
+    files = sorted(
+        p.relative_to(tmp_path / "from-flags") for p in (tmp_path / "from-flags").rglob("*.png")
+    )
+    assert len(files) == 5
+    for name in files:
+        assert (tmp_path / "from-flags" / name).read_bytes() == (
+            tmp_path / "from-table" / name
+        ).read_bytes()
+
+
+def test_plan_shows_the_points_and_what_they_share(tmp_path: Path, capsys) -> None:
+    recipe = _recipe(tmp_path / "recipe")
+    assert main(["plan", str(recipe), *SWEEP, "--cache", str(tmp_path / "c")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "4 points over stages.edit.skip (2) x stages.edit.cfg_tar (2):"
+    assert lines[1] == "  edit.skip=1, edit.cfg_tar=3.5  (0 of 4 stages cached)"
+    assert lines[5:] == [
+        "encode  shared by every point: computed once",
+        "invert  shared by every point: computed once",
+        "edit    4 variants",
+        "figure  4 variants",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argument", "table", "expected"),
+    [
+        ("stages.edit.skip=1,abc", "",
+         "--sweep stages.edit.skip=1,abc: stages.edit.skip: must be an integer, got 'abc'"),
+        ("stages.edit.skp=1,2", "",
+         "--sweep stages.edit.skp=1,2: stages.edit.skp: unknown key (did you mean 'skip'?)"),
+        ("stages.edit.skip", "", "--sweep stages.edit.skip: expected KEY.PATH=VALUE,VALUE,..."),
+        (None, '"stages.edit.skip" = 3', 'sweep."stages.edit.skip": must be a non-empty array of values'),
+        (None, '"stages.nope.x" = [1]', 'sweep."stages.nope.x": the recipe has no table \'stages.nope\''),
+    ],
+)  # fmt: skip
+def test_a_bad_axis_is_one_line_naming_where_it_was_given(
+    tmp_path: Path, capsys, argument, table, expected
+) -> None:
+    recipe = _recipe(tmp_path / "recipe", RECIPE + (f"\n[sweep]\n{table}\n" if table else ""))
+    extra = ["--sweep", argument] if argument else []
+    code = main(["run", str(recipe), *extra, "--cache", str(tmp_path / "c"), "--out",
+                 str(tmp_path / "o")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
