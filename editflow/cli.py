@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
+    run.add_argument(
+        "--executor",
+        choices=("inprocess", "ray"),
+        default="inprocess",
+        help="inprocess (default) or ray: stages and sweep points as Ray tasks (the ray extra)",
+    )
+    run.add_argument("--address", help="a Ray cluster to join (default: start a local one)")
+    run.add_argument(
+        "--workers", type=int, help="Ray workers (default: one per CPU, at most 2 locally)"
+    )
     plan = _recipe_command(commands, "plan", "show what would run and why; loads no weights")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     for command in (run, plan):
@@ -184,15 +194,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
     try:
-        result = run_recipe(
-            args.recipe,
-            args.overrides,
-            cache=_cache(args),
-            out_dir=out_dir,
-            device=args.device,
-            events=display,
-            targets=args.targets,
-        )
+        if args.executor == "ray":
+            from editflow.ray_executor import Job, run_jobs
+
+            if args.targets:
+                raise EditflowError(
+                    "--target is not supported with --executor ray", file="--target"
+                )
+            (result,) = run_jobs(
+                [Job(args.recipe, args.overrides, out_dir)], cache=_cache(args),
+                device=args.device, events=display, **_ray_options(args),
+            )  # fmt: skip
+        else:
+            result = run_recipe(
+                args.recipe,
+                args.overrides,
+                cache=_cache(args),
+                out_dir=out_dir,
+                device=args.device,
+                events=display,
+                targets=args.targets,
+            )
     finally:
         if isinstance(display, ProgressDisplay):
             display.close()
@@ -348,6 +370,16 @@ def _sweep_axes(args: argparse.Namespace) -> list[Any]:
     return combine(table_axes(document), command_line)
 
 
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise EditflowError(
+            "Ray is not installed", file="--executor", hint="pip install 'editflow[ray]'"
+        )
+    return {"address": args.address, "workers": args.workers}
+
+
 def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
     from editflow.progress import JsonLines, ProgressDisplay
     from editflow.sweeps import run_sweep
@@ -357,9 +389,10 @@ def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
     display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
     try:
+        ray = _ray_options(args) if args.executor == "ray" else None
         result = run_sweep(
             args.recipe, axes, cache=_cache(args), out_root=out_dir, device=args.device,
-            events=display,
+            events=display, ray=ray,
         )  # fmt: skip
     finally:
         if isinstance(display, ProgressDisplay):

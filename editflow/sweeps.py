@@ -181,19 +181,31 @@ def run_sweep(
     out_root: Path,
     device: str = "auto",
     events: Any = None,
+    ray: dict[str, Any] | None = None,
 ) -> SweepResult:
-    """Run every point through one cache and one set of models; write the sweep grid."""
+    """Run every point through one cache and one set of models (or, with ``ray`` options
+    ``{"address", "workers"}``, on Ray: points and independent stages in parallel); write the
+    sweep grid."""
     from editflow.engine.api import run_recipe
 
     planned = plan_points(recipe, axes, cache)
     document = base_document(recipe)
     result = SweepResult(planned, [], [], [], None)
     registry, figures = None, []
-    for point in planned:
-        outcome = run_recipe(
-            recipe, point.overrides, cache=cache, out_dir=out_root / point.name, device=device,
-            events=events, registry=registry, document=document,
-        )  # fmt: skip
+    outcomes = None
+    if ray is not None:
+        from editflow.ray_executor import Job, run_jobs
+
+        jobs = [Job(recipe, p.overrides, out_root / p.name, document) for p in planned]
+        outcomes = run_jobs(jobs, cache=cache, device=device, events=events, **ray)
+    for index, point in enumerate(planned):
+        if outcomes is not None:
+            outcome = outcomes[index]
+        else:
+            outcome = run_recipe(
+                recipe, point.overrides, cache=cache, out_dir=out_root / point.name,
+                device=device, events=events, registry=registry, document=document,
+            )  # fmt: skip
         registry = outcome.registry or registry
         result.computed += [f"{point.name}/{stage}" for stage in outcome.computed]
         result.cached += [f"{point.name}/{stage}" for stage in outcome.hits]

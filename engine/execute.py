@@ -113,6 +113,20 @@ class InProcessExecutor:
         return run.result
 
 
+def compute_stage(plan: Plan, session: Session, name: str) -> RunResult:
+    """Compute one stage whose inputs are in the cache (or inputs of the recipe), and publish
+    its entry before returning: what a distributed executor's worker runs per task."""
+    run = _Run(plan, session)
+    try:
+        if not session.cache.has(plan.stages[name].key):
+            run.materialize(name)
+    except BaseException:
+        run.writes.finish(raise_errors=False)
+        raise
+    run.writes.finish()
+    return run.result
+
+
 class _Run:
     """The state of one execution: values computed so far and the result."""
 

@@ -1,0 +1,213 @@
+"""The Ray executor: stages as tasks on a pool of long-lived workers over a shared cache.
+
+The driver plans every recipe (or sweep point), merges their stages by key (a stage shared
+by several points is one task) and dispatches each stage whose inputs are ready to an idle
+worker. Workers are Ray actors that keep their loaded models from one stage to the next;
+each computes its stage from inputs it reads from the cache and publishes the stage's entry
+there (atomically: a worker that dies mid-stage leaves nothing behind), so tasks pass keys,
+never tensors. A worker that dies is replaced and its stage run again. When every stage is
+in the cache, the ordinary in-process executor finishes each recipe (every stage a hit), so
+the exported files are byte for byte those of an in-process run. Workers use the driver's
+torch thread count: CPU results change with it while keys do not.
+
+No scheduler or RPC of our own: Ray places the workers (one machine or a cluster, given
+``address``); the cache must be storage every worker sees (a local folder on one machine, an
+object store URL such as ``s3://`` on many).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from editflow.errors import EditflowError
+
+MAX_ATTEMPTS = 3  # per stage: a worker may die twice
+FAIL_ONCE = "EDITFLOW_RAY_FAIL_ONCE"  # tests: "MARKER:STAGE" kills the worker running STAGE once
+
+
+@dataclass
+class Job:
+    """One recipe run: what ``run_recipe`` would take."""
+
+    recipe: Path
+    overrides: list[str]
+    out_dir: Path | None
+    document: dict[str, Any] | None = None
+
+
+def _worker_class() -> Any:
+    import ray
+
+    @ray.remote(max_restarts=0)
+    class StageWorker:
+        """Computes stages; keeps its loaded models for the next stage."""
+
+        def __init__(self, cache_url: str, models_dir: str, device: str, threads: int) -> None:
+            import torch
+
+            from editflow.cache import Cache
+
+            torch.set_num_threads(threads)
+            self.cache, self.models_dir, self.device = Cache(cache_url), Path(models_dir), device
+            self.registry = None
+
+        def run(self, plan: Any, name: str) -> tuple[list[str], list[Any]]:
+            from editflow.engine.events import CollectEvents
+            from editflow.engine.execute import Session, compute_stage
+
+            _fail_once_for_tests(name)
+            events = CollectEvents()
+            session = Session(
+                self.cache, None, self.device, events, self.models_dir, registry=self.registry
+            )
+            result = compute_stage(plan, session, name)
+            self.registry = session.registry or self.registry
+            return result.computed, events.events
+
+    return StageWorker
+
+
+def _fail_once_for_tests(stage: str) -> None:
+    marker, _, target = os.environ.get(FAIL_ONCE, "").partition(":")
+    if marker and target == stage and not Path(marker).exists():
+        Path(marker).write_text("failed once")
+        os._exit(1)  # the worker process dies mid-stage, as a lost machine would
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    *,
+    cache: Any,
+    device: str = "auto",
+    events: Any = None,
+    address: str | None = None,
+    workers: int | None = None,
+) -> list[Any]:
+    """Run recipes on Ray; returns one ``RunResult`` per job, as ``run_recipe`` would."""
+    from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
+    from editflow.engine.events import CollectEvents
+    from editflow.engine.graph import producer_of
+
+    if cache.url.startswith("memory://"):
+        raise EditflowError(
+            "a memory:// cache lives in one process; Ray workers cannot see it",
+            file="--cache",
+            hint="use a folder (one machine) or an object store URL such as s3:// (a cluster)",
+        )
+    events = events if events is not None else CollectEvents()
+    plans = [
+        plan_recipe(job.recipe, job.overrides, cache=cache, document=job.document) for job in jobs
+    ]
+    units: dict[str, tuple[Any, str]] = {}  # key -> (plan, stage)
+    needs: dict[str, set[str]] = {}
+    for plan in plans:
+        for stage in plan.needed:
+            if stage.key in units or cache.has(stage.key):
+                continue
+            units[stage.key] = (plan, stage.name)
+            refs = [r for value in stage.references.values()
+                    for r in (value if isinstance(value, list) else [value])]  # fmt: skip
+            producers = [producer_of(ref) for ref in refs]
+            needs[stage.key] = {
+                plan.stages[p].key for p in producers if not p.startswith("inputs.")
+            }
+    computed_keys: set[str] = set()
+    if units:
+        computed_keys = _dispatch(units, needs, cache, models_dir_for(cache), device, events,
+                                  address, workers)  # fmt: skip
+    results = []
+    for job in jobs:
+        result = run_recipe(
+            job.recipe, job.overrides, cache=cache, out_dir=job.out_dir, device=device,
+            events=events, document=job.document,
+        )  # fmt: skip
+        owned = {name for name, key in result.keys.items() if units.get(key, (None, ""))[1] == name
+                 and key in computed_keys}  # fmt: skip
+        result.computed = [name for name in result.keys if name in owned]
+        result.hits = [name for name in result.keys if name not in owned]
+        computed_keys -= {result.keys[name] for name in owned}
+        results.append(result)
+    return results
+
+
+def _dispatch(
+    units: dict[str, tuple[Any, str]],
+    needs: dict[str, set[str]],
+    cache: Any,
+    models_dir: Path,
+    device: str,
+    events: Any,
+    address: str | None,
+    workers: int | None,
+) -> set[str]:
+    """Run every unit on the worker pool, each once its inputs are in; returns the keys."""
+    import ray
+    import torch
+
+    if not ray.is_initialized():
+        count = workers or min(os.cpu_count() or 1, 2)
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+        }
+        if address is None:
+            options["num_cpus"] = count
+        ray.init(address=address, **options)
+    size = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    worker_class = _worker_class()
+    arguments = (cache.url, str(models_dir), device, torch.get_num_threads())
+
+    def new_worker() -> Any:
+        return worker_class.options(num_cpus=1).remote(*arguments)
+
+    idle = [new_worker() for _ in range(min(size, len(units)))]
+    waiting = dict(needs)
+    done: set[str] = set()
+    attempts: dict[str, int] = {}
+    running: dict[Any, tuple[str, Any]] = {}
+    try:
+        while waiting or running:
+            ready = [key for key, deps in waiting.items() if deps <= done | _cached(deps, cache)]
+            while ready and idle:
+                key = ready.pop(0)
+                waiting.pop(key)
+                worker = idle.pop()
+                plan, name = units[key]
+                attempts[key] = attempts.get(key, 0) + 1
+                running[worker.run.remote(plan, name)] = (key, worker)
+            if not running:
+                raise RuntimeError(f"stages wait on inputs no stage makes: {sorted(waiting)}")
+            finished, _ = ray.wait(list(running), num_returns=1)
+            key, worker = running.pop(finished[0])
+            try:
+                _, stage_events = ray.get(finished[0])
+            except ray.exceptions.RayActorError:
+                ray.kill(worker)
+                if attempts[key] >= MAX_ATTEMPTS:
+                    raise EditflowError(
+                        f"stage {units[key][1]!r} lost its worker {MAX_ATTEMPTS} times",
+                        file=str(units[key][0].loaded.path),
+                    ) from None
+                idle.append(new_worker())
+                waiting[key] = needs[key]  # the entry was never published: run it again
+                continue
+            except ray.exceptions.RayTaskError as error:
+                raise error.as_instanceof_cause() from None
+            for event in stage_events:
+                events(event)
+            done.add(key)
+            idle.append(worker)
+    finally:
+        for worker in idle + [worker for _, worker in running.values()]:
+            ray.kill(worker)
+    return done
+
+
+def _cached(keys: set[str], cache: Any) -> set[str]:
+    return {key for key in keys if cache.has(key)}
