@@ -164,7 +164,9 @@ def _dispatch(
     arguments = (cache.url, str(models_dir), device, torch.get_num_threads())
 
     def new_worker() -> Any:
-        return worker_class.options(num_cpus=1).remote(*arguments)
+        # The pool size bounds this run's concurrency; reserving no CPU for the actor itself
+        # lets several runs share a cluster without waiting on each other's idle workers.
+        return worker_class.options(num_cpus=0, scheduling_strategy="SPREAD").remote(*arguments)
 
     idle = [new_worker() for _ in range(min(size, len(units)))]
     waiting = dict(needs)

@@ -1,0 +1,96 @@
+"""The Ray executor on a local instance with 2 CPU workers: byte-identical outputs to the
+in-process executor (also when a worker dies mid-stage), sweeps, and two runs at once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from support import MANIFESTS
+
+from editflow.cache import Cache
+from editflow.engine.api import run_recipe
+from editflow.errors import EditflowError
+from editflow.ray_executor import FAIL_ONCE, Job, run_jobs
+
+ray = pytest.importorskip("ray")
+QUICKSTART = MANIFESTS / "quickstart.toml"
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
+    marker = tmp_path_factory.mktemp("ray") / "worker-died"
+    # Workers inherit this: the first worker to start the stage 'edit' dies in it, once.
+    os.environ[FAIL_ONCE] = f"{marker}:edit"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield marker
+    ray.shutdown()
+    os.environ.pop(FAIL_ONCE, None)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*.png"))
+    }
+
+
+def test_the_quick_start_on_ray_is_byte_identical_even_when_a_worker_dies(
+    local_ray: Path, tmp_path: Path
+) -> None:
+    (result,) = run_jobs(
+        [Job(QUICKSTART, [], tmp_path / "ray")], cache=Cache(tmp_path / "c1"), device="cpu"
+    )
+    assert local_ray.exists(), "the worker running 'edit' was to die once"
+    assert sorted(result.computed) == sorted(result.keys)
+    run_recipe(QUICKSTART, cache=Cache(tmp_path / "c2"), out_dir=tmp_path / "here", device="cpu")
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
+    assert len(_digests(tmp_path / "here")) == 3
+
+
+def test_a_sweep_on_ray_is_byte_identical_and_computes_its_shared_stages_once(
+    local_ray: Path, tmp_path: Path
+) -> None:
+    from editflow.sweeps import parse_sweep, run_sweep
+
+    axes = [parse_sweep("stages.edit.guidance_scale=3.0,5.0")]
+    on_ray = run_sweep(QUICKSTART, axes, cache=Cache(tmp_path / "c1"), out_root=tmp_path / "ray",
+                       device="cpu", ray={"address": None, "workers": 2})  # fmt: skip
+    here = run_sweep(QUICKSTART, axes, cache=Cache(tmp_path / "c2"), out_root=tmp_path / "here",
+                     device="cpu")  # fmt: skip
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
+    assert sorted(on_ray.computed) == sorted(here.computed)
+    assert [entry.split("/")[1] for entry in on_ray.computed].count("invert") == 1
+
+
+def test_two_ray_runs_at_once_on_one_cache_give_the_same_outputs(
+    local_ray: Path, tmp_path: Path
+) -> None:
+    cache, errors = Cache(tmp_path / "c"), []
+
+    def run(name: str) -> None:
+        try:
+            run_jobs([Job(QUICKSTART, [], tmp_path / name)], cache=cache, device="cpu")
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b") != {}
+    assert cache.verify() == []
+
+
+def test_a_memory_cache_with_ray_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EditflowError) as error:
+        run_jobs([Job(QUICKSTART, [], None)], cache=Cache("memory://ray-test"), device="cpu")
+    assert error.value.render() == (
+        "--cache: a memory:// cache lives in one process; Ray workers cannot see it (use a"
+        " folder (one machine) or an object store URL such as s3:// (a cluster))"
+    )
