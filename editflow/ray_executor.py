@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 from editflow.errors import EditflowError
 
 MAX_ATTEMPTS = 3  # per stage: a worker may die twice
+STEP_INTERVAL = 0.2  # seconds between a worker's progress updates
 FAIL_ONCE = "EDITFLOW_RAY_FAIL_ONCE"  # tests: "MARKER:STAGE" kills the worker running STAGE once
 
 
@@ -47,27 +49,51 @@ def _worker_class() -> Any:
     class StageWorker:
         """Computes stages; keeps its loaded models for the next stage."""
 
-        def __init__(self, cache_url: str, models_dir: str, device: str, threads: int) -> None:
+        def __init__(
+            self, cache_url: str, models_dir: str, device: str, threads: int, queue: Any
+        ) -> None:
             import torch
 
             from editflow.cache import Cache
 
             torch.set_num_threads(threads)
             self.cache, self.models_dir, self.device = Cache(cache_url), Path(models_dir), device
-            self.registry = None
+            self.registry, self.queue = None, queue
 
-        def run(self, plan: Any, name: str) -> tuple[list[str], list[Any]]:
-            from editflow.engine.events import CollectEvents
-            from editflow.engine.execute import Session, compute_stage
+        def _session(self, plan: Any) -> Any:
+            from editflow.engine.execute import Session
+
+            last = [0.0]
+
+            def send(event: Any) -> None:  # fire and forget: the stage never waits on it
+                now = time.monotonic()
+                step = event.type == "step" and event.step not in (1, event.total)
+                if step and now - last[0] < STEP_INTERVAL:
+                    return  # progress bars need a few updates a second, not every step
+                last[0] = now
+                self.queue.actor.put_nowait.remote(event)
+
+            return Session(
+                self.cache, None, self.device, send, self.models_dir, registry=self.registry
+            )
+
+        def warm(self, plan: Any) -> None:
+            """Load the models the plan's stages use, while other workers compute."""
+            session = self._session(plan)
+            models = session.models(plan)
+            for stage in plan.needed:
+                for spec in stage.components:
+                    models.registry(spec.provider).get(spec.name)
+            self.registry = session.registry
+
+        def run(self, plan: Any, name: str) -> list[str]:
+            from editflow.engine.execute import compute_stage
 
             _fail_once_for_tests(name)
-            events = CollectEvents()
-            session = Session(
-                self.cache, None, self.device, events, self.models_dir, registry=self.registry
-            )
+            session = self._session(plan)
             result = compute_stage(plan, session, name)
             self.registry = session.registry or self.registry
-            return result.computed, events.events
+            return result.computed
 
     return StageWorker
 
@@ -148,6 +174,7 @@ def _dispatch(
     """Run every unit on the worker pool, each once its inputs are in; returns the keys."""
     import ray
     import torch
+    from ray.util.queue import Queue
 
     if not ray.is_initialized():
         count = workers or min(os.cpu_count() or 1, 2)
@@ -161,12 +188,21 @@ def _dispatch(
         ray.init(address=address, **options)
     size = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
     worker_class = _worker_class()
-    arguments = (cache.url, str(models_dir), device, torch.get_num_threads())
+    # Workers put their events (stage running, step i of n, done) here as they happen.
+    queue = Queue(actor_options={"num_cpus": 0})
+    arguments = (cache.url, str(models_dir), device, torch.get_num_threads(), queue)
+    first_plan = next(iter(units.values()))[0]
 
     def new_worker() -> Any:
         # The pool size bounds this run's concurrency; reserving no CPU for the actor itself
         # lets several runs share a cluster without waiting on each other's idle workers.
-        return worker_class.options(num_cpus=0, scheduling_strategy="SPREAD").remote(*arguments)
+        worker = worker_class.options(num_cpus=0, scheduling_strategy="SPREAD").remote(*arguments)
+        worker.warm.remote(first_plan)  # runs before the worker's first stage
+        return worker
+
+    def relay() -> None:
+        for event in queue.get_nowait_batch(queue.qsize()):
+            events(event)
 
     idle = [new_worker() for _ in range(min(size, len(units)))]
     waiting = dict(needs)
@@ -185,10 +221,13 @@ def _dispatch(
                 running[worker.run.remote(plan, name)] = (key, worker)
             if not running:
                 raise RuntimeError(f"stages wait on inputs no stage makes: {sorted(waiting)}")
-            finished, _ = ray.wait(list(running), num_returns=1)
+            finished: list[Any] = []
+            while not finished:
+                finished, _ = ray.wait(list(running), num_returns=1, timeout=0.1)
+                relay()
             key, worker = running.pop(finished[0])
             try:
-                _, stage_events = ray.get(finished[0])
+                ray.get(finished[0])
             except ray.exceptions.RayActorError:
                 ray.kill(worker)
                 if attempts[key] >= MAX_ATTEMPTS:
@@ -201,13 +240,13 @@ def _dispatch(
                 continue
             except ray.exceptions.RayTaskError as error:
                 raise error.as_instanceof_cause() from None
-            for event in stage_events:
-                events(event)
+            relay()
             done.add(key)
             idle.append(worker)
     finally:
         for worker in idle + [worker for _, worker in running.values()]:
             ray.kill(worker)
+        ray.kill(queue.actor)
     return done
 
 

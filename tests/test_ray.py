@@ -13,6 +13,7 @@ from support import MANIFESTS
 
 from editflow.cache import Cache
 from editflow.engine.api import run_recipe
+from editflow.engine.events import CollectEvents
 from editflow.errors import EditflowError
 from editflow.ray_executor import FAIL_ONCE, Job, run_jobs
 
@@ -41,10 +42,16 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_the_quick_start_on_ray_is_byte_identical_even_when_a_worker_dies(
     local_ray: Path, tmp_path: Path
 ) -> None:
+    events = CollectEvents()
     (result,) = run_jobs(
-        [Job(QUICKSTART, [], tmp_path / "ray")], cache=Cache(tmp_path / "c1"), device="cpu"
-    )
+        [Job(QUICKSTART, [], tmp_path / "ray")], cache=Cache(tmp_path / "c1"), device="cpu",
+        events=events,
+    )  # fmt: skip
     assert local_ray.exists(), "the worker running 'edit' was to die once"
+    # The workers' progress reaches the driver: every step of the inversion, then done.
+    steps = [(e.step, e.total) for e in events.of("step") if e.stage == "invert"]
+    assert steps[0] == (1, 20) and steps[-1] == (20, 20) and steps == sorted(steps)
+    assert "invert" in [e.stage for e in events.of("done")]
     assert sorted(result.computed) == sorted(result.keys)
     run_recipe(QUICKSTART, cache=Cache(tmp_path / "c2"), out_dir=tmp_path / "here", device="cpu")
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
