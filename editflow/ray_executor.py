@@ -87,12 +87,17 @@ def _worker_class() -> Any:
             self.registry = session.registry
 
         def run(self, plan: Any, name: str) -> list[str]:
+            import ray
+
             from editflow.engine.execute import compute_stage
 
             _fail_once_for_tests(name)
             session = self._session(plan)
             result = compute_stage(plan, session, name)
             self.registry = session.registry or self.registry
+            # Calls from one caller run in order: once this returns, every event this stage
+            # sent is in the queue, so the driver relays them before it records the stage.
+            ray.get(self.queue.actor.qsize.remote())
             return result.computed
 
     return StageWorker
