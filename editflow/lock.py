@@ -51,7 +51,7 @@ def _digest(value: Any) -> str:
 
 def platform_facts(device: Any) -> dict[str, Any]:
     """What besides the keys decides the bytes of a result: torch's build, the device, the
-    CPU's thread count and architecture."""
+    CPU's thread count, architecture and vector instructions."""
     import torch
 
     facts: dict[str, Any] = {
@@ -59,6 +59,9 @@ def platform_facts(device: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        # The vector instructions torch's CPU kernels use (AVX2, AVX512 ...): other kernels
+        # round differently, so results from another CPU family are not comparable.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device.type == "cuda":
         facts["cuda"] = torch.version.cuda
