@@ -321,13 +321,13 @@ def rerun(
 ) -> tuple[ReproResult, Any]:
     """Run a recipe through the cache and collect its lock facts; returns the result and
     the models the run used (to share with the next recipe)."""
-    from editflow.engine.api import plan_recipe, run_recipe
+    from editflow.engine.api import run_recipe
     from editflow.models.section import resolve_device
 
     result = run_recipe(
         recipe, cache=cache, out_dir=out_dir, device=device, events=events, registry=registry
     )
-    plan = plan_recipe(recipe, cache=cache)
+    plan = result.plan
     files = {path.relative_to(out_dir).as_posix(): path for path in result.written}
     facts = lock_facts(plan, cache, resolve_device(device), files)
     outcome = ReproResult(recipe, facts, result.computed, result.hits, result.written)

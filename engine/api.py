@@ -68,5 +68,5 @@ def run_recipe(
         registry=registry,
     )
     result = (executor or InProcessExecutor()).execute(plan, session)
-    result.registry = session.registry
+    result.registry, result.plan = session.registry, plan
     return result

@@ -91,6 +91,7 @@ class RunResult:
     written: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     registry: RunModels | None = None  # the models this run used (shareable with the next)
+    plan: Plan | None = None  # what was run (for locks: its keys and preimages)
 
 
 class Executor(Protocol):

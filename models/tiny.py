@@ -389,26 +389,18 @@ _PIXEL = MappingProxyType(
                 }
             ),
         ),
+        # tiny's DDIM scheduler with DDPM's betas; the final step lands on the clean image.
         "scheduler": TinyComponent(
             "diffusers",
             "DDIMScheduler",
             MappingProxyType(
                 {
-                    "num_train_timesteps": 1000,
+                    **TINY_COMPONENTS["scheduler"].config,
                     "beta_start": 0.0001,
                     "beta_end": 0.02,
                     "beta_schedule": "linear",
-                    "trained_betas": None,
-                    "clip_sample": False,
                     "set_alpha_to_one": True,
                     "steps_offset": 0,
-                    "prediction_type": "epsilon",
-                    "thresholding": False,
-                    "dynamic_thresholding_ratio": 0.995,
-                    "clip_sample_range": 1.0,
-                    "sample_max_value": 1.0,
-                    "timestep_spacing": "leading",
-                    "rescale_betas_zero_snr": False,
                 }
             ),
         ),

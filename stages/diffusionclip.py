@@ -16,6 +16,7 @@ import numpy as np
 
 from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
+from editflow.stages.rank import projected
 
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
@@ -164,11 +165,6 @@ def clip_pixels(processor: Any, images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _features(output: Any) -> torch.Tensor:
-    # transformers 5 returns a model output with the projected embeddings in pooler_output.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 @no_grad
 def text_direction(model: Any, processor: Any, source: str, target: str) -> torch.Tensor:
     """The unit CLIP text direction target - source, each text's features averaged over
@@ -178,7 +174,7 @@ def text_direction(model: Any, processor: Any, source: str, target: str) -> torc
         prompts = [template.format(text) for template in TEMPLATES]
         tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
         device = next(model.parameters()).device
-        features = _features(
+        features = projected(
             model.get_text_features(
                 input_ids=tokens.input_ids.to(device),
                 attention_mask=tokens.attention_mask.to(device),
@@ -192,7 +188,7 @@ def text_direction(model: Any, processor: Any, source: str, target: str) -> torc
 def image_features(model: Any, processor: Any, images: torch.Tensor) -> torch.Tensor:
     """CLIP image features of images in [-1, 1], differentiable, unit length."""
     pixels = clip_pixels(processor, images.float()).to(model.dtype)
-    return F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+    return F.normalize(projected(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
 
 def directional_clip_loss(

@@ -48,15 +48,16 @@ def clip_scores(
     text_features = model.get_text_features(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     )
-    image_features = _features(image_features)
-    text_features = _features(text_features)
+    image_features = projected(image_features)
+    text_features = projected(text_features)
     cosine = (
         F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
     )
     return (cosine[:, 0] - cosine[:, 1]).cpu()
 
 
-def _features(output: Any) -> torch.Tensor:
+def projected(output: Any) -> torch.Tensor:
+    """The projected embeddings of a CLIP ``get_*_features`` call."""
     # transformers 5 returns a model output with the projected embeddings in pooler_output.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
