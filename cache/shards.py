@@ -97,7 +97,7 @@ def write_shard(path: Path, values: np.ndarray, rows: int, shard_rows: int) -> N
     index[:, 0] = np.arange(chunks, dtype=np.uint64) * chunk_bytes
     index[:, 1] = chunk_bytes
     checksum = np.uint32(google_crc32c.value(index.tobytes())).astype("<u4").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    os.makedirs(path.parent, exist_ok=True)  # one mkdir per new level, not two
     with open(path, "wb", buffering=0) as handle:
         handle.write(memoryview(data.reshape(-1)).cast("B"))
         if padding:

@@ -43,6 +43,7 @@ from .entry import (
     stored_checksum,
 )
 from .layout import Layout, check_array_name, check_key
+from .metadata import array_metadata, group_metadata, write_metadata
 from .shards import shard_path, shard_path_of, write_shard
 
 torch = lazy("torch")
@@ -227,6 +228,32 @@ class StreamHandle:
             del self._pending[shard]
 
 
+class LocalArray:
+    """A raw array in a local staging folder whose metadata the writer wrote itself (see
+    ``metadata``); zarr opens it only when a read or write must go through zarr."""
+
+    def __init__(
+        self, folder: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple
+    ) -> None:
+        self._folder, self._name = folder, name
+        self.shape, self.dtype, self.chunks = shape, np.dtype(dtype), chunks
+        self.nbytes = math.prod(shape) * self.dtype.itemsize
+        self._array: zarr.Array | None = None
+
+    def _zarr(self) -> zarr.Array:
+        if self._array is None:
+            store = zarr.storage.LocalStore(self._folder)
+            self._array = zarr.open_array(store, path=self._name, mode="r+")
+        return self._array
+
+    def __setitem__(self, selection: Any, value: np.ndarray) -> None:
+        with zarr.config.set(PARALLEL):
+            self._zarr()[selection] = value
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        return self._zarr()[selection]
+
+
 class EntryWriter:
     """Stages the arrays of one entry and publishes them on clean exit of its ``with`` block.
 
@@ -248,7 +275,8 @@ class EntryWriter:
         self._attrs: dict[str, Any] = _json_copy(dict(attrs))
         self._arrays: dict[str, ArrayInfo] = {}
         self._streams: dict[str, StreamHandle] = {}
-        self._group: zarr.Group | None = None
+        self._group: zarr.Group | None = None  # on object stores
+        self._folder: Path | None = None  # on local disk
         self._path = ""
 
     def __enter__(self) -> EntryWriter:
@@ -261,11 +289,14 @@ class EntryWriter:
         self.object_id = uuid.uuid4().hex
         self._path = layout.object_path(self.key, self.object_id)
         staging = {"key": self.key, "host": socket.gethostname(), "pid": os.getpid()}
-        self._group = zarr.open_group(
-            layout.zarr_store(self._path, read_only=False),
-            mode="w-",
-            attributes={"editflow_staging": {**staging, "started": time.time()}},
-        )
+        attributes = {"editflow_staging": {**staging, "started": time.time()}}
+        if layout.local_root is not None:
+            self._folder = Path(self._path)
+            write_metadata(self._folder, group_metadata(attributes))
+        else:
+            self._group = zarr.open_group(
+                layout.zarr_store(self._path, read_only=False), mode="w-", attributes=attributes
+            )
         return self
 
     def __exit__(
@@ -309,8 +340,11 @@ class EntryWriter:
             name, stored.shape, stored.dtype, axis, compress, whole=True
         )
         if not self._write_shard(name, stored, chunks, shards, axis, compress):
-            with zarr.config.set(PARALLEL):
+            if isinstance(array, LocalArray):
                 array[...] = stored
+            else:
+                with zarr.config.set(PARALLEL):
+                    array[...] = stored
         steps = None
         if axis is not None:
             selections = ((slice(None),) * axis + (i,) for i in range(stored.shape[axis]))
@@ -389,7 +423,7 @@ class EntryWriter:
         return eligible
 
     def _new_name(self, name: str) -> None:
-        if self._group is None:
+        if self._group is None and self._folder is None:
             raise RuntimeError("use the EntryWriter inside its `with` block")
         check_array_name(name)
         if name in self._arrays or name in self._streams:
@@ -403,13 +437,18 @@ class EntryWriter:
         axis: int | None,
         compress: bool,
         whole: bool = False,
-    ) -> tuple[zarr.Array, tuple[int, ...], tuple[int, ...] | None]:
-        assert self._group is not None
-        local = self._layout.local_root is not None
+    ) -> tuple[zarr.Array | LocalArray, tuple[int, ...], tuple[int, ...] | None]:
+        local = self._folder is not None
         shard_bytes = LOCAL_SHARD_BYTES if local else SHARD_BYTES
         if local and whole:  # all in memory already: one shard file, written at once
             shard_bytes = 2**62
         chunks, shards = chunk_layout(shape, dtype.itemsize, axis, True, shard_bytes)
+        if self._folder is not None and not compress:
+            write_metadata(self._folder / name, array_metadata(shape, dtype, chunks, shards))
+            return LocalArray(self._folder, name, shape, dtype, chunks), chunks, shards
+        if self._group is None:  # a compressed array in a local folder: zarr writes it
+            store = self._layout.zarr_store(self._path, read_only=False)
+            self._group = zarr.open_group(store, mode="r+")
         array = self._group.create_array(
             name,
             shape=shape,
@@ -437,7 +476,7 @@ class EntryWriter:
             "arrays": {name: info.to_json() for name, info in sorted(self._arrays.items())},
         }
         data = json.dumps(manifest, sort_keys=True, indent=1, allow_nan=False).encode()
-        self._group = None
+        self._group = self._folder = None
         self.won = layout.create_exclusive(layout.ref_path(self.key), data)
         if self.won:
             self.published = Entry(layout, json.loads(data))
@@ -450,7 +489,7 @@ class EntryWriter:
             self.published = None  # the winner's entry vanished or is damaged: recompute
 
     def _abort(self) -> None:
-        self._group = None
+        self._group = self._folder = None
         for handle in self._streams.values():
             handle.closed = True
         self.won = False
