@@ -9,16 +9,16 @@ A cache root is a local folder or any fsspec URL (``memory://``, ``file://``, ``
     records/<quoted-name>.json       small JSON documents (``put_record``)
 
 The manifest holds the key, the object id, the creation time, stored bytes, the JSON attrs
-(key preimage, recipe, stage, timings, device, texts) with their sha256 and, per array: shape, stored dtype, torch
-dtype, chunks, shards, stream axis, the sha256 of the stored C-order bytes, and the sha256 of
-each step along the stream axis.
+(key preimage, recipe, stage, timings, device, texts) with their sha256 and, per array: shape,
+stored dtype, torch dtype, chunks, shards, stream axis, codec, chunk key separator, the
+xxh3-128 of the stored C-order bytes, and the xxh3-128 of each step along the stream axis.
 
 Publish protocol:
 
 1. ``writer(key, attrs)`` creates ``objects/<key>/<fresh uuid4>/`` and writes arrays there.
    Nobody reads this folder: it is staging.
 2. On clean exit the manifest is created *exclusively* at ``refs/.../<key>.json``. Locally it
-   is written to a temporary file in the same folder (fsynced) and ``os.link``-ed into place,
+   is written to a temporary file in the same folder and ``os.link``-ed into place,
    so it appears complete or not at all and an existing ref makes the link fail. Remote
    filesystems use ``fs.pipe_file(path, data, mode="create")``: atomic where the backend has
    conditional writes (``memory://``; S3 through If-None-Match in recent s3fs); elsewhere
@@ -35,11 +35,14 @@ Storage: arrays written with a stream axis (noise sequences ``(T, C, H, W)``, at
 ``(steps, ...)``) have one step per chunk once a step reaches 64 KiB (an SD 1.x latent), so
 ``Entry.step`` reads one chunk; smaller steps share chunks of about 64 KiB. The chunks are
 grouped into shards (16 MiB on local disk, 64 MiB on object stores) read by byte range, so a
-100-step sequence is a handful of files, not a hundred. Other arrays are one chunk. Chunks are zstd (level 1). One checksum layer: a corrupt
-chunk fails even a one-step read through that step's sha256. bfloat16 is stored as float32 and restored on read. Reads
-return new tensors and verify sha256 (whole array, or the step's own digest); a mismatch or
-decode failure raises ``DamagedEntryError``, remembers the entry as damaged (``has`` turns
-False) and the next writer of that key replaces it. No pickle: arrays are zarr, the rest JSON.
+100-step sequence is a handful of files, not a hundred. Other arrays are one chunk. Chunks
+are raw unless a writer asks for zstd (level 1). On local disk the writer writes the zarr
+metadata of its group and raw arrays itself (``metadata``) and keeps shard files beside
+their array's metadata (chunk keys ``c.0.0``). One checksum layer: a corrupt chunk fails even
+a one-step read through that step's xxh3-128. bfloat16 is stored as float32 and restored on
+read. Reads return new tensors and verify checksums (whole array, or the step's own); a
+mismatch or decode failure raises ``DamagedEntryError``, remembers the entry as damaged
+(``has`` turns False) and the next writer of that key replaces it. No pickle: arrays are zarr, the rest JSON.
 """
 
 from .entry import ArrayInfo, Damage, DamagedEntryError, Entry, ReadStats

@@ -73,6 +73,9 @@ class ArrayInfo:
         step_checksums: Hex xxh3-128 of each index along the stream axis, so one step is
             verified without reading the others.
         codec: How chunks are stored: ``"raw"`` or ``"zstd"``.
+        chunk_separator: The separator of zarr's chunk keys: ``"."`` puts a local raw
+            array's shard files beside its metadata (no folder per dimension to create);
+            arrays zarr writes keep its default ``"/"``.
     """
 
     shape: tuple[int, ...]
@@ -85,6 +88,7 @@ class ArrayInfo:
     stream_axis: int | None = None
     step_checksums: tuple[str, ...] | None = None
     codec: str = "raw"  # or "zstd"
+    chunk_separator: str = "/"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +109,7 @@ class ArrayInfo:
             stream_axis=data.get("stream_axis"),
             step_checksums=optional_tuple(data.get("step_checksums")),
             codec=str(data.get("codec", "zstd")),
+            chunk_separator=str(data.get("chunk_separator", "/")),
         )
 
 
@@ -316,7 +321,9 @@ class Entry:
         if name not in self._shards:
             folder = Path(self._layout.object_path(self.key, self.object_id)) / name
             try:
-                self._shards[name] = ShardFile(shard_path(folder, len(info.shape)), info)
+                self._shards[name] = ShardFile(
+                    shard_path(folder, len(info.shape), info.chunk_separator), info
+                )
             except (Ineligible, OSError, ValueError):
                 self._shards[name] = None
         shard = self._shards[name]

@@ -41,6 +41,7 @@ def array_metadata(
     dtype: np.dtype,
     chunks: tuple[int, ...],
     shards: tuple[int, ...] | None,
+    separator: str = "/",
 ) -> dict[str, Any]:
     """The ``zarr.json`` of an uncompressed array with zarr's default chunk key encoding.
 
@@ -49,6 +50,7 @@ def array_metadata(
         dtype: A native numeric or bool numpy dtype.
         chunks: Inner chunk shape.
         shards: Shard shape (the chunk grid), or None when unsharded.
+        separator: Between the parts of a chunk key (``"c/0/0"`` or ``"c.0.0"``).
     """
     dtype = np.dtype(dtype)
     if shards is None:
@@ -69,7 +71,7 @@ def array_metadata(
         "shape": list(shape),
         "data_type": dtype.name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(grid)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
         "fill_value": _fill_value(dtype),
         "codecs": codecs,
         "attributes": {},

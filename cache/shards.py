@@ -105,11 +105,15 @@ def write_shard(path: Path, values: np.ndarray, rows: int, shard_rows: int) -> N
         handle.write(index.tobytes() + checksum)
 
 
-def shard_path(array_folder: Path, ndim: int) -> Path:
+def shard_path(array_folder: Path, ndim: int, separator: str = "/") -> Path:
     """The one shard file of a single-shard array (zarr's default chunk key encoding)."""
-    return shard_path_of(array_folder, 0, ndim)
+    return shard_path_of(array_folder, 0, ndim, separator)
 
 
-def shard_path_of(array_folder: Path, shard: int, ndim: int) -> Path:
-    """The file of shard ``shard`` along axis 0 (zarr's default chunk key encoding)."""
-    return array_folder.joinpath("c", str(shard), *["0"] * (ndim - 1))
+def shard_path_of(array_folder: Path, shard: int, ndim: int, separator: str = "/") -> Path:
+    """The file of shard ``shard`` along axis 0 (zarr's default chunk key encoding, with
+    ``separator`` between the key's parts)."""
+    parts = ["c", str(shard), *["0"] * (ndim - 1)]
+    if separator == ".":
+        return array_folder / ".".join(parts)
+    return array_folder.joinpath(*parts)

@@ -197,12 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.executor == "ray":
             from editflow.ray_executor import Job, run_jobs
 
-            if args.targets:
-                raise EditflowError(
-                    "--target is not supported with --executor ray", file="--target"
-                )
             (result,) = run_jobs(
-                [Job(args.recipe, args.overrides, out_dir)], cache=_cache(args),
+                [Job(args.recipe, args.overrides, out_dir, targets=args.targets)],
+                cache=_cache(args),
                 device=args.device, events=display, **_ray_options(args),
             )  # fmt: skip
         else:

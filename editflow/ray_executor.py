@@ -10,6 +10,11 @@ in the cache, the ordinary in-process executor finishes each recipe (every stage
 the exported files are byte for byte those of an in-process run. Workers use the driver's
 torch thread count: CPU results change with it while keys do not.
 
+Workers outlive a run: the driver keeps them, models loaded, for its next run on the same
+cluster and models (a sweep after a sweep, or ``figures``, skips their start); they end with
+the driver. Among the stages that are ready, the one with the most stages after it goes
+first, so a sweep's shared stages do not wait behind its points.
+
 No scheduler or RPC of our own: Ray places the workers (one machine or a cluster, given
 ``address``); the cache must be storage every worker sees (a local folder on one machine, an
 object store URL such as ``s3://`` on many).
@@ -19,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,60 @@ class Job:
     overrides: list[str]
     out_dir: Path | None
     document: dict[str, Any] | None = None
+    targets: list[str] | None = None  # run only what these stages need (``--target``)
+
+
+@dataclass
+class _Pool:
+    """Workers (idle, models loaded) and their event queue, kept for this driver's next run."""
+
+    signature: tuple[str, ...]
+    queue: Any
+    workers: list[Any] = field(default_factory=list)
+
+
+# One pool per driver process: the last run's, reused by a run with the same cluster, models
+# folder, device and thread count (a sweep after a sweep skips the workers' start).
+_POOL: _Pool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _shut_down(pool: _Pool, cluster: tuple[str, ...]) -> None:
+    import ray
+
+    if pool.signature[:2] == cluster[:2]:  # on another cluster it went with that cluster
+        for worker in pool.workers:
+            ray.kill(worker)
+        ray.kill(pool.queue.actor)
+
+
+def _take_pool(signature: tuple[str, ...]) -> _Pool | None:
+    """The kept pool if it fits this run; a pool that does not is shut down."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None and pool.signature != signature:
+        _shut_down(pool, signature)
+        pool = None
+    return pool
+
+
+def _keep_pool(pool: _Pool) -> None:
+    """Keep a finished run's pool for the next run (one pool: a concurrent run's is shut down)."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, pool
+    if pool is not None:
+        _shut_down(pool, _POOL.signature)
+
+
+def release_workers() -> None:
+    """Shut down the workers kept from the last run (they hold their models' memory)."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        _shut_down(pool, pool.signature)
 
 
 def _worker_class() -> Any:
@@ -49,19 +109,20 @@ def _worker_class() -> Any:
     class StageWorker:
         """Computes stages; keeps its loaded models for the next stage."""
 
-        def __init__(
-            self, cache_url: str, models_dir: str, device: str, threads: int, queue: Any
-        ) -> None:
+        def __init__(self, models_dir: str, device: str, threads: int, queue: Any) -> None:
             import torch
 
-            from editflow.cache import Cache
-
             torch.set_num_threads(threads)
-            self.cache, self.models_dir, self.device = Cache(cache_url), Path(models_dir), device
+            self.models_dir, self.device = Path(models_dir), device
             self.registry, self.queue = None, queue
+            self.caches: dict[str, Any] = {}  # by URL: a kept worker serves later runs' caches
 
-        def _session(self, plan: Any) -> Any:
+        def _session(self, plan: Any, cache_url: str) -> Any:
+            from editflow.cache import Cache
             from editflow.engine.execute import Session
+
+            if cache_url not in self.caches:
+                self.caches[cache_url] = Cache(cache_url)
 
             last = [0.0]
 
@@ -73,26 +134,25 @@ def _worker_class() -> Any:
                 last[0] = now
                 self.queue.actor.put_nowait.remote(event)
 
-            return Session(
-                self.cache, None, self.device, send, self.models_dir, registry=self.registry
-            )
+            cache = self.caches[cache_url]
+            return Session(cache, None, self.device, send, self.models_dir, registry=self.registry)
 
-        def warm(self, plan: Any) -> None:
+        def warm(self, plan: Any, cache_url: str) -> None:
             """Load the models the plan's stages use, while other workers compute."""
-            session = self._session(plan)
+            session = self._session(plan, cache_url)
             models = session.models(plan)
             for stage in plan.needed:
                 for spec in stage.components:
                     models.registry(spec.provider).get(spec.name)
             self.registry = session.registry
 
-        def run(self, plan: Any, name: str) -> list[str]:
+        def run(self, plan: Any, name: str, cache_url: str) -> list[str]:
             import ray
 
             from editflow.engine.execute import compute_stage
 
             _fail_once_for_tests(name)
-            session = self._session(plan)
+            session = self._session(plan, cache_url)
             result = compute_stage(plan, session, name)
             self.registry = session.registry or self.registry
             # Calls from one caller run in order: once this returns, every event this stage
@@ -122,7 +182,6 @@ def run_jobs(
     """Run recipes on Ray; returns one ``RunResult`` per job, as ``run_recipe`` would."""
     from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
     from editflow.engine.events import CollectEvents
-    from editflow.engine.graph import producer_of
 
     if cache.url.startswith("memory://"):
         raise EditflowError(
@@ -132,9 +191,38 @@ def run_jobs(
         )
     events = events if events is not None else CollectEvents()
     plans = [
-        plan_recipe(job.recipe, job.overrides, cache=cache, document=job.document) for job in jobs
-    ]
-    units: dict[str, tuple[Any, str]] = {}  # key -> (plan, stage)
+        plan_recipe(job.recipe, job.overrides, cache=cache, document=job.document,
+                    targets=job.targets)
+        for job in jobs
+    ]  # fmt: skip
+    units, needs = merge_stages(plans, cache)
+    computed_keys: set[str] = set()
+    if units:
+        computed_keys = _dispatch(units, needs, cache, models_dir_for(cache), device, events,
+                                  address, workers)  # fmt: skip
+    results = []
+    for job in jobs:
+        result = run_recipe(
+            job.recipe, job.overrides, cache=cache, out_dir=job.out_dir, device=device,
+            events=events, document=job.document, targets=job.targets,
+        )  # fmt: skip
+        owned = {name for name, key in result.keys.items() if units.get(key, (None, ""))[1] == name
+                 and key in computed_keys}  # fmt: skip
+        result.computed = [name for name in result.keys if name in owned]
+        result.hits = [name for name in result.keys if name not in owned]
+        computed_keys -= {result.keys[name] for name in owned}
+        results.append(result)
+    return results
+
+
+def merge_stages(
+    plans: Sequence[Any], cache: Any
+) -> tuple[dict[str, tuple[Any, str]], dict[str, set[str]]]:
+    """The stages to compute, merged by key: ``key -> (plan, stage)`` and ``key -> the keys
+    of the stages it reads``. Stages already in the cache are left out."""
+    from editflow.engine.graph import producer_of
+
+    units: dict[str, tuple[Any, str]] = {}
     needs: dict[str, set[str]] = {}
     for plan in plans:
         for stage in plan.needed:
@@ -147,23 +235,7 @@ def run_jobs(
             needs[stage.key] = {
                 plan.stages[p].key for p in producers if not p.startswith("inputs.")
             }
-    computed_keys: set[str] = set()
-    if units:
-        computed_keys = _dispatch(units, needs, cache, models_dir_for(cache), device, events,
-                                  address, workers)  # fmt: skip
-    results = []
-    for job in jobs:
-        result = run_recipe(
-            job.recipe, job.overrides, cache=cache, out_dir=job.out_dir, device=device,
-            events=events, document=job.document,
-        )  # fmt: skip
-        owned = {name for name, key in result.keys.items() if units.get(key, (None, ""))[1] == name
-                 and key in computed_keys}  # fmt: skip
-        result.computed = [name for name in result.keys if name in owned]
-        result.hits = [name for name in result.keys if name not in owned]
-        computed_keys -= {result.keys[name] for name in owned}
-        results.append(result)
-    return results
+    return units, needs
 
 
 def _dispatch(
@@ -193,37 +265,54 @@ def _dispatch(
         ray.init(address=address, **options)
     size = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
     worker_class = _worker_class()
-    # Workers put their events (stage running, step i of n, done) here as they happen.
-    queue = Queue(actor_options={"num_cpus": 0})
-    arguments = (cache.url, str(models_dir), device, torch.get_num_threads(), queue)
+    context = ray.get_runtime_context()
+    threads = torch.get_num_threads()
+    signature = (context.get_node_id(), context.get_job_id(), str(models_dir), device,
+                 str(threads))  # fmt: skip
+    pool = _take_pool(signature)
+    if pool is None:
+        # Workers put their events (stage running, step i of n, done) here as they happen.
+        pool = _Pool(signature, Queue(actor_options={"num_cpus": 0}))
+    queue = pool.queue
+    queue.get_nowait_batch(queue.qsize())  # a failed earlier run's leftovers
+    arguments = (str(models_dir), device, threads, queue)
     first_plan = next(iter(units.values()))[0]
 
     def new_worker() -> Any:
         # The pool size bounds this run's concurrency; reserving no CPU for the actor itself
         # lets several runs share a cluster without waiting on each other's idle workers.
         worker = worker_class.options(num_cpus=0, scheduling_strategy="SPREAD").remote(*arguments)
-        worker.warm.remote(first_plan)  # runs before the worker's first stage
+        worker.warm.remote(first_plan, cache.url)  # runs before the worker's first stage
         return worker
 
     def relay() -> None:
         for event in queue.get_nowait_batch(queue.qsize()):
             events(event)
 
-    idle = [new_worker() for _ in range(min(size, len(units)))]
+    wanted = min(size, len(units))
+    idle, spare = pool.workers[:wanted], pool.workers[wanted:]
+    for worker in idle:
+        worker.warm.remote(first_plan, cache.url)  # loads only the models this run adds
+    idle += [new_worker() for _ in range(wanted - len(idle))]
+    priority = downstream_counts(needs)
     waiting = dict(needs)
     done: set[str] = set()
     attempts: dict[str, int] = {}
     running: dict[Any, tuple[str, Any]] = {}
+    finished_cleanly = False
     try:
         while waiting or running:
             ready = [key for key, deps in waiting.items() if deps <= done | _cached(deps, cache)]
+            # The stage with the most work after it first (a sweep's shared stages before
+            # its points), so the last stages to finish are short ones.
+            ready.sort(key=lambda key: -priority[key])
             while ready and idle:
                 key = ready.pop(0)
                 waiting.pop(key)
                 worker = idle.pop()
                 plan, name = units[key]
                 attempts[key] = attempts.get(key, 0) + 1
-                running[worker.run.remote(plan, name)] = (key, worker)
+                running[worker.run.remote(plan, name, cache.url)] = (key, worker)
             if not running:
                 raise RuntimeError(f"stages wait on inputs no stage makes: {sorted(waiting)}")
             finished: list[Any] = []
@@ -248,11 +337,34 @@ def _dispatch(
             relay()
             done.add(key)
             idle.append(worker)
+        finished_cleanly = True
     finally:
-        for worker in idle + [worker for _, worker in running.values()]:
-            ray.kill(worker)
-        ray.kill(queue.actor)
+        if finished_cleanly:
+            pool.workers = idle + spare
+            _keep_pool(pool)
+        else:
+            for worker in idle + spare + [worker for _, worker in running.values()]:
+                ray.kill(worker)
+            ray.kill(queue.actor)
     return done
+
+
+def downstream_counts(needs: Mapping[str, set[str]]) -> dict[str, int]:
+    """For each stage, how many stages of the run depend on it, directly or not."""
+    dependents: dict[str, set[str]] = {key: set() for key in needs}
+    for key, deps in needs.items():
+        for dep in deps:
+            dependents.setdefault(dep, set()).add(key)
+    below: dict[str, set[str]] = {}
+
+    def downstream(key: str) -> set[str]:
+        if key not in below:
+            below[key] = set()
+            for child in dependents.get(key, ()):
+                below[key] |= {child} | downstream(child)
+        return below[key]
+
+    return {key: len(downstream(key)) for key in needs}
 
 
 def _cached(keys: set[str], cache: Any) -> set[str]:

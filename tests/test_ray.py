@@ -101,3 +101,46 @@ def test_a_memory_cache_with_ray_is_a_clear_error(tmp_path: Path) -> None:
         "--cache: a memory:// cache lives in one process; Ray workers cannot see it (use a"
         " folder (one machine) or an object store URL such as s3:// (a cluster))"
     )
+
+
+def test_a_later_run_reuses_the_workers_and_their_loaded_models(
+    local_ray: Path, tmp_path: Path
+) -> None:
+    from editflow import ray_executor
+
+    ray_executor.release_workers()  # an earlier test's workers would have the models already
+    cache, first_events, second_events = Cache(tmp_path / "c"), CollectEvents(), CollectEvents()
+    run_jobs([Job(QUICKSTART, [], tmp_path / "a")], cache=cache, device="cpu",
+             events=first_events)  # fmt: skip
+    kept = {worker._actor_id for worker in ray_executor._POOL.workers}
+    (result,) = run_jobs(
+        [Job(QUICKSTART, ["stages.edit.guidance_scale=4.0"], tmp_path / "b")], cache=cache,
+        device="cpu", events=second_events,
+    )  # fmt: skip
+    assert "edit" in result.computed
+    assert {worker._actor_id for worker in ray_executor._POOL.workers} == kept
+    assert len(kept) == 2 and first_events.of("loaded")
+    assert second_events.of("loaded") == [], "the kept workers load no model again"
+
+
+def test_stages_with_more_work_after_them_go_first() -> None:
+    from editflow.ray_executor import downstream_counts
+
+    needs = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b"}, "e": {"b", "c"}}
+    assert downstream_counts(needs) == {"a": 4, "b": 2, "c": 1, "d": 0, "e": 0}
+
+
+def test_target_on_ray_runs_only_what_the_target_needs(local_ray: Path, tmp_path: Path) -> None:
+    from editflow.cli import main
+
+    recipe = str(QUICKSTART)
+    for executor, cache in (("ray", "c1"), ("in-process", "c2")):
+        extra = ["--executor", "ray", "--workers", "2"] if executor == "ray" else []
+        code = main(["run", recipe, "--target", "decode_reconstruction", "--device", "cpu",
+                     "--cache", str(tmp_path / cache), "--out", str(tmp_path / executor),
+                     *extra])  # fmt: skip
+        assert code == 0
+    on_ray, here = Cache(tmp_path / "c1"), Cache(tmp_path / "c2")
+    assert sorted(entry.key for entry in on_ray.ls()) == sorted(entry.key for entry in here.ls())
+    assert len(on_ray.ls()) == 4  # encode, invert, reconstruct, decode_reconstruction
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "in-process")

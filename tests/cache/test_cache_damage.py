@@ -15,8 +15,8 @@ def _data_files(cache: Cache, array: str) -> list[str]:
     """Chunk (or shard) files of one array of the published entry."""
     fs, root = fsspec.core.url_to_fs(cache.url)
     entry = cache.get(KEY)
-    folder = f"{root.rstrip('/')}/objects/{KEY}/{entry.object_id}/{array}/c"
-    return sorted(fs.find(folder))
+    folder = f"{root.rstrip('/')}/objects/{KEY}/{entry.object_id}/{array}"
+    return sorted(path for path in fs.find(folder) if not path.endswith("/zarr.json"))
 
 
 def _flip_byte(cache: Cache, path: str, offset: int = 20) -> None:

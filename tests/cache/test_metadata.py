@@ -25,17 +25,19 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("separator", ["/", "."])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
-def test_array_metadata_is_zarrs(dtype: str, layout: tuple, tmp_path: Path) -> None:
+def test_array_metadata_is_zarrs(dtype: str, layout: tuple, separator: str, tmp_path: Path) -> None:
     shape, axis = layout
     numpy_dtype = np.dtype(dtype)
     chunks, shards = chunk_layout(shape, numpy_dtype.itemsize, axis, True, 2**20)
     group = zarr.open_group(LocalStore(tmp_path), mode="w-")
+    encoding = {"name": "default", "separator": separator}
     group.create_array("x", shape=shape, dtype=numpy_dtype, chunks=chunks, shards=shards,
-                       compressors=None)  # fmt: skip
+                       compressors=None, chunk_key_encoding=encoding)  # fmt: skip
     written = json.loads((tmp_path / "x" / "zarr.json").read_text())
-    assert array_metadata(shape, numpy_dtype, chunks, shards) == written
+    assert array_metadata(shape, numpy_dtype, chunks, shards, separator) == written
 
 
 def test_group_metadata_is_zarrs(tmp_path: Path) -> None:
@@ -71,3 +73,8 @@ def test_entries_written_without_zarr_open_in_zarr_and_round_trip(tmp_path: Path
     assert sorted(group.array_keys()) == sorted(values)
     assert np.array_equal(group["noise"][...], values["noise"].numpy())
     assert cache.verify() == []
+    # Local raw arrays keep their shard file beside their metadata; zarr's own keep "c/...".
+    assert (folder / "noise" / "c.0.0.0.0.0").is_file()
+    assert (folder / "packed" / "c").is_dir()
+    assert entry.arrays["noise"].chunk_separator == "."
+    assert entry.arrays["packed"].chunk_separator == "/"
