@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from support import warm_guest_memory
 
 from editflow.cache import Cache
 
@@ -100,18 +101,6 @@ def bench_array(
         f"   ratio {np_read / read_s:.2f}"
     )
     print(f"  one step of every array from an open entry: {step_s * 1000:.2f} ms")
-
-
-def warm_guest_memory(gibibytes: float) -> None:
-    """Touch and free memory, so the writes below do not pay for first-touched pages.
-
-    In a VM whose host backs guest memory lazily, the first touch of a page costs about as much
-    as writing it to disk (about 400 MiB/s on our CI machines), and fresh page-cache pages are
-    such pages: without this, the write figures measure the hypervisor, for numpy and editflow
-    alike. On bare metal it changes nothing.
-    """
-    buffer = np.ones(int(gibibytes * 2**30) // 8)
-    del buffer
 
 
 def main() -> None:
