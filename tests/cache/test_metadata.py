@@ -78,3 +78,25 @@ def test_entries_written_without_zarr_open_in_zarr_and_round_trip(tmp_path: Path
     assert (folder / "packed" / "c").is_dir()
     assert entry.arrays["noise"].chunk_separator == "."
     assert entry.arrays["packed"].chunk_separator == "/"
+
+
+def test_entries_of_caches_written_with_zarrs_folder_keys_still_read_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from editflow.cache import writer
+
+    value = torch.randn(100, 1, 4, 16, 16)
+    cache = Cache(tmp_path / "cache")
+    monkeypatch.setattr(writer, "LOCAL_SEPARATOR", "/")  # as editflow wrote entries before
+    cache.put("d4" * 32, {"noise": value}, {}, stream_axis={"noise": 0})
+    monkeypatch.undo()
+    ref = tmp_path / "cache" / "refs" / "d4" / f"{'d4' * 32}.json"
+    manifest = json.loads(ref.read_text())
+    del manifest["arrays"]["noise"]["chunk_separator"]  # manifests had no such field
+    ref.write_text(json.dumps(manifest))
+    folder = next((tmp_path / "cache" / "objects" / ("d4" * 32)).iterdir())
+    assert (folder / "noise" / "c" / "0" / "0" / "0" / "0" / "0").is_file()
+    entry = Cache(tmp_path / "cache").get("d4" * 32)
+    assert torch.equal(entry.tensor("noise"), value)
+    assert torch.equal(entry.step("noise", 7), value[7])
+    assert entry._shards["noise"] is not None, "read straight from the shard file"
