@@ -11,8 +11,8 @@ the exported files are byte for byte those of an in-process run. Workers use the
 torch thread count: CPU results change with it while keys do not.
 
 Workers outlive a run: the driver keeps them, models loaded, for its next run on the same
-cluster and models (a sweep after a sweep, or ``figures``, skips their start); they end with
-the driver. Among the stages that are ready, the one with the most stages after it goes
+cluster and models (a Python program's second sweep skips their start); they end with the
+driver. Among the stages that are ready, the one with the most stages after it goes
 first, so a sweep's shared stages do not wait behind its points.
 
 No scheduler or RPC of our own: Ray places the workers (one machine or a cluster, given
@@ -88,9 +88,9 @@ def _keep_pool(pool: _Pool) -> None:
     """Keep a finished run's pool for the next run (one pool: a concurrent run's is shut down)."""
     global _POOL
     with _POOL_LOCK:
-        pool, _POOL = _POOL, pool
-    if pool is not None:
-        _shut_down(pool, _POOL.signature)
+        replaced, _POOL = _POOL, pool
+    if replaced is not None:
+        _shut_down(replaced, pool.signature)
 
 
 def release_workers() -> None:
@@ -274,7 +274,8 @@ def _dispatch(
         # Workers put their events (stage running, step i of n, done) here as they happen.
         pool = _Pool(signature, Queue(actor_options={"num_cpus": 0}))
     queue = pool.queue
-    queue.get_nowait_batch(queue.qsize())  # a failed earlier run's leftovers
+    # Events sent after the last run ended (a spare worker still loading its models).
+    queue.get_nowait_batch(queue.qsize())
     arguments = (str(models_dir), device, threads, queue)
     first_plan = next(iter(units.values()))[0]
 
