@@ -194,24 +194,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
     try:
+        executor = None
         if args.executor == "ray":
-            from editflow.ray_executor import Job, run_jobs
+            from editflow.ray_executor import RayExecutor
 
-            (result,) = run_jobs(
-                [Job(args.recipe, args.overrides, out_dir, targets=args.targets)],
-                cache=_cache(args),
-                device=args.device, events=display, **_ray_options(args),
-            )  # fmt: skip
-        else:
-            result = run_recipe(
-                args.recipe,
-                args.overrides,
-                cache=_cache(args),
-                out_dir=out_dir,
-                device=args.device,
-                events=display,
-                targets=args.targets,
-            )
+            executor = RayExecutor(**_ray_options(args))
+        result = run_recipe(
+            args.recipe,
+            args.overrides,
+            cache=_cache(args),
+            out_dir=out_dir,
+            device=args.device,
+            events=display,
+            targets=args.targets,
+            executor=executor,
+        )
     finally:
         if isinstance(display, ProgressDisplay):
             display.close()

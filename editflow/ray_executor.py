@@ -8,7 +8,9 @@ there (atomically: a worker that dies mid-stage leaves nothing behind), so tasks
 never tensors. A worker that dies is replaced and its stage run again. When every stage is
 in the cache, the ordinary in-process executor finishes each recipe (every stage a hit), so
 the exported files are byte for byte those of an in-process run. Workers use the driver's
-torch thread count: CPU results change with it while keys do not.
+torch thread count: CPU results change with it while keys do not. ``RayExecutor`` is the
+engine's ``Executor`` interface for one recipe (``run_recipe(..., executor=RayExecutor())``);
+``run_jobs`` merges several recipes or sweep points into one dispatch.
 
 Workers outlive a run: the driver keeps them, models loaded, for its next run on the same
 cluster and models (a Python program's second sweep skips their start); they end with the
@@ -170,6 +172,48 @@ def _fail_once_for_tests(stage: str) -> None:
         os._exit(1)  # the worker process dies mid-stage, as a lost machine would
 
 
+class RayExecutor:
+    """The engine's ``Executor`` on Ray: ``run_recipe(..., executor=RayExecutor())`` computes
+    the plan's stages on the worker pool, then finishes in process (every stage a hit), so
+    the files are those an in-process run writes."""
+
+    def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+        self.address, self.workers = address, workers
+
+    def execute(self, plan: Any, session: Any) -> Any:
+        from editflow.engine.execute import InProcessExecutor
+
+        _check_shared(session.cache)
+        units, needs = merge_stages([plan], session.cache)
+        computed: set[str] = set()
+        if units:
+            computed = _dispatch(units, needs, session.cache, session.models_dir,
+                                 session.device_name, session.events, self.address,
+                                 self.workers)  # fmt: skip
+        result = InProcessExecutor().execute(plan, session)
+        _attribute(result, units, computed)
+        return result
+
+
+def _check_shared(cache: Any) -> None:
+    if cache.url.startswith("memory://"):
+        raise EditflowError(
+            "a memory:// cache lives in one process; Ray workers cannot see it",
+            file="--cache",
+            hint="use a folder (one machine) or an object store URL such as s3:// (a cluster)",
+        )
+
+
+def _attribute(result: Any, units: dict[str, tuple[Any, str]], computed: set[str]) -> None:
+    """Call computed the stages whose key this run's workers computed, each key once (the
+    first stage that has it); every other stage a hit."""
+    owned = {name for name, key in result.keys.items()
+             if key in computed and units[key][1] == name}  # fmt: skip
+    result.computed = [name for name in result.keys if name in owned]
+    result.hits = [name for name in result.keys if name not in owned]
+    computed -= {result.keys[name] for name in owned}
+
+
 def run_jobs(
     jobs: Sequence[Job],
     *,
@@ -183,12 +227,7 @@ def run_jobs(
     from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
     from editflow.engine.events import CollectEvents
 
-    if cache.url.startswith("memory://"):
-        raise EditflowError(
-            "a memory:// cache lives in one process; Ray workers cannot see it",
-            file="--cache",
-            hint="use a folder (one machine) or an object store URL such as s3:// (a cluster)",
-        )
+    _check_shared(cache)
     events = events if events is not None else CollectEvents()
     plans = [
         plan_recipe(job.recipe, job.overrides, cache=cache, document=job.document,
@@ -206,11 +245,7 @@ def run_jobs(
             job.recipe, job.overrides, cache=cache, out_dir=job.out_dir, device=device,
             events=events, document=job.document, targets=job.targets,
         )  # fmt: skip
-        owned = {name for name, key in result.keys.items() if units.get(key, (None, ""))[1] == name
-                 and key in computed_keys}  # fmt: skip
-        result.computed = [name for name in result.keys if name in owned]
-        result.hits = [name for name in result.keys if name not in owned]
-        computed_keys -= {result.keys[name] for name in owned}
+        _attribute(result, units, computed_keys)
         results.append(result)
     return results
 
