@@ -100,3 +100,29 @@ def test_entries_of_caches_written_with_zarrs_folder_keys_still_read_directly(
     assert torch.equal(entry.tensor("noise"), value)
     assert torch.equal(entry.step("noise", 7), value[7])
     assert entry._shards["noise"] is not None, "read straight from the shard file"
+
+
+def test_a_local_stream_of_several_shards_round_trips_through_zarr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from editflow.cache import writer
+
+    monkeypatch.setattr(writer, "LOCAL_SHARD_BYTES", 3 * 8 * 64 * 64 * 2)  # 3 steps a shard
+    value = torch.rand(8, 8, 64, 64).half()  # 64 KiB steps: one a chunk
+    cache = Cache(tmp_path / "cache")
+    with cache.writer("e5" * 32, {}) as entry_writer:
+        stream = entry_writer.create_stream("maps", tuple(value.shape), torch.float16)
+        for index in range(len(value)):
+            stream[index] = value[index]
+    entry = cache.get("e5" * 32)
+    assert entry.arrays["maps"].shards[0] == 3
+    folder = next((tmp_path / "cache" / "objects" / ("e5" * 32)).iterdir()) / "maps"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "c.0.0.0.0",
+        "c.1.0.0.0",
+        "c.2.0.0.0",
+        "zarr.json",
+    ]
+    assert torch.equal(entry.tensor("maps"), value)
+    assert all(torch.equal(entry.step("maps", i), value[i]) for i in range(len(value)))
+    assert cache.verify() == []
