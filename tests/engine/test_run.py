@@ -226,6 +226,23 @@ def test_bfloat16_runs_on_the_cpu_and_is_cached_as_float32_with_its_dtype(
     assert again.keys["invert"] != result.keys["invert"]
 
 
+def test_float16_runs_end_to_end_on_the_cpu_and_is_cached_as_float16(
+    cache: Cache, tmp_path: Path
+) -> None:
+    result, _ = _run(cache, tmp_path / "o", ['model.dtype="float16"'])
+    assert set(result.computed) == ALL_STAGES
+    inverted = cache.get(result.keys["invert"])
+    for name in ("latents", "trajectory", "prompt_embeds"):
+        assert (inverted.arrays[name].dtype, inverted.arrays[name].torch_dtype) == (
+            "float16",
+            "float16",
+        ), name
+    assert torch.isfinite(inverted.tensor("trajectory").float()).all()
+    assert inverted.attrs["preimage"]["dtype"] == "float16"
+    decoded = cache.get(result.keys["decode_edit"]).tensor("images")
+    assert torch.isfinite(decoded).all() and decoded.std() > 0
+
+
 def test_entries_are_written_on_the_writer_thread_and_all_published_on_return(
     cache: Cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
