@@ -254,8 +254,7 @@ class LocalArray:
         return self._array
 
     def __setitem__(self, selection: Any, value: np.ndarray) -> None:
-        with zarr.config.set(PARALLEL):
-            self._zarr()[selection] = value
+        self._zarr()[selection] = value
 
     def __getitem__(self, selection: Any) -> np.ndarray:
         return self._zarr()[selection]
@@ -347,11 +346,8 @@ class EntryWriter:
             name, stored.shape, stored.dtype, axis, compress, whole=True
         )
         if not self._write_shard(name, stored, chunks, shards, axis, compress):
-            if isinstance(array, LocalArray):
+            with zarr.config.set(PARALLEL):
                 array[...] = stored
-            else:
-                with zarr.config.set(PARALLEL):
-                    array[...] = stored
         steps = None
         if axis is not None:
             selections = ((slice(None),) * axis + (i,) for i in range(stored.shape[axis]))
