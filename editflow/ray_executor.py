@@ -25,6 +25,7 @@ object store URL such as ``s3://`` on many).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -298,12 +299,15 @@ def _dispatch(
         if address is None:
             options["num_cpus"] = count
         ray.init(address=address, **options)
-    size = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    resources = ray.cluster_resources()
+    size = pool_size(workers, device, resources)
+    options = worker_options(size, device, resources)
+    device = "cuda" if options.get("num_gpus") else device  # each worker sees only its GPUs
     worker_class = _worker_class()
     context = ray.get_runtime_context()
     threads = torch.get_num_threads()
     signature = (context.get_node_id(), context.get_job_id(), str(models_dir), device,
-                 str(threads))  # fmt: skip
+                 str(threads), str(sorted(options.items())))  # fmt: skip
     pool = _take_pool(signature)
     if pool is None:
         # Workers put their events (stage running, step i of n, done) here as they happen.
@@ -315,9 +319,7 @@ def _dispatch(
     first_plan = next(iter(units.values()))[0]
 
     def new_worker() -> Any:
-        # The pool size bounds this run's concurrency; reserving no CPU for the actor itself
-        # lets several runs share a cluster without waiting on each other's idle workers.
-        worker = worker_class.options(num_cpus=0, scheduling_strategy="SPREAD").remote(*arguments)
+        worker = worker_class.options(**options).remote(*arguments)
         worker.warm.remote(first_plan, cache.url)  # runs before the worker's first stage
         return worker
 
@@ -383,6 +385,36 @@ def _dispatch(
                 ray.kill(worker)
             ray.kill(queue.actor)
     return done
+
+
+def _uses_gpus(device: str, resources: Mapping[str, float]) -> bool:
+    return device != "cpu" and not device.startswith("mps") and resources.get("GPU", 0) >= 1
+
+
+def pool_size(workers: int | None, device: str, resources: Mapping[str, float]) -> int:
+    """Workers for a run: ``--workers``, else one per GPU of the cluster when the run may use
+    GPUs, else one per CPU."""
+    if workers:
+        return workers
+    if _uses_gpus(device, resources):
+        return int(resources["GPU"])
+    return max(int(resources.get("CPU", 1)), 1)
+
+
+def worker_options(size: int, device: str, resources: Mapping[str, float]) -> dict[str, Any]:
+    """Ray options of each worker of a pool of ``size``.
+
+    On a cluster with GPUs (and a device other than the CPU) each worker reserves a whole GPU,
+    or an equal share (1/2, 1/3...) when there are more workers than GPUs, so Ray spreads them over
+    the GPUs and shows each only its own. No CPU is reserved: the pool size bounds the run's
+    concurrency, and several runs can share a cluster without waiting on each other's idle
+    workers.
+    """
+    options: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+    if _uses_gpus(device, resources):
+        per_gpu = math.ceil(size / int(resources["GPU"]))  # workers sharing one GPU
+        options["num_gpus"] = 1 if per_gpu == 1 else 1 / per_gpu
+    return options
 
 
 def downstream_counts(needs: Mapping[str, set[str]]) -> dict[str, int]:

@@ -144,3 +144,20 @@ def test_target_on_ray_runs_only_what_the_target_needs(local_ray: Path, tmp_path
     assert sorted(entry.key for entry in on_ray.ls()) == sorted(entry.key for entry in here.ls())
     assert len(on_ray.ls()) == 4  # encode, invert, reconstruct, decode_reconstruction
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "in-process")
+
+
+def test_workers_reserve_gpus_where_the_cluster_has_them() -> None:
+    from editflow.ray_executor import pool_size, worker_options
+
+    gpus, cpus = {"CPU": 64.0, "GPU": 8.0}, {"CPU": 2.0}
+    assert pool_size(None, "auto", gpus) == 8 and pool_size(None, "auto", cpus) == 2
+    assert pool_size(None, "cpu", gpus) == 64 and pool_size(3, "auto", gpus) == 3
+    assert worker_options(8, "auto", gpus)["num_gpus"] == 1
+    assert worker_options(4, "cuda:1", gpus)["num_gpus"] == 1
+    assert worker_options(12, "auto", gpus)["num_gpus"] == 0.5  # two workers a GPU
+    assert worker_options(17, "auto", gpus)["num_gpus"] == 1 / 3
+    for device, resources in (("cpu", gpus), ("auto", cpus)):
+        assert worker_options(2, device, resources) == {
+            "num_cpus": 0,
+            "scheduling_strategy": "SPREAD",
+        }
