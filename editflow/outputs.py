@@ -10,8 +10,10 @@ version), they are left as they are, like an up-to-date target in make.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,8 +61,8 @@ def current_exports(
     return paths if all(_count(path, provenance) == count for path in paths) else None
 
 
-def _count(path: Path, expected: dict[str, str]) -> int | None:
-    """The batch size a file says it belongs to, if its provenance is ``expected``."""
+def _provenance_of(path: Path) -> dict[str, str] | None:
+    """The text an exported file carries (PNG text chunks, GIF comment), None if unreadable."""
     try:
         with Image.open(path) as image:
             # Text chunks precede the pixels, a GIF's comment its frames: nothing is decoded.
@@ -70,8 +72,38 @@ def _count(path: Path, expected: dict[str, str]) -> int | None:
                 text = dict(image.text)
     except (OSError, ValueError):
         return None
-    count = text.pop("editflow:count", None) if isinstance(text, dict) else None
+    return text if isinstance(text, dict) else None
+
+
+def _count(path: Path, expected: dict[str, str]) -> int | None:
+    """The batch size a file says it belongs to, if its provenance is ``expected``."""
+    text = _provenance_of(path)
+    count = text.pop("editflow:count", None) if text is not None else None
     return int(count) if text == expected and count and count.isdigit() else None
+
+
+def remove_stale_exports(
+    stage: str, ports: list[Port], provenance: dict[str, str], out_dir: Path, keep: list[Path]
+) -> list[Path]:
+    """Delete the stage's earlier exports that this export did not write (a batch that
+    shrank, a batch that became one image); returns the paths removed.
+
+    Only files named as this stage's exports whose provenance says this recipe's stage wrote
+    them are removed: a user's file, or another recipe's, is left alone.
+    """
+    kept, removed = set(keep), []
+    for port in ports:
+        stem = stage if len(ports) == 1 else f"{stage}.{port.name}"
+        pattern = re.compile(rf"{re.escape(stem)}(-\d+)?\.(png|gif)")
+        for path in sorted(out_dir.glob(f"{glob.escape(stem)}*")):
+            if path in kept or not pattern.fullmatch(path.name) or not path.is_file():
+                continue
+            text = _provenance_of(path) or {}
+            ours = text.get("editflow:recipe_path") == provenance.get("editflow:recipe_path")
+            if ours and text.get("editflow:stage") == stage:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def export_images(

@@ -25,7 +25,7 @@ from editflow.errors import EditflowError, StageFailedError
 from editflow.inputs import load_input
 from editflow.lazy import lazy
 from editflow.models import RunModels, resolve_device
-from editflow.outputs import current_exports, export_images
+from editflow.outputs import current_exports, export_images, remove_stale_exports
 from editflow.stages import ArtifactType, StageContext
 
 torch = lazy("torch")
@@ -166,9 +166,11 @@ class _Run:
                 self.result.written += current
                 continue
             outputs = self.materialize(stage.name)
-            for path in export_images(stage.name, ports, outputs, chunks, session.out_dir):
+            written = export_images(stage.name, ports, outputs, chunks, session.out_dir)
+            for path in written:
                 self.result.written.append(path)
                 session.events(Event("written", stage.name, stage.kind.kind, message=str(path)))
+            remove_stale_exports(stage.name, ports, chunks, session.out_dir, written)
 
     def materialize(self, name: str) -> dict[str, Any]:
         """The outputs of a stage: from this run, else from the cache, else computed.

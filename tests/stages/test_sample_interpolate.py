@@ -263,10 +263,13 @@ def test_photos_recipe_writes_frames_strip_and_gif_and_reuses_the_inversion(
         assert gif.n_frames == 9 and gif.info["loop"] == 0
 
     fewer = run_recipe(
-        PHOTOS, [*fast, "stages.interpolate.levels=2"], cache=cache, out_dir=None, device="cpu"
+        PHOTOS, [*fast, "stages.interpolate.levels=2"], cache=cache, out_dir=out, device="cpu"
     )
     assert "embeddings" not in fewer.computed and "interpolate" in fewer.computed
     assert cache.get(fewer.keys["interpolate"]).tensor("latents").shape[0] == 5
+    # The earlier run's frames 5..8 are gone: the folder holds this run's files only.
+    expected = sorted([f"frames-{i}.png" for i in range(5)] + ["animation.gif", "figure.png"])
+    assert sorted(path.name for path in out.iterdir()) == expected
 
 
 def test_pose_recipe_draws_the_interpolated_keypoints_and_loads_the_controlnet(
