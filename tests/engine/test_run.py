@@ -243,6 +243,32 @@ def test_float16_runs_end_to_end_on_the_cpu_and_is_cached_as_float16(
     assert torch.isfinite(decoded).all() and decoded.std() > 0
 
 
+def test_compiled_mode_compiles_once_not_per_step_and_matches_eager(
+    cache: Cache, tmp_path: Path
+) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    invert = {"targets": ["invert"]}
+    eager, _ = _run(cache, tmp_path / "eager", **invert)
+    compiled, _ = _run(cache, tmp_path / "compiled", ["model.compile=true"], **invert)
+    graphs = counters["stats"]["unique_graphs"]
+    assert compiled.keys["invert"] != eager.keys["invert"]  # compiled results are others
+    # The timesteps reach the UNet as tensors: more steps add no graph (an int per step
+    # would compile every step anew).
+    more_steps = ["model.compile=true", "stages.invert.num_inference_steps=9"]
+    more, _ = _run(cache, tmp_path / "more", more_steps, **invert)
+    assert more.computed == ["invert"] and counters["stats"]["unique_graphs"] == graphs == 1
+    torch.testing.assert_close(
+        cache.get(compiled.keys["invert"]).tensor("latents"),
+        cache.get(eager.keys["invert"]).tensor("latents"),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    torch._dynamo.reset()
+
+
 def test_entries_are_written_on_the_writer_thread_and_all_published_on_return(
     cache: Cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
