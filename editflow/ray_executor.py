@@ -191,9 +191,26 @@ class RayExecutor:
             computed = _dispatch(units, needs, session.cache, session.models_dir,
                                  session.device_name, session.events, self.address,
                                  self.workers)  # fmt: skip
-        result = InProcessExecutor().execute(plan, session)
+        events, session.events = session.events, _without_replays(session.events, computed)
+        try:
+            result = InProcessExecutor().execute(plan, session)
+        finally:
+            session.events = events
         _attribute(result, units, computed)
         return result
+
+
+def _without_replays(events: Any, computed: set[str]) -> Any:
+    """The final in-process pass's events, less its 'pending' and 'cached' reports of stages
+    the workers computed in this run (their own events told those stages' story)."""
+    computed = set(computed)
+
+    def relay(event: Any) -> None:
+        if event.type in ("pending", "cached") and event.key in computed:
+            return
+        events(event)
+
+    return relay
 
 
 def _check_shared(cache: Any) -> None:
@@ -244,7 +261,8 @@ def run_jobs(
     for job in jobs:
         result = run_recipe(
             job.recipe, job.overrides, cache=cache, out_dir=job.out_dir, device=device,
-            events=events, document=job.document, targets=job.targets,
+            events=_without_replays(events, computed_keys), document=job.document,
+            targets=job.targets,
         )  # fmt: skip
         _attribute(result, units, computed_keys)
         results.append(result)
