@@ -55,11 +55,11 @@ class ProgressDisplay:
         if event.type == "cached":
             self.console.print(f"  [green]hit[/green]  {label}")
         elif event.type == "running":
-            self.tasks[event.stage] = self.progress.add_task(label, total=event.total or None)
-        elif event.type == "step" and event.stage in self.tasks:
-            self.progress.update(self.tasks[event.stage], completed=event.step, total=event.total)
-        elif event.type == "done" and event.stage in self.tasks:
-            task = self.tasks[event.stage]
+            self.tasks[_bar(event)] = self.progress.add_task(label, total=event.total or None)
+        elif event.type == "step" and _bar(event) in self.tasks:
+            self.progress.update(self.tasks[_bar(event)], completed=event.step, total=event.total)
+        elif event.type == "done" and _bar(event) in self.tasks:
+            task = self.tasks[_bar(event)]
             total = self.progress.tasks[task].total or 1
             self.progress.update(task, completed=total, total=total)
         elif event.type == "damaged":
@@ -70,3 +70,8 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.started:
             self.progress.stop()
+
+
+def _bar(event: Event) -> str:
+    """A bar per stage run: sweep points on Ray run stages of one name at once."""
+    return event.key or event.stage
