@@ -307,6 +307,8 @@ def _dispatch(
     import torch
     from ray.util.queue import Queue
 
+    from editflow.engine.events import Event
+
     if not ray.is_initialized():
         count = workers or min(os.cpu_count() or 1, 2)
         options: dict[str, Any] = {
@@ -351,6 +353,8 @@ def _dispatch(
         worker.warm.remote(first_plan, cache.url)  # loads only the models this run adds
     idle += [new_worker() for _ in range(wanted - len(idle))]
     priority = downstream_counts(needs)
+    for key, (plan, name) in units.items():  # what will run, before it runs, as in process
+        events(Event("pending", name, plan.stages[name].kind.kind, key))
     waiting = dict(needs)
     done: set[str] = set()
     attempts: dict[str, int] = {}

@@ -54,6 +54,7 @@ def test_the_quick_start_on_ray_is_byte_identical_even_when_a_worker_dies(
     assert sorted(e.stage for e in events.of("done")) == sorted(result.keys)
     assert sorted(result.computed) == sorted(result.keys)
     assert events.of("cached") == [], "the final pass does not report computed stages as hits"
+    assert sorted(e.stage for e in events.of("pending")) == sorted(result.keys)
     run_recipe(QUICKSTART, cache=Cache(tmp_path / "c2"), out_dir=tmp_path / "here", device="cpu")
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
     assert len(_digests(tmp_path / "here")) == 3
