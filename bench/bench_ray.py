@@ -36,7 +36,7 @@ from editflow.cache import Cache
 from editflow.engine.api import plan_recipe
 from editflow.engine.events import CollectEvents
 from editflow.models import tiny
-from editflow.ray_executor import downstream_counts, merge_stages
+from editflow.ray_executor import downstream_counts, downstream_stages, merge_stages
 from editflow.sweeps import base_document, parse_sweep, plan_points, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +65,7 @@ def ideal_makespan(seconds: dict[str, float], needs: dict[str, set[str]], worker
 def makespan_bound(seconds: dict[str, float], needs: dict[str, set[str]], workers: int) -> float:
     """No schedule is shorter: for each stage, the longest chain up to its end plus the work
     that depends on it, shared by ``workers`` (a sweep's shared inversion runs alone)."""
-    dependents: dict[str, set[str]] = {key: set() for key in needs}
-    for key, deps in needs.items():
-        for dep in deps:
-            dependents.setdefault(dep, set()).add(key)
+    below = downstream_stages(needs)
     head: dict[str, float] = {}
 
     def chain(key: str) -> float:
@@ -76,13 +73,7 @@ def makespan_bound(seconds: dict[str, float], needs: dict[str, set[str]], worker
             head[key] = seconds.get(key, 0.0) + max((chain(d) for d in needs[key]), default=0.0)
         return head[key]
 
-    def below(key: str) -> set[str]:
-        found = set(dependents.get(key, ()))
-        for child in dependents.get(key, ()):
-            found |= below(child)
-        return found
-
-    return max(chain(key) + sum(seconds.get(d, 0.0) for d in below(key)) / workers for key in needs)
+    return max(chain(key) + sum(seconds.get(d, 0.0) for d in below[key]) / workers for key in needs)
 
 
 def main() -> None:

@@ -8,12 +8,14 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +181,21 @@ def _cache(args: argparse.Namespace):
     return open_cache(args.cache)
 
 
+@contextlib.contextmanager
+def _display(args: argparse.Namespace) -> Iterator[Any]:
+    """The run's event display: JSON lines with ``--log-json``, else progress bars."""
+    from editflow.progress import JsonLines, ProgressDisplay
+
+    display = JsonLines() if args.log_json else ProgressDisplay()
+    try:
+        yield display
+    finally:
+        if isinstance(display, ProgressDisplay):
+            display.close()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from editflow.engine.api import run_recipe
-    from editflow.progress import JsonLines, ProgressDisplay
 
     if args.recipe.suffix.lower() == ".png":
         return run_figure(args)
@@ -191,9 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_swept(args, axes, out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
-    display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
-    try:
+    with _display(args) as display:
         executor = None
         if args.executor == "ray":
             from editflow.ray_executor import RayExecutor
@@ -209,9 +222,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             targets=args.targets,
             executor=executor,
         )
-    finally:
-        if isinstance(display, ProgressDisplay):
-            display.close()
     if not args.log_json:
         seconds = time.perf_counter() - started
         print(
@@ -375,22 +385,17 @@ def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
-    from editflow.progress import JsonLines, ProgressDisplay
     from editflow.sweeps import run_sweep
 
     if args.overrides or args.targets:
         raise EditflowError("--sweep runs whole recipes: use --sweep alone", file="--set/--target")
-    display = JsonLines() if args.log_json else ProgressDisplay()
     started = time.perf_counter()
-    try:
+    with _display(args) as display:
         ray = _ray_options(args) if args.executor == "ray" else None
         result = run_sweep(
             args.recipe, axes, cache=_cache(args), out_root=out_dir, device=args.device,
             events=display, ray=ray,
         )  # fmt: skip
-    finally:
-        if isinstance(display, ProgressDisplay):
-            display.close()
     if not args.log_json:
         grid = f", grid {result.grid}" if result.grid else ""
         print(

@@ -132,7 +132,7 @@ def export_images(
             for key, value in provenance.items():
                 info.add_text(key, value)
             info.add_text("editflow:count", str(count))
-            written.append(_write_atomically(out_dir / file, to_pil(image), info))
+            written.append(write_png(out_dir / file, to_pil(image), info))
     return written
 
 
@@ -142,7 +142,8 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomically(path: Path, image: Image.Image, info: PngImagePlugin.PngInfo) -> Path:
+def write_png(path: Path, image: Image.Image, info: PngImagePlugin.PngInfo) -> Path:
+    """Write a PNG with these text chunks under a temporary name, then rename it into place."""
     return _write_file(path, lambda stream: image.save(stream, format="PNG", pnginfo=info))
 
 

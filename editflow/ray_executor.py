@@ -76,11 +76,17 @@ def _shut_down(pool: _Pool, cluster: tuple[str, ...]) -> None:
         ray.kill(pool.queue.actor)
 
 
-def _take_pool(signature: tuple[str, ...]) -> _Pool | None:
-    """The kept pool if it fits this run; a pool that does not is shut down."""
+def _swap_pool(pool: _Pool | None) -> _Pool | None:
+    """Keep ``pool`` (or none) for the next run; returns the one kept before."""
     global _POOL
     with _POOL_LOCK:
-        pool, _POOL = _POOL, None
+        kept, _POOL = _POOL, pool
+    return kept
+
+
+def _take_pool(signature: tuple[str, ...]) -> _Pool | None:
+    """The kept pool if it fits this run; a pool that does not is shut down."""
+    pool = _swap_pool(None)
     if pool is not None and pool.signature != signature:
         _shut_down(pool, signature)
         pool = None
@@ -89,18 +95,14 @@ def _take_pool(signature: tuple[str, ...]) -> _Pool | None:
 
 def _keep_pool(pool: _Pool) -> None:
     """Keep a finished run's pool for the next run (one pool: a concurrent run's is shut down)."""
-    global _POOL
-    with _POOL_LOCK:
-        replaced, _POOL = _POOL, pool
+    replaced = _swap_pool(pool)
     if replaced is not None:
         _shut_down(replaced, pool.signature)
 
 
 def release_workers() -> None:
     """Shut down the workers kept from the last run (they hold their models' memory)."""
-    global _POOL
-    with _POOL_LOCK:
-        pool, _POOL = _POOL, None
+    pool = _swap_pool(None)
     if pool is not None:
         _shut_down(pool, pool.signature)
 
@@ -120,7 +122,7 @@ def _worker_class() -> Any:
             self.registry, self.queue = None, queue
             self.caches: dict[str, Any] = {}  # by URL: a kept worker serves later runs' caches
 
-        def _session(self, plan: Any, cache_url: str) -> Any:
+        def _session(self, cache_url: str) -> Any:
             from editflow.cache import Cache
             from editflow.engine.execute import Session
 
@@ -142,7 +144,7 @@ def _worker_class() -> Any:
 
         def warm(self, plan: Any, cache_url: str) -> None:
             """Load the models the plan's stages use, while other workers compute."""
-            session = self._session(plan, cache_url)
+            session = self._session(cache_url)
             models = session.models(plan)
             for stage in plan.needed:
                 for spec in stage.components:
@@ -155,7 +157,7 @@ def _worker_class() -> Any:
             from editflow.engine.execute import compute_stage
 
             _fail_once_for_tests(name)
-            session = self._session(plan, cache_url)
+            session = self._session(cache_url)
             result = compute_stage(plan, session, name)
             self.registry = session.registry or self.registry
             # Calls from one caller run in order: once this returns, every event this stage
@@ -182,8 +184,6 @@ class RayExecutor:
         self.address, self.workers = address, workers
 
     def execute(self, plan: Any, session: Any) -> Any:
-        from editflow.engine.execute import InProcessExecutor
-
         _check_shared(session.cache)
         units, needs = merge_stages([plan], session.cache)
         computed: set[str] = set()
@@ -191,26 +191,38 @@ class RayExecutor:
             computed = _dispatch(units, needs, session.cache, session.models_dir,
                                  session.device_name, session.events, self.address,
                                  self.workers)  # fmt: skip
-        events, session.events = session.events, _without_replays(session.events, computed)
+        return _Finish(units, computed).execute(plan, session)
+
+
+class _Finish:
+    """The in-process pass after the workers: every stage a hit, files written as in process;
+    the stages the workers computed are reported as computed, each key once (the first stage
+    that has it), and their hits are not reported (their own events told their story)."""
+
+    def __init__(self, units: dict[str, tuple[Any, str]], computed: set[str]) -> None:
+        self.units, self.computed = units, computed  # shared by the jobs of one dispatch
+
+    def execute(self, plan: Any, session: Any) -> Any:
+        from editflow.engine.execute import InProcessExecutor
+
+        unclaimed = set(self.computed)
+        events = session.events
+
+        def relay(event: Any) -> None:
+            if event.type not in ("pending", "cached") or event.key not in unclaimed:
+                events(event)
+
+        session.events = relay
         try:
             result = InProcessExecutor().execute(plan, session)
         finally:
             session.events = events
-        _attribute(result, units, computed)
+        owned = {name for name, key in result.keys.items()
+                 if key in unclaimed and self.units[key][1] == name}  # fmt: skip
+        result.computed = [name for name in result.keys if name in owned]
+        result.hits = [name for name in result.keys if name not in owned]
+        self.computed -= {result.keys[name] for name in owned}
         return result
-
-
-def _without_replays(events: Any, computed: set[str]) -> Any:
-    """The final in-process pass's events, less its 'pending' and 'cached' reports of stages
-    the workers computed in this run (their own events told those stages' story)."""
-    computed = set(computed)
-
-    def relay(event: Any) -> None:
-        if event.type in ("pending", "cached") and event.key in computed:
-            return
-        events(event)
-
-    return relay
 
 
 def _check_shared(cache: Any) -> None:
@@ -220,16 +232,6 @@ def _check_shared(cache: Any) -> None:
             file="--cache",
             hint="use a folder (one machine) or an object store URL such as s3:// (a cluster)",
         )
-
-
-def _attribute(result: Any, units: dict[str, tuple[Any, str]], computed: set[str]) -> None:
-    """Call computed the stages whose key this run's workers computed, each key once (the
-    first stage that has it); every other stage a hit."""
-    owned = {name for name, key in result.keys.items()
-             if key in computed and units[key][1] == name}  # fmt: skip
-    result.computed = [name for name in result.keys if name in owned]
-    result.hits = [name for name in result.keys if name not in owned]
-    computed -= {result.keys[name] for name in owned}
 
 
 def run_jobs(
@@ -253,20 +255,25 @@ def run_jobs(
         for job in jobs
     ]  # fmt: skip
     units, needs = merge_stages(plans, cache)
-    computed_keys: set[str] = set()
+    computed: set[str] = set()
     if units:
-        computed_keys = _dispatch(units, needs, cache, models_dir_for(cache), device, events,
-                                  address, workers)  # fmt: skip
-    results = []
-    for job in jobs:
-        result = run_recipe(
-            job.recipe, job.overrides, cache=cache, out_dir=job.out_dir, device=device,
-            events=_without_replays(events, computed_keys), document=job.document,
+        computed = _dispatch(units, needs, cache, models_dir_for(cache), device, events,
+                             address, workers)  # fmt: skip
+    finish = _Finish(units, computed)
+    return [
+        run_recipe(
+            job.recipe,
+            job.overrides,
+            cache=cache,
+            out_dir=job.out_dir,
+            device=device,
+            events=events,
+            document=job.document,
             targets=job.targets,
+            executor=finish,
         )  # fmt: skip
-        _attribute(result, units, computed_keys)
-        results.append(result)
-    return results
+        for job in jobs
+    ]
 
 
 def merge_stages(
@@ -311,14 +318,14 @@ def _dispatch(
 
     if not ray.is_initialized():
         count = workers or min(os.cpu_count() or 1, 2)
-        options: dict[str, Any] = {
+        init: dict[str, Any] = {
             "include_dashboard": False,
             "log_to_driver": False,
             "logging_level": logging.ERROR,
         }
         if address is None:
-            options["num_cpus"] = count
-        ray.init(address=address, **options)
+            init["num_cpus"] = count
+        ray.init(address=address, **init)
     resources = ray.cluster_resources()
     size = pool_size(workers, device, resources)
     options = worker_options(size, device, resources)
@@ -441,6 +448,11 @@ def worker_options(size: int, device: str, resources: Mapping[str, float]) -> di
 
 def downstream_counts(needs: Mapping[str, set[str]]) -> dict[str, int]:
     """For each stage, how many stages of the run depend on it, directly or not."""
+    return {key: len(stages) for key, stages in downstream_stages(needs).items()}
+
+
+def downstream_stages(needs: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """For each stage, the stages of the run that depend on it, directly or not."""
     dependents: dict[str, set[str]] = {key: set() for key in needs}
     for key, deps in needs.items():
         for dep in deps:
@@ -454,7 +466,7 @@ def downstream_counts(needs: Mapping[str, set[str]]) -> dict[str, int]:
                 below[key] |= {child} | downstream(child)
         return below[key]
 
-    return {key: len(downstream(key)) for key in needs}
+    return {key: downstream(key) for key in needs}
 
 
 def _cached(keys: set[str], cache: Any) -> set[str]:

@@ -232,6 +232,7 @@ def _write_grid(
         return None
     from PIL import Image, PngImagePlugin
 
+    from editflow.outputs import write_png
     from editflow.stages.figure import from_pil, image_grid, to_pil
 
     tiles = []
@@ -242,8 +243,4 @@ def _write_grid(
     grid = image_grid(tiles, [point.label for point in planned], columns)
     info = PngImagePlugin.PngInfo()
     info.add_text("editflow:sweep", json.dumps([axis.key for axis in axes]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    to_pil(grid[0]).save(temporary, format="PNG", pnginfo=info)
-    temporary.replace(path)
-    return path
+    return write_png(path, to_pil(grid[0]), info)
