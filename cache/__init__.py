@@ -46,9 +46,10 @@ mismatch or decode failure raises ``DamagedEntryError``, remembers the entry as 
 """
 
 from .entry import ArrayInfo, Damage, DamagedEntryError, Entry, ReadStats
+from .live import FollowLost, LiveSteps
 from .maintenance import DiskUsage, EntryInfo, GcReport
 from .store import Cache, default_cache_url
-from .streams import STREAMS_ATTR, StreamedMaps, StreamWriter
+from .streams import STREAMS_ATTR, StepWriter, StreamedMaps, StreamWriter
 from .writer import EntryWriter, StreamHandle
 
 __all__ = [
@@ -60,9 +61,12 @@ __all__ = [
     "Entry",
     "EntryInfo",
     "EntryWriter",
+    "FollowLost",
     "GcReport",
+    "LiveSteps",
     "ReadStats",
     "STREAMS_ATTR",
+    "StepWriter",
     "StreamHandle",
     "StreamWriter",
     "StreamedMaps",

@@ -20,7 +20,7 @@ from editflow.lazy import lazy
 
 from .entry import Entry
 from .store import Cache
-from .streams import STREAMS_ATTR, StreamedMaps, StreamWriter
+from .streams import STREAMS_ATTR, StepWriter, StreamedMaps, StreamWriter
 from .writer import EntryWriter
 
 torch = lazy("torch")
@@ -32,13 +32,15 @@ class LazyEntry:
     """An entry opened when first written: a streaming stage opens it while it runs, any
     other when it returns. ``abandon`` discards what was written; ``publish`` makes it live."""
 
-    def __init__(self, cache: Cache, key: str, attrs: dict[str, Any]) -> None:
-        self.cache, self.key, self.attrs = cache, key, attrs
+    def __init__(
+        self, cache: Cache, key: str, attrs: dict[str, Any], object_id: str | None = None
+    ) -> None:
+        self.cache, self.key, self.attrs, self.object_id = cache, key, attrs, object_id
         self._writer: EntryWriter | None = None
 
     def writer(self) -> EntryWriter:
         if self._writer is None:
-            self._writer = self.cache.writer(self.key, self.attrs)
+            self._writer = self.cache.writer(self.key, self.attrs, object_id=self.object_id)
             self._writer.__enter__()
         return self._writer
 
@@ -54,7 +56,7 @@ def write_outputs(
     writer: EntryWriter,
     outputs: Mapping[str, Any],
     layouts: Mapping[str, str],
-    streams: dict[str, StreamWriter],
+    streams: dict[str, StreamWriter | StepWriter],
     seconds: float,
 ) -> None:
     """Write every output into an open entry (outputs already in ``streams`` are there).
@@ -63,7 +65,8 @@ def write_outputs(
         writer: The open entry.
         outputs: Output name -> value.
         layouts: Output name -> one of :data:`LAYOUTS`.
-        streams: Outputs streamed while the stage ran (filled in for maps kept in memory).
+        streams: Outputs streamed while the stage ran (filled in for maps kept in memory);
+            their values are not written again.
         seconds: The stage's compute time, recorded in the attributes.
     """
     texts = {}
@@ -88,7 +91,13 @@ def write_outputs(
     writer.set_attrs(
         texts=texts,
         seconds=seconds,
-        **{STREAMS_ATTR: {name: stream.description() for name, stream in streams.items()}},
+        **{
+            STREAMS_ATTR: {
+                name: stream.description()
+                for name, stream in streams.items()
+                if isinstance(stream, StreamWriter)  # step sequences read as arrays
+            }
+        },
     )
 
 
@@ -116,7 +125,7 @@ def finish_entry(
     entry: LazyEntry,
     outputs: Mapping[str, Any],
     layouts: Mapping[str, str],
-    streams: dict[str, StreamWriter],
+    streams: dict[str, StreamWriter | StepWriter],
     seconds: float,
 ) -> None:
     """Write a stage's outputs into its entry and publish it; on failure nothing is published."""

@@ -98,8 +98,13 @@ class Cache:
             raise DamagedEntryError(key, None, "found damaged earlier", location=self.url)
         return Entry.from_manifest(layout, key, manifest)
 
-    def writer(self, key: str, attrs: dict[str, Any]) -> EntryWriter:
+    def writer(
+        self, key: str, attrs: dict[str, Any], *, object_id: str | None = None
+    ) -> EntryWriter:
         """A context manager that stages arrays and publishes them on clean exit.
+
+        ``object_id`` names the staging folder (a fresh one by default): a reader that
+        follows the entry's live streams while it is written must know where they are.
 
         Example::
 
@@ -108,7 +113,16 @@ class Cache:
                 writer.set_attrs(seconds=12.5)
             entry = writer.published
         """
-        return EntryWriter(self._layout, key, attrs)
+        return EntryWriter(self._layout, key, attrs, object_id=object_id)
+
+    def read_staged(self, key: str, object_id: str, name: str) -> bytes | None:
+        """A file of a writer's staging folder (a live stream's step), or None while it does
+        not exist; see :mod:`.live`."""
+        path = f"{self._layout.object_path(check_key(key), object_id)}/{name}"
+        try:
+            return self._layout.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
 
     def put(
         self,

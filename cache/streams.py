@@ -70,6 +70,31 @@ class StreamWriter:
         }
 
 
+class StepWriter:
+    """Writes one step-sequence output of a stage (noise maps, a latent path) into the
+    stage's open cache entry, a step at a time in order. With ``live`` each step is stored
+    at once as its own chunk, so another worker can follow it (:mod:`.live`)."""
+
+    def __init__(
+        self,
+        entry_writer: Any,
+        output: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        live: bool = False,
+    ) -> None:
+        self.handle = entry_writer.create_stream(output, tuple(shape), dtype, live=live)
+        self.written = 0
+
+    def write(self, step: int, values: torch.Tensor) -> None:
+        if step != self.written:
+            raise RuntimeError(
+                f"stream steps must come in order: got {step}, expected {self.written}"
+            )
+        self.handle[step] = values
+        self.written += 1
+
+
 class StreamedMaps:
     """Reads a streamed output back from the cache one step at a time.
 

@@ -62,6 +62,9 @@ LOCAL_SEPARATOR = "."
 """Chunk keys of local raw arrays: ``c.0.0.0`` beside the array's metadata, where zarr's
 default ``c/0/0/0`` costs a folder per dimension (each mkdir about 0.4 ms on our machines)."""
 
+LIVE_ATTR = "editflow_live"
+"""Attribute of a live stream's array: what a reader following it needs (the torch dtype)."""
+
 LOCAL_SHARD_BYTES = 16 * 2**20
 """Target shard size on local disk: writing one small file per step costs a few ms each, so
 a 100-step noise sequence would spend more time in the file system than in zstd. A shard
@@ -250,7 +253,10 @@ class LocalArray:
     def _zarr(self) -> zarr.Array:
         if self._array is None:
             store = zarr.storage.LocalStore(self._folder)
-            self._array = zarr.open_array(store, path=self._name, mode="r+")
+            # Every chunk is written, even one of zeros (a noise map of a step without noise):
+            # a live stream's reader waits for each step's chunk to exist.
+            array = zarr.open_array(store, path=self._name, mode="r+")
+            self._array = array.with_config({"write_empty_chunks": True})
         return self._array
 
     def __setitem__(self, selection: Any, value: np.ndarray) -> None:
@@ -272,8 +278,13 @@ class EntryWriter:
             same key published first (this writer's data was deleted).
     """
 
-    def __init__(self, layout: Layout, key: str, attrs: dict[str, Any]) -> None:
+    def __init__(
+        self, layout: Layout, key: str, attrs: dict[str, Any], *, object_id: str | None = None
+    ) -> None:
         self.key = check_key(key)
+        if object_id is not None and not object_id.isalnum():
+            raise ValueError(f"object_id must be letters and digits, got {object_id!r}")
+        self._object_id = object_id
         self.object_id: str | None = None
         self.published: Entry | None = None
         self.won = False
@@ -292,7 +303,7 @@ class EntryWriter:
         layout.ensure_marker()
         if layout.is_damaged(self.key):
             layout.discard(self.key)  # this writer is the recomputation of a damaged entry
-        self.object_id = uuid.uuid4().hex
+        self.object_id = self._object_id or uuid.uuid4().hex
         self._path = layout.object_path(self.key, self.object_id)
         staging = {"key": self.key, "host": socket.gethostname(), "pid": os.getpid()}
         attributes = {"editflow_staging": {**staging, "started": time.time()}}
@@ -374,6 +385,7 @@ class EntryWriter:
         *,
         stream_axis: int = 0,
         compress: bool = False,
+        live: bool = False,
     ) -> StreamHandle:
         """Create an array to be written one index of ``stream_axis`` at a time.
 
@@ -383,12 +395,20 @@ class EntryWriter:
             dtype: Torch dtype stored (values written are cast to it; fp16 for attention).
             stream_axis: The axis indexed by ``handle[i] = ...``.
             compress: zstd each chunk (see :meth:`write`).
+            live: Store each step as its own chunk, written (atomically) when it is given,
+                so a reader can follow the array before the entry is published
+                (:class:`~editflow.cache.live.LiveSteps`); raw, along axis 0 only. Otherwise
+                steps may wait in memory until their shard is complete.
         """
         self._new_name(name)
         shape = tuple(int(size) for size in shape)
         axis = _check_axis(stream_axis, len(shape))
         assert axis is not None
-        array, chunks, shards = self._create(name, shape, stored_dtype(dtype), axis, compress)
+        if live and (compress or axis != 0):
+            raise ValueError("a live stream is raw and streams along axis 0")
+        array, chunks, shards = self._create(
+            name, shape, stored_dtype(dtype), axis, compress, live_dtype=dtype if live else None
+        )
         direct = None
         if self._layout.local_root is not None and not compress and axis == 0 and shards:
             if tuple(chunks[1:]) == tuple(shape[1:]) == tuple(shards[1:]):
@@ -442,15 +462,20 @@ class EntryWriter:
         axis: int | None,
         compress: bool,
         whole: bool = False,
+        live_dtype: torch.dtype | None = None,
     ) -> tuple[zarr.Array | LocalArray, tuple[int, ...], tuple[int, ...] | None]:
         local = self._folder is not None
         shard_bytes = LOCAL_SHARD_BYTES if local else SHARD_BYTES
         if local and whole:  # all in memory already: one shard file, written at once
             shard_bytes = 2**62
         chunks, shards = chunk_layout(shape, dtype.itemsize, axis, True, shard_bytes)
+        attributes = {}
+        if live_dtype is not None:  # one chunk (file or object) per step, no shard
+            chunks, shards = (1, *(max(1, size) for size in shape[1:])), None
+            attributes = {LIVE_ATTR: {"torch_dtype": torch_dtype_name(live_dtype)}}
         if self._folder is not None and not compress:
             metadata = array_metadata(shape, dtype, chunks, shards, LOCAL_SEPARATOR)
-            write_metadata(self._folder / name, metadata)
+            write_metadata(self._folder / name, {**metadata, "attributes": attributes})
             return LocalArray(self._folder, name, shape, dtype, chunks), chunks, shards
         if self._group is None:  # a compressed array in a local folder: zarr writes it
             store = self._layout.zarr_store(self._path, read_only=False)
@@ -464,7 +489,10 @@ class EntryWriter:
             # One checksum layer: the manifest's checksum per array and per step is checked on
             # every read; a crc32c codec on top cost ~16% of read throughput for nothing.
             compressors=[ZstdCodec(level=ZSTD_LEVEL)] if compress else None,
+            attributes=attributes,
         )
+        if live_dtype is not None:  # a reader waits for each step's chunk (see LocalArray)
+            array = array.with_config({"write_empty_chunks": True})
         return array, chunks, shards
 
     def _publish(self) -> None:

@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,9 @@ from editflow.errors import EditflowError
 
 MAX_ATTEMPTS = 3  # per stage: a worker may die twice
 STEP_INTERVAL = 0.2  # seconds between a worker's progress updates
-FAIL_ONCE = "EDITFLOW_RAY_FAIL_ONCE"  # tests: "MARKER:STAGE" kills the worker running STAGE once
+# Tests: "MARKER:STAGE" kills the worker running STAGE once, as it starts; "MARKER:STAGE:N" at
+# its step N; several, comma-separated.
+FAIL_ONCE = "EDITFLOW_RAY_FAIL_ONCE"
 
 
 @dataclass
@@ -132,6 +135,8 @@ def _worker_class() -> Any:
             last = [0.0]
 
             def send(event: Any) -> None:  # fire and forget: the stage never waits on it
+                if event.type == "step":
+                    _fail_once_for_tests(event.stage, event.step)
                 now = time.monotonic()
                 step = event.type == "step" and event.step not in (1, event.total)
                 if step and now - last[0] < STEP_INTERVAL:
@@ -151,14 +156,26 @@ def _worker_class() -> Any:
                     models.registry(spec.provider).get(spec.name)
             self.registry = session.registry
 
-        def run(self, plan: Any, name: str, cache_url: str) -> list[str]:
+        def run(
+            self,
+            plan: Any,
+            name: str,
+            cache_url: str,
+            live_id: str | None = None,
+            following: Mapping[str, tuple[str, list[Any]]] | None = None,
+        ) -> list[str]:
+            """Compute a stage; ``live_id`` names its staging folder (others may follow its
+            streamed outputs), ``following`` maps producers still running to their staging
+            folder and task (in a list, so Ray hands the reference over unresolved)."""
             import ray
 
-            from editflow.engine.execute import compute_stage
+            from editflow.engine.execute import Follow, compute_stage
 
             _fail_once_for_tests(name)
             session = self._session(cache_url)
-            result = compute_stage(plan, session, name)
+            follows = {key: Follow(object_id, _task_state(task))
+                       for key, (object_id, [task]) in (following or {}).items()}  # fmt: skip
+            result = compute_stage(plan, session, name, live_id=live_id, following=follows)
             self.registry = session.registry or self.registry
             # Calls from one caller run in order: once this returns, every event this stage
             # sent is in the queue, so the driver relays them before it records the stage.
@@ -168,11 +185,29 @@ def _worker_class() -> Any:
     return StageWorker
 
 
-def _fail_once_for_tests(stage: str) -> None:
-    marker, _, target = os.environ.get(FAIL_ONCE, "").partition(":")
-    if marker and target == stage and not Path(marker).exists():
-        Path(marker).write_text("failed once")
-        os._exit(1)  # the worker process dies mid-stage, as a lost machine would
+def _task_state(task: Any) -> Any:
+    """Whether a Ray task still runs (None), returned (True) or failed (False)."""
+    import ray
+
+    def state() -> bool | None:
+        if not ray.wait([task], timeout=0)[0]:
+            return None
+        try:
+            ray.get(task)
+        except Exception:
+            return False
+        return True
+
+    return state
+
+
+def _fail_once_for_tests(stage: str, step: int = 0) -> None:
+    for spec in filter(None, os.environ.get(FAIL_ONCE, "").split(",")):
+        marker, _, target = spec.partition(":")
+        target, _, at_step = target.partition(":")
+        if target == stage and step == int(at_step or 0) and not Path(marker).exists():
+            Path(marker).write_text("failed once")
+            os._exit(1)  # the worker process dies mid-stage, as a lost machine would
 
 
 class RayExecutor:
@@ -314,6 +349,7 @@ def _dispatch(
     import torch
     from ray.util.queue import Queue
 
+    from editflow.cache import FollowLost
     from editflow.engine.events import Event
 
     if not ray.is_initialized():
@@ -360,26 +396,41 @@ def _dispatch(
         worker.warm.remote(first_plan, cache.url)  # loads only the models this run adds
     idle += [new_worker() for _ in range(wanted - len(idle))]
     priority = downstream_counts(needs)
+    can_follow = follow_edges(units)
     for key, (plan, name) in units.items():  # what will run, before it runs, as in process
         events(Event("pending", name, plan.stages[name].kind.kind, key))
     waiting = dict(needs)
     done: set[str] = set()
     attempts: dict[str, int] = {}
     running: dict[Any, tuple[str, Any]] = {}
+    live: dict[str, tuple[str, Any]] = {}  # running stage -> its staging folder and task
+
+    def next_stage() -> tuple[str, set[str]] | None:
+        """The stage to start: its inputs are in, or are streams of stages still running
+        that it may follow; whole inputs first, then the stage with the most work after it
+        (a sweep's shared stages before its points), so the last to finish are short."""
+        ready = []
+        for key, deps in waiting.items():
+            missing = deps - done - _cached(deps, cache)
+            if missing <= can_follow[key] & live.keys():
+                ready.append((bool(missing), -priority[key], key, missing))
+        return min(ready)[2:] if ready else None
+
     finished_cleanly = False
     try:
         while waiting or running:
-            ready = [key for key, deps in waiting.items() if deps <= done | _cached(deps, cache)]
-            # The stage with the most work after it first (a sweep's shared stages before
-            # its points), so the last stages to finish are short ones.
-            ready.sort(key=lambda key: -priority[key])
-            while ready and idle:
-                key = ready.pop(0)
+            while idle and (chosen := next_stage()) is not None:
+                key, followed = chosen
                 waiting.pop(key)
                 worker = idle.pop()
                 plan, name = units[key]
                 attempts[key] = attempts.get(key, 0) + 1
-                running[worker.run.remote(plan, name, cache.url)] = (key, worker)
+                live_id = uuid.uuid4().hex if streams(plan.stages[name]) else None
+                following = {dep: (live[dep][0], [live[dep][1]]) for dep in followed}
+                task = worker.run.remote(plan, name, cache.url, live_id, following)
+                running[task] = (key, worker)
+                if live_id is not None:
+                    live[key] = (live_id, task)
             if not running:
                 raise RuntimeError(f"stages wait on inputs no stage makes: {sorted(waiting)}")
             finished: list[Any] = []
@@ -387,6 +438,7 @@ def _dispatch(
                 finished, _ = ray.wait(list(running), num_returns=1, timeout=0.1)
                 relay()
             key, worker = running.pop(finished[0])
+            live.pop(key, None)
             try:
                 ray.get(finished[0])
             except ray.exceptions.RayActorError:
@@ -400,7 +452,13 @@ def _dispatch(
                 waiting[key] = needs[key]  # the entry was never published: run it again
                 continue
             except ray.exceptions.RayTaskError as error:
-                raise error.as_instanceof_cause() from None
+                if not isinstance(error.cause, FollowLost):
+                    raise error.as_instanceof_cause() from None
+                # The stage it followed failed: it runs again, from what that one publishes.
+                attempts[key] -= 1
+                waiting[key] = needs[key]
+                idle.append(worker)
+                continue
             relay()
             done.add(key)
             idle.append(worker)
@@ -414,6 +472,32 @@ def _dispatch(
                 ray.kill(worker)
             ray.kill(queue.actor)
     return done
+
+
+def streams(stage: Any) -> bool:
+    """Whether a stage writes outputs step by step that others may follow."""
+    return any(port.streamed for port in stage.kind.outputs)
+
+
+def follow_edges(units: Mapping[str, tuple[Any, str]]) -> dict[str, set[str]]:
+    """For each stage, the stages it may follow while they run: those it reads only
+    streamed outputs of, each into one of its ``follows`` ports."""
+    from editflow.engine.graph import producer_of
+
+    edges: dict[str, set[str]] = {}
+    for key, (plan, name) in units.items():
+        stage = plan.stages[name]
+        followable, whole = set(), set()
+        for port, refs in stage.references.items():
+            follows = next(p.follows for p in stage.kind.inputs if p.name == port)
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if (producer := producer_of(ref)).startswith("inputs."):
+                    continue
+                output = plan.stages[producer].kind.output_port(ref.split(".", 1)[1])
+                streamed = follows and output is not None and output.streamed
+                (followable if streamed else whole).add(plan.stages[producer].key)
+        edges[key] = followable - whole
+    return edges
 
 
 def _uses_gpus(device: str, resources: Mapping[str, float]) -> bool:

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import editflow
-from editflow.cache import Cache, DamagedEntryError, StreamedMaps, StreamWriter
+from editflow.cache import (
+    Cache,
+    DamagedEntryError,
+    FollowLost,
+    LiveSteps,
+    StepWriter,
+    StreamedMaps,
+    StreamWriter,
+)
 from editflow.cache.artifacts import LazyEntry, WriteQueue, finish_entry, read_outputs
+from editflow.cache.live import ProducerState
 from editflow.documents import document_identity
 from editflow.engine.events import Event, EventSink
 from editflow.engine.graph import producer_of
@@ -114,10 +124,37 @@ class InProcessExecutor:
         return run.result
 
 
-def compute_stage(plan: Plan, session: Session, name: str) -> RunResult:
+@dataclass(frozen=True)
+class Follow:
+    """A stage still running elsewhere whose streamed outputs a stage reads as they are
+    written: its staging folder and whether it still runs (see ``editflow.cache.live``)."""
+
+    object_id: str
+    state: ProducerState
+
+
+def compute_stage(
+    plan: Plan,
+    session: Session,
+    name: str,
+    *,
+    live_id: str | None = None,
+    following: Mapping[str, Follow] | None = None,
+) -> RunResult:
     """Compute one stage whose inputs are in the cache (or inputs of the recipe), and publish
-    its entry before returning: what a distributed executor's worker runs per task."""
-    run = _Run(plan, session)
+    its entry before returning: what a distributed executor's worker runs per task.
+
+    Args:
+        plan: The stage's plan.
+        session: Cache, device, events and models.
+        name: The stage.
+        live_id: Stage the entry in this folder and write its streamed outputs step by step
+            as they are made, so other workers can follow them.
+        following: Producer key -> :class:`Follow`, for inputs to read from producers still
+            running (their streamed outputs into this stage's ``follows`` ports). The stage
+            publishes only once each producer has published what was read.
+    """
+    run = _Run(plan, session, live_id, following)
     try:
         if not session.cache.has(plan.stages[name].key):
             run.materialize(name)
@@ -131,8 +168,15 @@ def compute_stage(plan: Plan, session: Session, name: str) -> RunResult:
 class _Run:
     """The state of one execution: values computed so far and the result."""
 
-    def __init__(self, plan: Plan, session: Session) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        session: Session,
+        live_id: str | None = None,
+        following: Mapping[str, Follow] | None = None,
+    ) -> None:
         self.plan, self.session = plan, session
+        self.live_id, self.following = live_id, following or {}
         self.cache = session.cache
         self.values: dict[str, dict[str, Any]] = {}
         self.producers = {stage.key: stage.name for stage in plan.stages.values()}
@@ -209,6 +253,10 @@ class _Run:
                     item = self.plan.inputs[producer.split(".", 1)[1]]
                     self.values[producer] = {"": load_input(item)}
                 value = self.values[producer][""]
+            elif (key := self.plan.stages[producer].key) in self.following:
+                follow = self.following[key]
+                output = ref.split(".", 1)[1]
+                return LiveSteps(self.cache, key, follow.object_id, output, follow.state)
             else:
                 value = self.materialize(producer)[ref.split(".", 1)[1]]
             # Consumers get their own copy: a stage must never mutate another's result.
@@ -226,17 +274,23 @@ class _Run:
         record = self.cache.get_record(last_run_record(plan, stage.name))
         reason = describe_change(record.get("preimage") if record else None, stage.preimage)
         session.events(Event("running", stage.name, kind, stage.key, message=reason))
-        entry = LazyEntry(self.cache, stage.key, _entry_attrs(plan, stage, session))
-        streams: dict[str, StreamWriter] = {}
+        attrs = _entry_attrs(plan, stage, session)
+        entry = LazyEntry(self.cache, stage.key, attrs, object_id=self.live_id)
+        streams: dict[str, StreamWriter | StepWriter] = {}
         started = time.perf_counter()
         try:
             outputs = stage.kind().call(self.context(stage, entry, streams), stage.params, inputs)
             missing = {port.name for port in stage.kind.outputs} - set(outputs)
             if missing:
                 raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
+            for value in inputs.values():
+                if isinstance(value, LiveSteps):  # read from a producer still running
+                    value.confirm()
             seconds = time.perf_counter() - started
         except BaseException as error:
             entry.abandon(error)  # discards anything already written
+            if isinstance(error, FollowLost):
+                raise  # not this stage's failure: it runs again from the published input
             producer = self.producers.get(getattr(error, "key", None))
             if isinstance(error, DamagedEntryError) and producer and retry:
                 # An input read step by step (streamed maps) was damaged: heal it, retry once.
@@ -259,7 +313,10 @@ class _Run:
         return outputs
 
     def context(
-        self, stage: PlannedStage, entry: LazyEntry, streams: dict[str, StreamWriter]
+        self,
+        stage: PlannedStage,
+        entry: LazyEntry,
+        streams: dict[str, StreamWriter | StepWriter],
     ) -> StageContext:
         kind, key = stage.kind.kind, stage.key
 
@@ -274,6 +331,13 @@ class _Run:
             streams[output] = StreamWriter(entry.writer(), output, layers, dtype, reader)
             return streams[output]
 
+        def open_steps(output: str, shape: tuple[int, ...], dtype: torch.dtype) -> StepWriter:
+            port = stage.kind.output_port(output)
+            if port is None or not port.streamed:
+                raise RuntimeError(f"{kind} cannot stream output {output!r}")  # a stage bug
+            streams[output] = StepWriter(entry.writer(), output, shape, dtype, live=True)
+            return streams[output]
+
         models = self.session.models(self.plan) if stage.components else None
         return StageContext(
             name=stage.name,
@@ -283,6 +347,9 @@ class _Run:
             models=models.for_stage(stage.components) if models is not None else None,
             progress=progress,
             stream_writer=open_stream,
+            # Only where other workers may follow: in process the entry is written whole,
+            # on the writer thread, and a GPU loop never waits to copy a step out.
+            step_writer=open_steps if self.live_id is not None else None,
             references=stage.references,
         )
 

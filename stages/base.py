@@ -55,6 +55,11 @@ class Port:
             in milliseconds; the images are then written as one animated GIF.
         size_of: For an output: the input whose image it has the pixel size of (latents of
             an image, an edit of those latents ...), so sizes are known while planning.
+        streamed: For a step-sequence output: the stage writes it step by step, in order,
+            through ``ctx.step_writer`` while it runs.
+        follows: For a step-sequence input: the stage reads it with ``len()`` and ``[i]``
+            only, in step order, so it may run alongside the stage producing it (a streamed
+            output) and read each step as it is written (the Ray executor does this).
     """
 
     name: str
@@ -65,6 +70,8 @@ class Port:
     export: bool = False
     size_of: str | None = None
     timing: str | None = None
+    streamed: bool = False
+    follows: bool = False
 
 
 class Params(Table):
@@ -109,6 +116,9 @@ class StageContext:
         progress: Called with (step, total) as long work advances.
         stream_writer: Opens a streamed output (attention maps) that is written step by step
             instead of returned whole; ``None`` when the engine does not offer one.
+        step_writer: ``step_writer(output, shape, dtype)`` opens a ``streamed`` step-sequence
+            output (``write(step, tensor)``, steps in order); the stage still returns the
+            whole tensor. ``None`` when the engine does not offer one.
         references: Input port name -> the recipe reference(s) it is connected to (for
             labels; the values come as ``run``'s keyword arguments).
     """
@@ -120,6 +130,7 @@ class StageContext:
     models: ModelComponents | None = None
     progress: Callable[[int, int], None] = lambda step, total: None
     stream_writer: Callable[..., Any] | None = None
+    step_writer: Callable[..., Any] | None = None
     references: Mapping[str, str | list[str]] = field(default_factory=dict)
 
     def generator(self, item: int = 0) -> torch.Generator:

@@ -34,6 +34,8 @@ class StepInfo(TypedDict):
         denoised: (N, C, h, w) the clean latent predicted at this step, ``x0_hat``.
         eps: The (guided) model output the step used, where the loop has one.
         z: The noise map the step added (edit-friendly loops).
+        x_in: (N, C, h, w) the latent the step started from (edit-friendly inversion: its
+            level ``i`` of the auxiliary path).
         loss: The guidance loss before the step as a 0-d tensor, or ``None`` (pix2pix-zero's
             edit); a tensor, so that reporting it never waits for the device.
     """
@@ -44,6 +46,7 @@ class StepInfo(TypedDict):
     denoised: torch.Tensor
     eps: NotRequired[torch.Tensor]
     z: NotRequired[torch.Tensor]
+    x_in: NotRequired[torch.Tensor]
     loss: NotRequired[torch.Tensor | None]
 
 

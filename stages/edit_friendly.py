@@ -55,12 +55,35 @@ a decode and an encode per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import Callback, NoisePredictor, guided_noise
 from editflow.stages.reverse_steps import Scheduler, level_scales, reverse_step
 
 torch = lazy("torch")
+
+
+class Steps(Protocol):
+    """A ``(T, ...)`` sequence read a step at a time: a tensor, or a reader of a stream still
+    being written by another worker (:class:`~editflow.cache.LiveSteps`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+
+class StepsOn:
+    """``steps`` with each step moved to ``device`` and ``dtype`` as it is read."""
+
+    def __init__(self, steps: Steps, device: torch.device, dtype: torch.dtype) -> None:
+        self.steps, self.device, self.dtype = steps, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.steps[index].to(self.device, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -71,12 +94,13 @@ class EditFriendlyInversion:
         x_T: (N, C, h, w) the noisiest level, ``auxiliary_path[0]``.
         noise_maps: (T, N, C, h, w); ``noise_maps[i]`` is the noise of the step out of level i.
         auxiliary_path: (T + 1, N, C, h, w); level 0 is ``x_T``, level ``T`` is ``x0``.
+            The edit reads both a step at a time (any :class:`Steps`).
         timesteps: (T,) the scheduler's timesteps, noisiest first.
     """
 
     x_T: torch.Tensor
-    noise_maps: torch.Tensor
-    auxiliary_path: torch.Tensor
+    noise_maps: Steps
+    auxiliary_path: Steps
     timesteps: torch.Tensor
 
 
@@ -136,7 +160,8 @@ def edit_friendly_invert(
         guidance_scale: CFG scale on the source prompt (the paper's ``cfg_src``).
         eta: DDIM eta, 0 < eta <= 1 (exactly 1 for sde-dpmsolver++).
         generator: CPU generator for the auxiliary path.
-        callback: Called after every step with a ``StepInfo`` (``z`` is the noise map).
+        callback: Called after every step with a ``StepInfo`` (``z`` is the noise map,
+            ``x_in`` and ``x`` the path's levels ``i`` and ``i + 1``).
 
     Returns:
         The :class:`EditFriendlyInversion`.
@@ -158,7 +183,8 @@ def edit_friendly_invert(
         noise_maps[i] = torch.where(scale > 0, (path[i + 1] - mu) / safe, noise_maps[i])
         path[i + 1] = mu + scale * noise_maps[i]
         if callback is not None:
-            callback({"i": i, "t": t, "x": path[i + 1], "denoised": denoised, "z": noise_maps[i]})
+            x, z = path[i + 1], noise_maps[i]
+            callback({"i": i, "t": t, "x": x, "x_in": path[i], "denoised": denoised, "z": z})
     return EditFriendlyInversion(path[0], noise_maps, path, timesteps)
 
 

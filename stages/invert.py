@@ -27,6 +27,8 @@ from editflow.stages.base import (
 )
 from editflow.stages.ddim import ddim_invert
 from editflow.stages.diffusion import (
+    Callback,
+    StepInfo,
     check_t0,
     encode_prompt_pair,
     encode_prompts,
@@ -207,12 +209,14 @@ class InvertEditFriendly(StageKind):
             ArtifactType.NOISE_SEQUENCE,
             "(T, N, C, h, w) noise maps, noisiest first",
             size_of="latents",
+            streamed=True,
         ),
         Port(
             "auxiliary_path",
             ArtifactType.LATENT_TRAJECTORY,
             "(T + 1, N, C, h, w) latents per level, x_T first and x0 last",
             size_of="latents",
+            streamed=True,
         ),
         Port("prompt_embeds", ArtifactType.EMBEDDING, "Source-prompt embeddings used"),
     )
@@ -242,7 +246,12 @@ class InvertEditFriendly(StageKind):
             guidance_scale=params.cfg_src,
             eta=params.eta,
             generator=ctx.generator(),
-            callback=step_reporter(ctx.progress, params.num_inference_steps),
+            callback=_streaming(
+                ctx,
+                step_reporter(ctx.progress, params.num_inference_steps),
+                params.num_inference_steps,
+                x0,
+            ),  # fmt: skip
         )
         return {
             "x_T": inversion.x_T,
@@ -250,6 +259,24 @@ class InvertEditFriendly(StageKind):
             "auxiliary_path": inversion.auxiliary_path,
             "prompt_embeds": cond,
         }
+
+
+def _streaming(ctx: StageContext, report: Callback, num_steps: int, x0: torch.Tensor) -> Callback:
+    """``report``, and where the engine asks for it (a stage other workers may follow), each
+    noise map and level of the auxiliary path written to the cache as soon as it is final."""
+    if ctx.step_writer is None:
+        return report
+    noise_maps = ctx.step_writer("noise_maps", (num_steps, *x0.shape), x0.dtype)
+    path = ctx.step_writer("auxiliary_path", (num_steps + 1, *x0.shape), x0.dtype)
+
+    def write(info: StepInfo) -> None:
+        if info["i"] == 0:
+            path.write(0, info["x_in"])
+        noise_maps.write(info["i"], info["z"])
+        path.write(info["i"] + 1, info["x"])
+        report(info)
+
+    return write
 
 
 class InvertTextualInversionParams(Params):

@@ -35,6 +35,8 @@ from editflow.stages.diffusionclip import grid_sample, t0_grid
 from editflow.stages.edit_friendly import (
     ColourGuidance,
     EditFriendlyInversion,
+    Steps,
+    StepsOn,
     edit_friendly_sample,
 )
 from editflow.stages.reverse_steps import SchedulerName, build_scheduler, check_eta
@@ -197,11 +199,17 @@ class SampleEditFriendly(StageKind):
     description = "Reverse diffusion driven by stored edit-friendly noise maps (the edit)"
     params = SampleEditFriendlyParams
     inputs = (
-        Port("noise_maps", ArtifactType.NOISE_SEQUENCE, "Noise maps from invert.edit_friendly"),
+        Port(
+            "noise_maps",
+            ArtifactType.NOISE_SEQUENCE,
+            "Noise maps from invert.edit_friendly",
+            follows=True,
+        ),
         Port(
             "auxiliary_path",
             ArtifactType.LATENT_TRAJECTORY,
             "Auxiliary path from the same invert.edit_friendly stage",
+            follows=True,
         ),
         Port(
             "colour_mask",
@@ -255,15 +263,16 @@ class SampleEditFriendly(StageKind):
         ctx: StageContext,
         params: SampleEditFriendlyParams,
         *,
-        noise_maps: torch.Tensor,
-        auxiliary_path: torch.Tensor,
+        noise_maps: Steps,
+        auxiliary_path: Steps,
         colour_mask: torch.Tensor | None,
         colour_image: torch.Tensor | None,
         weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
-        noise_maps = noise_maps.to(ctx.device, ctx.dtype)
-        path = auxiliary_path.to(ctx.device, ctx.dtype)
+        # Read a step at a time: on Ray the inversion may still be writing them (follows).
+        noise_maps = StepsOn(noise_maps, ctx.device, ctx.dtype)
+        path = StepsOn(auxiliary_path, ctx.device, ctx.dtype)
         num_steps = len(noise_maps)
         hint = "use the num_inference_steps, eta and scheduler of the inversion stage"
         if num_steps != params.num_inference_steps:
@@ -281,12 +290,13 @@ class SampleEditFriendly(StageKind):
             )
         # Timesteps stay on the CPU (see invert.edit_friendly).
         scheduler = build_scheduler(params.scheduler, models.scheduler_config, num_steps)
-        inversion = EditFriendlyInversion(path[0], noise_maps, path, scheduler.timesteps)
+        x_T = path[0]
+        inversion = EditFriendlyInversion(x_T, noise_maps, path, scheduler.timesteps)
         # An empty target prompt means no CFG.
         cond, uncond = encode_prompt_pair(
-            models, params.target_prompt, "", path.shape[1], guided=bool(params.target_prompt)
+            models, params.target_prompt, "", len(x_T), guided=bool(params.target_prompt)
         )
-        colour = _colour_guidance(ctx, params, colour_mask, colour_image, path.shape[-2:])
+        colour = _colour_guidance(ctx, params, colour_mask, colour_image, x_T.shape[-2:])
         latents = edit_friendly_sample(
             mixing_predictor(models.get("unet"), weights or [], params.ratio),
             inversion,

@@ -7,6 +7,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import MANIFESTS
@@ -24,8 +25,9 @@ QUICKSTART = MANIFESTS / "quickstart.toml"
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory):
     marker = tmp_path_factory.mktemp("ray") / "worker-died"
-    # Workers inherit this: the first worker to start the stage 'edit' dies in it, once.
-    os.environ[FAIL_ONCE] = f"{marker}:edit"
+    # Workers inherit this: the first worker to start the stage 'edit' dies in it, once; the
+    # first to reach step 5 of a stage 'inversion' dies there, once.
+    os.environ[FAIL_ONCE] = f"{marker}:edit,{marker.with_name('inversion-died')}:inversion:5"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield marker
     ray.shutdown()
@@ -73,6 +75,60 @@ def test_a_sweep_on_ray_is_byte_identical_and_computes_its_shared_stages_once(
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
     assert sorted(on_ray.computed) == sorted(here.computed)
     assert [entry.split("/")[1] for entry in on_ray.computed].count("invert") == 1
+
+
+def _edit_friendly_recipe(folder: Path, inversion: str = "invert") -> Path:
+    """The edit-friendly text edit in 20 steps, its inversion stage named ``inversion``."""
+    text = (MANIFESTS / "edit_friendly" / "text_edit.toml").read_text()
+    text = text.replace("[stages.invert]", f"[stages.{inversion}]\nnum_inference_steps = 20")
+    recipe = folder / "text_edit.toml"
+    text = text.replace("[stages.edit]", "[stages.edit]\nskip = 5")
+    for output in ("noise_maps", "auxiliary_path"):
+        text = text.replace(f'"invert.{output}"', f'"{inversion}.{output}"')
+    recipe.write_text(text)
+    return recipe
+
+
+def _follow_sweep(recipe: Path, cache: Cache, out: Path, events: Any, ray: Any) -> Any:
+    from editflow.sweeps import parse_sweep, run_sweep
+
+    axes = [parse_sweep("stages.edit.skip=5,10")]
+    return run_sweep(recipe, axes, cache=cache, out_root=out, device="cpu", events=events,
+                     ray=ray)  # fmt: skip
+
+
+def test_edits_follow_the_inversion_they_share_and_match_in_process(
+    local_ray: Path, tmp_path: Path
+) -> None:
+    recipe = _edit_friendly_recipe(tmp_path)
+    events = CollectEvents()
+    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events,
+                  {"address": None, "workers": 2})  # fmt: skip
+    _follow_sweep(recipe, Cache(tmp_path / "c2"), tmp_path / "here", None, None)
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
+    assert len(_digests(tmp_path / "here")) == 2 * 4 + 1  # 4 images a point, and the grid
+    # The reconstruction (skip 0) steps along while the inversion is still running.
+    order = [(e.type, e.stage, e.step) for e in events.events if e.type in ("step", "done")]
+    inverted = order.index(("done", "invert", None))
+    assert ("step", "reconstruct", 1) in order[:inverted]
+    assert Cache(tmp_path / "c1").verify() == []
+
+
+def test_a_stage_following_one_whose_worker_dies_runs_again(
+    local_ray: Path, tmp_path: Path
+) -> None:
+    recipe = _edit_friendly_recipe(tmp_path, inversion="inversion")
+    events = CollectEvents()
+    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events,
+                  {"address": None, "workers": 2})  # fmt: skip
+    assert local_ray.with_name("inversion-died").exists(), "the inversion's worker was to die"
+    started = [e.stage for e in events.of("running")]
+    # Both ran twice: the reconstruction (skip 0) had followed the inversion from its start.
+    assert started.count("inversion") == 2 and started.count("reconstruct") == 2
+    assert not [e for e in events.of("failed")]
+    _follow_sweep(recipe, Cache(tmp_path / "c2"), tmp_path / "here", None, None)
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "here") != {}
+    assert Cache(tmp_path / "c1").verify() == []
 
 
 def test_two_ray_runs_at_once_on_one_cache_give_the_same_outputs(
@@ -163,3 +219,17 @@ def test_workers_reserve_gpus_where_the_cluster_has_them() -> None:
             "num_cpus": 0,
             "scheduling_strategy": "SPREAD",
         }
+
+
+def test_only_step_by_step_readers_of_streamed_outputs_follow(tmp_path: Path) -> None:
+    from editflow.engine.api import plan_recipe
+    from editflow.ray_executor import follow_edges, merge_stages
+
+    cache = Cache(tmp_path / "c")
+    plan = plan_recipe(_edit_friendly_recipe(tmp_path), cache=cache)
+    units, _ = merge_stages([plan], cache)
+    names = {key: name for key, (_, name) in units.items()}
+    follows = {names[key]: sorted(names[dep] for dep in deps)
+               for key, deps in follow_edges(units).items() if deps}  # fmt: skip
+    # figure_noise reads the noise maps whole; the decoders read latents, which are not streamed.
+    assert follows == {"edit": ["invert"], "reconstruct": ["invert"]}
