@@ -16,7 +16,11 @@ xxh3-128 of the stored C-order bytes, and the xxh3-128 of each step along the st
 Publish protocol:
 
 1. ``writer(key, attrs)`` creates ``objects/<key>/<fresh uuid4>/`` and writes arrays there.
-   Nobody reads this folder: it is staging.
+   This folder is staging: readers of the cache never see it. The one exception is a live
+   stream (``create_stream(..., live=True)``, in a folder the caller named with
+   ``object_id``): another worker may follow its steps as they are written, and publishes
+   what it makes from them only after checking them against the published entry
+   (``live``).
 2. On clean exit the manifest is created *exclusively* at ``refs/.../<key>.json``. Locally it
    is written to a temporary file in the same folder and ``os.link``-ed into place,
    so it appears complete or not at all and an existing ref makes the link fail. Remote

@@ -17,6 +17,12 @@ cluster and models (a Python program's second sweep skips their start); they end
 driver. Among the stages that are ready, the one with the most stages after it goes
 first, so a sweep's shared stages do not wait behind its points.
 
+A stage need not wait for the end of a stage it reads only streamed outputs of, through its
+``follows`` ports: it starts once the producer runs and reads each step as the producer
+writes it into its staging folder (``editflow.cache.live``), so a sweep's edits run
+alongside the inversion they share. It publishes only after checking what it read against
+the producer's published entry; when the producer fails it stops and runs again later.
+
 No scheduler or RPC of our own: Ray places the workers (one machine or a cluster, given
 ``address``); the cache must be storage every worker sees (a local folder on one machine, an
 object store URL such as ``s3://`` on many).
