@@ -98,8 +98,10 @@ def main() -> None:
                 if run == "cold":
                     stages = [entry.split("/")[1] for entry in result.computed]
                     order = [(e.type, e.stage) for e in events.events]
-                    inverted = order.index(("done", "invert"))
-                    alongside = [s for t, s in order[:inverted] if t == "running" and s != "invert"]
+                    span = order[
+                        order.index(("running", "invert")) : order.index(("done", "invert"))
+                    ]
+                    alongside = [stage for kind, stage in span[1:] if kind == "running"]
                     print(f"{name}: {len(stages)} stages computed, inversion"
                           f" {stages.count('invert')}x, {alongside or 'none'} started while it"
                           f" ran; cold {timings[name, run]:.1f} s")  # fmt: skip

@@ -23,7 +23,36 @@ QUICKSTART = MANIFESTS / "quickstart.toml"
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):
+def s3_bucket():
+    """An S3 bucket on a local moto server; the AWS_* variables point workers started after
+    this at it, as a cluster's machines would be configured for their object store."""
+    import logging
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    boto3.client("s3").create_bucket(Bucket="editflow-test")
+    yield "editflow-test"
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory, s3_bucket: str):
     marker = tmp_path_factory.mktemp("ray") / "worker-died"
     # Workers inherit this: the first worker to start the stage 'edit' dies in it, once; the
     # first to reach step 5 of a stage 'inversion' dies there, once.
@@ -129,6 +158,21 @@ def test_a_stage_following_one_whose_worker_dies_runs_again(
     _follow_sweep(recipe, Cache(tmp_path / "c2"), tmp_path / "here", None, None)
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here") != {}
     assert Cache(tmp_path / "c1").verify() == []
+
+
+def test_a_sweep_on_ray_over_an_object_store_cache_matches_in_process(
+    local_ray: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    recipe = _edit_friendly_recipe(tmp_path)
+    cache = Cache(f"s3://{s3_bucket}/{tmp_path.name}")
+    assert not cache.is_local
+    events = CollectEvents()
+    _follow_sweep(recipe, cache, tmp_path / "ray", events, {"address": None, "workers": 2})
+    _follow_sweep(recipe, Cache(tmp_path / "here"), tmp_path / "here", None, None)
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "here") != {}
+    order = [(e.type, e.stage, e.step) for e in events.events if e.type in ("step", "done")]
+    assert ("step", "reconstruct", 1) in order[: order.index(("done", "invert", None))]
+    assert cache.verify() == []
 
 
 def test_two_ray_runs_at_once_on_one_cache_give_the_same_outputs(
