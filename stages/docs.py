@@ -48,6 +48,8 @@ def kind_reference(kind: type[StageKind]) -> str:
                         ("list", port.many),
                         ("written as PNG", port.export and not port.timing),
                         ("written as an animated GIF", port.export and bool(port.timing)),
+                        ("streamed: on Ray, readers may follow it", port.streamed),
+                        ("followed: on Ray, read as the producer writes it", port.follows),
                     )
                     if on
                 ]
