@@ -98,10 +98,9 @@ def main() -> None:
                 if run == "cold":
                     stages = [entry.split("/")[1] for entry in result.computed]
                     order = [(e.type, e.stage) for e in events.events]
-                    span = order[
-                        order.index(("running", "invert")) : order.index(("done", "invert"))
-                    ]
-                    alongside = [stage for kind, stage in span[1:] if kind == "running"]
+                    before = order[: order.index(("done", "invert"))]
+                    alongside = [stage for kind, stage in before if kind == "running"
+                                 and stage != "invert" and ("done", stage) not in before]  # fmt: skip
                     print(f"{name}: {len(stages)} stages computed, inversion"
                           f" {stages.count('invert')}x, {alongside or 'none'} started while it"
                           f" ran; cold {timings[name, run]:.1f} s")  # fmt: skip

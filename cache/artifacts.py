@@ -69,6 +69,9 @@ def write_outputs(
             their values are not written again.
         seconds: The stage's compute time, recorded in the attributes.
     """
+    for stream in streams.values():
+        if isinstance(stream, StepWriter):
+            stream.finish()
     texts = {}
     for name, layout in layouts.items():
         value = outputs[name]

@@ -73,7 +73,10 @@ class StreamWriter:
 class StepWriter:
     """Writes one step-sequence output of a stage (noise maps, a latent path) into the
     stage's open cache entry, a step at a time in order. With ``live`` each step is stored
-    at once as its own chunk, so another worker can follow it (:mod:`.live`)."""
+    as its own chunk as soon as it is given, so another worker can follow it (:mod:`.live`);
+    the copy to the host and the write run on a thread of their own, so the stage's loop
+    waits for neither (one object store request a step would cost more than a GPU step).
+    The stage must not change a tensor it has written."""
 
     def __init__(
         self,
@@ -85,14 +88,34 @@ class StepWriter:
     ) -> None:
         self.handle = entry_writer.create_stream(output, tuple(shape), dtype, live=live)
         self.written = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="editflow-steps") if live else None
+        self._writes: list[Future[None]] = []
 
     def write(self, step: int, values: torch.Tensor) -> None:
         if step != self.written:
             raise RuntimeError(
                 f"stream steps must come in order: got {step}, expected {self.written}"
             )
-        self.handle[step] = values
+        if self._pool is None:
+            self.handle[step] = values
+        else:
+            self._writes.append(self._pool.submit(self.handle.__setitem__, step, values))
         self.written += 1
+
+    def finish(self, raise_errors: bool = True) -> None:
+        """Wait for the steps still being written (before the entry is published or
+        discarded); raises the first write's failure unless told not to."""
+        if self._pool is None:
+            return
+        try:
+            for write in self._writes:
+                if raise_errors:
+                    write.result()
+                else:
+                    write.exception()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class StreamedMaps:

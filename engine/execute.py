@@ -288,6 +288,9 @@ class _Run:
                     value.confirm()
             seconds = time.perf_counter() - started
         except BaseException as error:
+            for stream in streams.values():
+                if isinstance(stream, StepWriter):
+                    stream.finish(raise_errors=False)  # no step is written after the discard
             entry.abandon(error)  # discards anything already written
             if isinstance(error, FollowLost):
                 raise  # not this stage's failure: it runs again from the published input

@@ -32,6 +32,7 @@ class Producer:
                 for index, step in enumerate(self.steps):
                     self.go.acquire()
                     stream.write(index, step)
+                stream.finish()  # the engine does this before it publishes
             self.done = True
         except BaseException as error:
             self.error, self.done = error, False
@@ -117,3 +118,14 @@ def test_a_live_stream_is_raw_along_its_first_axis(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="a live stream is raw and streams along axis 0"):
             writer.create_stream("maps", (2, 3), torch.float16, stream_axis=1, live=True)
         writer.write("other", torch.zeros(1))
+
+
+def test_a_live_write_that_fails_fails_finish_and_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    with pytest.raises(ValueError, match=r"step must have shape \(2,\), got \(3,\)"):
+        with cache.writer(KEY, {}, object_id="live1") as writer:
+            stream = StepWriter(writer, "noise", (2, 2), torch.float32, live=True)
+            stream.write(0, torch.zeros(2))
+            stream.write(1, torch.zeros(3))  # fails on the writing thread...
+            stream.finish()  # ...and here
+    assert cache.get(KEY) is None and not (tmp_path / "objects" / KEY / "live1").exists()
