@@ -495,7 +495,8 @@ def follow_edges(units: Mapping[str, tuple[Any, str]]) -> dict[str, set[str]]:
         stage = plan.stages[name]
         followable, whole = set(), set()
         for port, refs in stage.references.items():
-            follows = next(p.follows for p in stage.kind.inputs if p.name == port)
+            # Only single ports are followed (the engine confirms those); a list waits for all.
+            follows = any(p.follows and not p.many for p in stage.kind.inputs if p.name == port)
             for ref in refs if isinstance(refs, list) else [refs]:
                 if (producer := producer_of(ref)).startswith("inputs."):
                     continue

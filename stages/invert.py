@@ -251,7 +251,7 @@ class InvertEditFriendly(StageKind):
                 step_reporter(ctx.progress, params.num_inference_steps),
                 params.num_inference_steps,
                 x0,
-            ),  # fmt: skip
+            ),
         )
         return {
             "x_T": inversion.x_T,
