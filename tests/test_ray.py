@@ -152,8 +152,8 @@ def test_a_stage_following_one_whose_worker_dies_runs_again(
                   {"address": None, "workers": 2})  # fmt: skip
     assert local_ray.with_name("inversion-died").exists(), "the inversion's worker was to die"
     started = [e.stage for e in events.of("running")]
-    # Both ran twice: the reconstruction (skip 0) had followed the inversion from its start.
-    assert started.count("inversion") == 2 and started.count("reconstruct") == 2
+    # The reconstruction (skip 0) had followed the inversion from its start: it ran again.
+    assert started.count("inversion") == 2 and started.count("reconstruct") >= 2
     assert not [e for e in events.of("failed")]
     _follow_sweep(recipe, Cache(tmp_path / "c2"), tmp_path / "here", None, None)
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here") != {}
