@@ -13,11 +13,12 @@ The cache knows storage layouts, not artifact types: the engine says how each ou
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from editflow.lazy import lazy
 
+from .background import BackgroundWrites
 from .entry import Entry
 from .store import Cache
 from .streams import STREAMS_ATTR, StepWriter, StreamedMaps, StreamWriter
@@ -149,22 +150,15 @@ class WriteQueue:
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="editflow-cache-writer")
+        self._writes = BackgroundWrites("editflow-cache-writer")
         self._pending: dict[str, Future[None]] = {}
 
     def submit(self, key: str, function: Any, *args: Any) -> None:
-        self._pending[key] = self._pool.submit(function, *args)
+        self._pending[key] = self._writes.submit(function, *args)
 
     def wait(self, key: str) -> None:
         if key in self._pending:
             self._pending[key].result()
 
     def finish(self, raise_errors: bool = True) -> None:
-        try:
-            for future in self._pending.values():
-                if raise_errors:
-                    future.result()
-                else:
-                    future.exception()
-        finally:
-            self._pool.shutdown(wait=True)
+        self._writes.finish(raise_errors)

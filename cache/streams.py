@@ -17,6 +17,7 @@ from typing import Any
 
 from editflow.lazy import lazy
 
+from .background import BackgroundWrites
 from .store import Cache
 
 torch = lazy("torch")
@@ -88,34 +89,24 @@ class StepWriter:
     ) -> None:
         self.handle = entry_writer.create_stream(output, tuple(shape), dtype, live=live)
         self.written = 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="editflow-steps") if live else None
-        self._writes: list[Future[None]] = []
+        self._writes = BackgroundWrites("editflow-steps") if live else None
 
     def write(self, step: int, values: torch.Tensor) -> None:
         if step != self.written:
             raise RuntimeError(
                 f"stream steps must come in order: got {step}, expected {self.written}"
             )
-        if self._pool is None:
+        if self._writes is None:
             self.handle[step] = values
         else:
-            self._writes.append(self._pool.submit(self.handle.__setitem__, step, values))
+            self._writes.submit(self.handle.__setitem__, step, values)
         self.written += 1
 
     def finish(self, raise_errors: bool = True) -> None:
         """Wait for the steps still being written (before the entry is published or
         discarded); raises the first write's failure unless told not to."""
-        if self._pool is None:
-            return
-        try:
-            for write in self._writes:
-                if raise_errors:
-                    write.result()
-                else:
-                    write.exception()
-        finally:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._writes is not None:
+            self._writes.finish(raise_errors)
 
 
 class StreamedMaps:
