@@ -21,6 +21,7 @@ from typing import Any
 
 from editflow import __version__
 from editflow.errors import EditflowError
+from editflow.threads import resolve_threads
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -34,6 +35,15 @@ def _cache_option(parser: argparse.ArgumentParser, default: object = None) -> No
         default=default,
         metavar="PATH_OR_URL",
         help="cache folder or fsspec URL (default: $EDITFLOW_CACHE or ~/.cache/editflow)",
+    )
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads torch computes with (default: $EDITFLOW_THREADS, else 1)",
     )
 
 
@@ -73,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = _recipe_command(commands, "run", "run a recipe, reusing cached stages")
     run.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _threads_option(run)
     run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
     run.add_argument(
         "--executor",
@@ -120,20 +131,36 @@ def build_parser() -> argparse.ArgumentParser:
         # Accepted after the action too; SUPPRESS keeps a value given before it.
         _cache_option(action, default=argparse.SUPPRESS)
 
-    lock = commands.add_parser("lock", help="run recipes and write RECIPE.lock next to each")
+    lock = commands.add_parser(
+        "lock", help="run recipes and write RECIPE.lock and RECIPE.baseline/ next to each"
+    )
     repro = commands.add_parser("repro", help="rerun recipes and compare with their locks")
-    repro.add_argument("--check", action="store_true", help="exit 1 when a rerun drifts")
-    repro.add_argument("--update", action="store_true", help="rewrite the locks afterwards")
     for command in (lock, repro):
-        command.add_argument("recipes", nargs="+", type=Path, metavar="RECIPE")
-    figures = commands.add_parser("figures", help="run every recipe under a folder, one process")
+        command.add_argument(
+            "recipes", nargs="+", type=Path, metavar="RECIPE", help="recipe files or folders"
+        )
+    figures = commands.add_parser(
+        "figures", help="rerun every recipe under a folder against its lock, in one process"
+    )
     figures.add_argument("folder", nargs="?", type=Path, default=Path("manifests"))
+    for command in (repro, figures):
+        command.add_argument(
+            "--check",
+            action="store_true",
+            help="exit 1 on drift beyond tolerance, a recipe without a lock or a failed recipe",
+        )
+        command.add_argument(
+            "--update", action="store_true", help="rewrite the locks and baseline images"
+        )
+        command.add_argument("--json", action="store_true", help="print the results as JSON")
     for command in (lock, repro, figures):
         _cache_option(command)
-        command.add_argument("--out", type=Path, default=Path("out"), help="output root")
+        command.add_argument(
+            "--out", type=Path, default=Path("out"),
+            help="output root: OUT/<recipe path under the folder>/<stem>/",
+        )  # fmt: skip
         command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    for command in (repro, figures):
-        command.add_argument("--json", action="store_true", help="print the results as JSON")
+        _threads_option(command)
     return parser
 
 
@@ -221,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             events=display,
             targets=args.targets,
             executor=executor,
+            threads=resolve_threads(args.threads)[0],
         )
     if not args.log_json:
         seconds = time.perf_counter() - started
@@ -394,7 +422,7 @@ def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
         ray = _ray_options(args) if args.executor == "ray" else None
         result = run_sweep(
             args.recipe, axes, cache=_cache(args), out_root=out_dir, device=args.device,
-            events=display, ray=ray,
+            events=display, ray=ray, threads=resolve_threads(args.threads)[0],
         )  # fmt: skip
     if not args.log_json:
         grid = f", grid {result.grid}" if result.grid else ""
@@ -431,74 +459,81 @@ def plan_swept(args: argparse.Namespace, axes: list[Any], cache: Any) -> int:
     return 0
 
 
-def _out_dir(root: Path, recipe: Path, base: Path | None = None) -> Path:
-    """``root/<recipe name>``, or ``root/<recipe path under base>`` for ``figures``."""
-    if base is None:
-        return root / recipe.stem
-    return root / recipe.relative_to(base).with_suffix("")
+def _check(args: argparse.Namespace, paths: list[Path], update: bool, progress: bool) -> list:
+    """Rerun recipes (files, or every recipe under folders) against their locks."""
+    from editflow.figures import check_recipes, find_recipes
+
+    def report(result: Any, index: int, count: int) -> None:
+        counts = f"{len(result.computed)} computed, {len(result.cached)} cached"
+        print(f"[{index + 1:>{len(str(count))}}/{count}] {result.label}: {result.state}"
+              f" ({counts}, {result.seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
+
+    return check_recipes(
+        find_recipes(paths), cache=_cache(args), out_root=args.out, device=args.device,
+        threads=resolve_threads(args.threads), update=update,
+        on_result=report if progress else None,
+    )  # fmt: skip
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    from editflow.lock import rerun, write_lock
+    from editflow.lock import baseline_dir, lock_path
 
-    cache, registry = _cache(args), None
-    for recipe in args.recipes:
-        outcome, registry = rerun(
-            recipe, cache=cache, out_dir=_out_dir(args.out, recipe), device=args.device,
-            registry=registry,
-        )  # fmt: skip
-        path = write_lock(recipe, outcome.facts)
-        stages = len([key for key in outcome.facts if key.endswith(".kind")])
-        print(f"{path}: {stages} stages, {len(outcome.written)} files")
-    return 0
+    results = _check(args, args.recipes, update=True, progress=False)
+    for result in results:
+        if result.state == "failed":
+            print("\n".join(result.lines), file=sys.stderr)
+            continue
+        print(f"{lock_path(result.recipe)}: {len(result.computed) + len(result.cached)} stages,"
+              f" {result.outputs} files in {baseline_dir(result.recipe).name}/")  # fmt: skip
+    return EXIT_USER_ERROR if any(result.state == "failed" for result in results) else 0
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
-    from editflow.lock import compare, describe, read_lock, rerun, write_lock
-
-    cache, registry, drifted, results = _cache(args), None, False, []
-    locks = {recipe: read_lock(recipe) for recipe in args.recipes}  # all missing ones first
-    for recipe, lock in locks.items():
-        outcome, registry = rerun(
-            recipe, cache=cache, out_dir=_out_dir(args.out, recipe), device=args.device,
-            registry=registry,
-        )  # fmt: skip
-        drift = compare(lock, outcome.facts)
-        drifted = drifted or drift.drifted
-        if args.update:
-            write_lock(recipe, outcome.facts)
-        lines = describe(drift)
-        results.append(
-            {"recipe": str(recipe), "computed": outcome.computed, "cached": outcome.cached,
-             "drift": drift.stages | drift.files, "comparable": drift.comparable,
-             "platform_changes": drift.platform_changes, "lines": lines}
-        )  # fmt: skip
-        if not args.json:
-            state = "drift" if drift.drifted else "matches its lock"
-            print(f"{recipe}: {state}" + (" (lock updated)" if args.update else ""))
-            for line in lines:
-                print(f"  {line}")
+    results = _check(args, args.recipes, update=args.update, progress=False)
     if args.json:
-        print(json.dumps(results, indent=2))
-    return 1 if drifted and args.check and not args.update else 0
+        print(json.dumps([result.as_json() for result in results], indent=2))
+    else:
+        for result in results:
+            print(f"{result.recipe}: {result.state}")
+            for line in result.lines:
+                print(f"  {line}")
+    return _exit_status(args, results)
+
+
+def _exit_status(args: argparse.Namespace, results: list) -> int:
+    """--check: 1 on drift beyond tolerance, a missing lock or a failed recipe (with --update,
+    only on a failed one); without it, 2 when a recipe failed, else 0."""
+    failed = any(result.state == "failed" for result in results)
+    if args.check:
+        return 1 if failed or (not args.update and any(r.failed for r in results)) else 0
+    return EXIT_USER_ERROR if failed else 0
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from editflow.figures import run_figures
+    from editflow.report import step_summary, write_report
 
-    rows = run_figures(args.folder, cache=_cache(args), out_root=args.out, device=args.device)
+    results = _check(args, [args.folder], update=args.update, progress=not args.json)
     if args.json:
-        print(json.dumps([row.as_json() for row in rows], indent=2))
+        print(json.dumps([result.as_json() for result in results], indent=2))
     else:
-        header = ("recipe", "computed", "cached", "outputs", "drift")
-        table = [header] + [row.cells() for row in rows]
+        header = ("recipe", "computed", "cached", "outputs", "verdict")
+        table = [header] + [
+            (r.label, str(len(r.computed)), str(len(r.cached)), str(r.outputs), r.state)
+            for r in results
+        ]
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
         for line in table:
             print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
-        for row in rows:
-            if row.error:
-                print(f"{row.recipe}: {row.error}", file=sys.stderr)
-    return EXIT_USER_ERROR if any(row.error for row in rows) else 0
+        for result in results:
+            for line in result.lines:
+                print(f"{result.label}: {line}")
+    if not args.update:
+        report = write_report(args.out / "report.html", results)
+        print(f"report: {report}", file=sys.stderr)
+        if os.environ.get("GITHUB_STEP_SUMMARY"):
+            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as summary:
+                summary.write(step_summary(results))
+    return _exit_status(args, results)
 
 
 def run_figure(args: argparse.Namespace) -> int:
@@ -510,7 +545,7 @@ def run_figure(args: argparse.Namespace) -> int:
     out_dir = args.out or Path("out") / recipe.stem
     result = run_recipe(
         recipe, args.overrides, cache=_cache(args), out_dir=out_dir, device=args.device,
-        targets=args.targets, document=document,
+        targets=args.targets, document=document, threads=resolve_threads(args.threads)[0],
     )  # fmt: skip
     print(
         f"{args.recipe}: the recipe {recipe} as it made this figure; {len(result.hits)} stages"

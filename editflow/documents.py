@@ -100,21 +100,22 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
         raise RecipeError(f"invalid TOML: {message}", file=label, line=line) from None
     except RecursionError:
         document = None
-    if document is None or _depth(document) > MAX_DEPTH:
+    if document is None or nesting_depth(document, MAX_DEPTH) > MAX_DEPTH:
         raise RecipeError(f"tables or arrays nested deeper than {MAX_DEPTH} levels", file=label)
     if not isinstance(document, dict):
         raise RecipeError("the recipe must be a table/object at the top level", file=label)
     return document, text
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of tables and arrays, counted without recursion."""
+def nesting_depth(value: Any, limit: int) -> int:
+    """Nesting depth of tables and arrays, counted without recursion (and no deeper than
+    ``limit + 1``: past that the exact depth does not matter)."""
     deepest, pending = 0, [(value, 1)]
     while pending:
         item, depth = pending.pop()
         if isinstance(item, dict | list):
             deepest = max(deepest, depth)
-            if depth <= MAX_DEPTH:
+            if depth <= limit:
                 pending += [
                     (child, depth + 1)
                     for child in (item.values() if isinstance(item, dict) else item)
@@ -182,34 +183,48 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def toml_locator(text: str) -> Callable[[str], int | None]:
-    """Map a dotted key path to the TOML line that sets it (or its table's header)."""
+def toml_locator(text: str) -> Callable[[str | tuple[str, ...]], int | None]:
+    """Map a key path (dotted, or a tuple of parts when a part may hold a dot) to the TOML
+    line that sets it (or its table's header)."""
     header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-    assignment = re.compile(r"^\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
-    positions: dict[str, int] = {}
+    assignment = re.compile(r"^\s*((?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+    positions: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
     for number, line in enumerate(text.splitlines(), start=1):
         if match := header.match(line):
             table = _split_key(match.group(1))
-            positions.setdefault(".".join(table), number)
+            positions.setdefault(table, number)
         elif match := assignment.match(line):
             full = table + _split_key(match.group(1))
             for depth in range(len(table) + 1, len(full) + 1):
-                positions.setdefault(".".join(full[:depth]), number)
+                positions.setdefault(full[:depth], number)
 
-    def locate(key: str) -> int | None:
-        parts = key.split(".")
+    def locate(key: str | tuple[str, ...]) -> int | None:
+        parts = tuple(key.split(".")) if isinstance(key, str) else tuple(key)
         while parts:
-            if ".".join(parts) in positions:
-                return positions[".".join(parts)]
-            parts.pop()
+            if parts in positions:
+                return positions[parts]
+            parts = parts[:-1]
         return None
 
     return locate
 
 
+_KEY_PART = re.compile(r"\s*(\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^.\s]+)\s*(?:\.|$)")
+
+
 def _split_key(text: str) -> tuple[str, ...]:
-    return tuple(part.strip().strip("\"'") for part in text.split("."))
+    """A TOML key's parts: bare words, or quoted strings that may hold dots."""
+    parts = []
+    for match in _KEY_PART.finditer(text.strip()):
+        part = match.group(1)
+        if part.startswith('"'):
+            try:
+                part = json.loads(part)
+            except ValueError:
+                part = part.strip('"')
+        parts.append(part.strip("'"))
+    return tuple(parts)
 
 
 _EXPECTED = {

@@ -1,50 +1,59 @@
-"""``editflow figures``: every recipe under a folder in one process, and figures that carry
-their recipe.
+"""``editflow figures``, ``repro`` and ``lock``: recipes rerun against their locks in one
+process, and figures that carry their recipe.
 
 Recipes run one after the other through one cache; each model part is loaded once for every
 recipe that names the same model (a pool of loaded models keyed by their fingerprint and
-dtype), so regenerating a paper's figures pays for the tiny model once, not per recipe.
+dtype), so regenerating a paper's figures pays for the tiny model once, not per recipe. One
+output layout serves every command: ``OUT/<recipe path under the folder>/<stem>/``.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from editflow.errors import EditflowError
+from editflow.errors import EditflowError, Problem
 
 RECIPE_SUFFIXES = (".toml", ".json")
 
 
 @dataclass
-class FigureRow:
-    """One recipe's line of the summary."""
+class RecipeResult:
+    """One recipe's rerun and, when it has a lock, its verdict."""
 
-    recipe: str
-    computed: int = 0
-    cached: int = 0
+    recipe: Path
+    label: str  # the recipe's path under the folder it was found in
+    out_dir: Path
+    state: str = "no lock"  # matches its lock | within tolerance | drift | no lock | locked | failed
+    lines: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
     outputs: int = 0
-    drift: str = "no lock"
-    error: str | None = None
-    drift_lines: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    verdict: Any = None
+    tolerance: Any = None
 
-    def cells(self) -> tuple[str, str, str, str, str]:
-        if self.error is not None:
-            return (self.recipe, "-", "-", "-", "failed")
-        counts = (str(self.computed), str(self.cached), str(self.outputs))
-        return (self.recipe, *counts, self.drift)
+    @property
+    def failed(self) -> bool:
+        """Whether ``--check`` fails on it."""
+        return self.state.split(" (")[0] not in ("matches its lock", "within tolerance", "locked")
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "recipe": self.recipe,
+            "recipe": self.label,
+            "state": self.state,
             "computed": self.computed,
             "cached": self.cached,
             "outputs": self.outputs,
-            "drift": self.drift,
-            "drift_lines": self.drift_lines,
-            "error": self.error,
+            "seconds": round(self.seconds, 3),
+            "lines": self.lines,
+            "files": {
+                check.name: check.line for check in (self.verdict.files if self.verdict else [])
+            },
         }
 
 
@@ -74,60 +83,136 @@ def _is_recipe(path: Path) -> bool:
     return isinstance(document, dict) and "stages" in document
 
 
-def run_figures(
-    folder: Path, *, cache: Any, out_root: Path, device: str = "auto", events: Any = None
-) -> list[FigureRow]:
-    """Run every recipe under ``folder`` (outputs in ``out_root/<recipe path>/``); a recipe
-    that fails is reported in its row and the others still run. ``events`` receives every
-    run's events and one ``loaded`` event per model part loaded."""
-    from editflow.engine.api import models_dir_for, plan_recipe
-    from editflow.engine.events import CollectEvents, Event
-    from editflow.lock import compare, describe, lock_path, parse, rerun
-    from editflow.models import RunModels
-    from editflow.models.section import resolve_device
+def find_recipes(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(recipe, its path under the folder it was found in) for recipe files and folders.
 
-    torch_device, pool, rows = resolve_device(device), {}, []
-    events = events if events is not None else CollectEvents()
+    Raises:
+        EditflowError: A path that does not exist (each named).
+    """
+    missing = [Problem("not found", file=str(path)) for path in paths if not path.exists()]
+    if missing:
+        raise EditflowError(problems=missing)
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += [(recipe, recipe.relative_to(path).as_posix()) for recipe in recipes_under(path)]
+        else:
+            found.append((path, path.name))
+    return found
 
-    def on_load(component: str, seconds: float) -> None:
-        events(Event("loaded", message=component, seconds=seconds))
 
-    for recipe in recipes_under(folder):
-        row = FigureRow(recipe.relative_to(folder).as_posix())
-        rows.append(row)
+def check_recipes(
+    recipes: list[tuple[Path, str]],
+    *,
+    cache: Any,
+    out_root: Path,
+    device: str = "auto",
+    threads: tuple[int, bool] = (1, False),
+    update: bool = False,
+    events: Any = None,
+    on_result: Callable[[RecipeResult, int, int], None] | None = None,
+) -> list[RecipeResult]:
+    """Rerun each recipe through one cache and one pool of loaded models, writing its outputs
+    to ``out_root/<label without suffix>/``, and compare it with its lock (or, with
+    ``update``, rewrite the lock and baselines). A recipe that fails is reported in its
+    result and the others still run.
+
+    Args:
+        recipes: (recipe, label) pairs, as :func:`find_recipes` gives them.
+        threads: (count, chosen by the user): a lock is checked at its own thread count
+            unless the user chose one or the machine has fewer cores.
+        on_result: Called with each result, its index and the count, as each one finishes.
+    """
+    from editflow.check import compare, rerun
+    from editflow.lock import write_lock
+    from editflow.threads import threads_for_check
+
+    pool = ModelPool(cache, device, events)
+    results = []
+    for index, (recipe, label) in enumerate(recipes):
+        result = RecipeResult(recipe, label, out_root / Path(label).with_suffix(""))
+        started = time.perf_counter()
         try:
-            plan = plan_recipe(recipe, cache=cache)
-            dtype = plan.loaded.recipe.model.torch_dtype
-            models = RunModels(
-                plan.models, device=torch_device, dtype=dtype, models_dir=models_dir_for(cache),
-                on_load=on_load,
+            lock = _lock_or_none(recipe, update)
+            count = threads_for_check(*threads, lock.threads() if lock else None)
+            outcome = rerun(
+                recipe, cache=cache, out_dir=result.out_dir, device=device, events=events,
+                registry=pool.lend(recipe), threads=count,
             )  # fmt: skip
-            for provider, model in plan.models.items():
-                shared = pool.get(_pool_key(model, dtype))
-                if shared is not None:
-                    models.registries[provider] = shared
-            out_dir = out_root / recipe.relative_to(folder).with_suffix("")
-            outcome, used = rerun(
-                recipe, cache=cache, out_dir=out_dir, device=device, registry=models,
-                events=events,
-            )  # fmt: skip
-            for registry in (used.registries if used is not None else {}).values():
-                pool.setdefault(_pool_key(registry.resolved, dtype), registry)
+            pool.keep(outcome.registry)
+            result.computed, result.cached = outcome.computed, outcome.cached
+            result.outputs, result.tolerance = len(outcome.files), outcome.tolerance
+            if lock is not None:
+                result.verdict = compare(lock, outcome.facts, recipe=recipe, files=outcome.files,
+                                         tolerance=outcome.tolerance)  # fmt: skip
+                result.state, result.lines = result.verdict.state, result.verdict.lines()
+            elif not update:
+                result.lines = [f"no lock: run `editflow lock {recipe}` and commit its lock"]
+            if update:
+                write_lock(recipe, outcome.facts, outcome.files)
+                result.state = f"{result.state} (lock updated)" if lock else "locked"
         except EditflowError as error:
-            row.error = error.render()
-            continue
-        row.computed, row.cached = len(outcome.computed), len(outcome.cached)
-        row.outputs = len(outcome.written)
-        if lock_path(recipe).is_file():
-            lock = parse(lock_path(recipe).read_text(encoding="utf-8"), str(lock_path(recipe)))
-            drift = compare(lock, outcome.facts)
-            row.drift_lines = describe(drift)
-            row.drift = (
-                f"{len(drift.stages) + len(drift.files)} drifted" if drift.drifted else "none"
-            )
-            if not drift.comparable and not drift.drifted:
-                row.drift = "none (keys only: other platform)"
-    return rows
+            result.state, result.lines = "failed", error.render().splitlines()
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+        if on_result is not None:
+            on_result(result, index, len(recipes))
+    return results
+
+
+def _lock_or_none(recipe: Path, update: bool) -> Any:
+    """The recipe's lock; with ``update`` an unreadable one is as good as none."""
+    from editflow.lock import lock_path, read_lock
+
+    if not lock_path(recipe).is_file():
+        return None
+    try:
+        return read_lock(recipe)
+    except EditflowError:
+        if update:
+            return None
+        raise
+
+
+class ModelPool:
+    """Loaded models shared by every recipe that names the same model (keyed by its
+    fingerprint and dtype), so regenerating a paper's figures loads each part once."""
+
+    def __init__(self, cache: Any, device: str, events: Any) -> None:
+        self.cache, self.device, self.events = cache, device, events
+        self.registries: dict[str, Any] = {}
+
+    def lend(self, recipe: Path) -> Any:
+        from editflow.engine.api import models_dir_for, plan_recipe
+        from editflow.engine.events import Event
+        from editflow.models import RunModels
+        from editflow.models.section import resolve_device
+
+        def on_load(component: str, seconds: float) -> None:
+            if self.events is not None:
+                self.events(Event("loaded", message=component, seconds=seconds))
+
+        if not self.registries:  # nothing loaded yet: an all-hit run imports no torch
+            return None
+        plan = plan_recipe(recipe, cache=self.cache)
+        dtype = plan.loaded.recipe.model.torch_dtype
+        shared = {
+            provider: self.registries[_pool_key(model, dtype)]
+            for provider, model in plan.models.items()
+            if model is not None and _pool_key(model, dtype) in self.registries
+        }
+        if not shared:
+            return None
+        models = RunModels(
+            plan.models, device=resolve_device(self.device), dtype=dtype,
+            models_dir=models_dir_for(self.cache), on_load=on_load,
+        )  # fmt: skip
+        models.registries.update(shared)
+        return models
+
+    def keep(self, used: Any) -> None:
+        for registry in (used.registries if used is not None else {}).values():
+            self.registries.setdefault(_pool_key(registry.resolved, used.dtype), registry)
 
 
 def _pool_key(model: Any, dtype: Any) -> str:

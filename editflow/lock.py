@@ -1,17 +1,16 @@
-"""Lock files and ``repro``: what a recipe produced, and why a rerun differs from it.
+"""Lock files: what a recipe produced, written as TOML next to it with its baseline images.
 
-``RECIPE.lock`` sits next to its recipe: one fact per line, ``KEY = JSON``, sorted, so a
-diff of two locks reads like a list of what changed. It holds the library versions, the
-platform (torch build, device, CPU threads: results may change with any of them while keys
-do not), each model's identity, and per stage its kind@version, key, the parts of its key
-preimage, and a digest per output; per exported file its sha256.
+``RECIPE.lock`` (format 2) holds the library versions, each model's identity, per stage its
+kind@version, key, the parts of its key preimage, a digest per output and the platform its
+cache entry was computed on (a fingerprint name; ``[platforms.NAME]`` holds its facts),
+and per exported file its sha256 and the sha256 of its decoded pixels. Tables are sorted,
+so ``git diff`` of a lock reads as a list of what changed. ``RECIPE.baseline/`` holds a
+copy of every exported image: where the platform differs from the lock's, exact bytes are
+impossible and images are compared with these within a tolerance (:mod:`editflow.check`).
 
-``repro`` reruns the recipe through the cache and compares. A stage whose key changed is
-drift, explained in the words ``plan`` uses (a parameter, an input file, a library version,
-the model, the stage version). A stage whose key did not change but whose outputs did is
-non-determinism on this platform; output and file digests are compared only when the
-platform is the lock's, otherwise keys alone decide. Exported files carry their recipe, so
-their bytes are compared only while the recipe is unchanged (stage digests cover the rest).
+Reading a lock is as strict as reading a recipe: size, encoding, nesting and every key are
+checked, and each problem is one located line. A format-1 lock (``KEY = JSON`` lines) is
+refused with the command that rewrites it.
 """
 
 from __future__ import annotations
@@ -19,20 +18,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
+import shutil
 import tempfile
+import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from editflow.errors import EditflowError
+import tomli_w
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-LOCK_FORMAT = 1
-_PLAIN = re.compile(r"^[A-Za-z0-9_-]+$")
-# Preimage fields stored per stage (models as digests; versions once for the whole lock).
-_STAGE_FIELDS = ("params", "inputs", "seed", "seed_path", "dtype")
+from editflow import fingerprint as platform
+from editflow.documents import error_message, nesting_depth, toml_locator
+from editflow.errors import EditflowError, Problem
+
+LOCK_FORMAT = 2
+MAX_LOCK_BYTES = 16 << 20  # a sweep's lock holds every point's stages; no lock nears this
+MAX_LOCK_DEPTH = 32
+HEADER = (
+    "# editflow lock (format 2): what this recipe produced. `editflow figures --check` and\n"
+    "# `editflow repro --check` compare a rerun with it; `--update` rewrites it and the\n"
+    "# baseline images beside it.\n"
+)
+REWRITE = "rewrite it with `editflow lock RECIPE` or `editflow figures --update`"
+# Preimage parts stored per stage (models as digests; library versions once per lock).
+STAGE_PARTS = ("params", "inputs", "seed", "seed_path", "dtype")
 
 
 def lock_path(recipe: Path) -> Path:
@@ -40,33 +52,21 @@ def lock_path(recipe: Path) -> Path:
     return recipe.with_name(recipe.name + ".lock")
 
 
-def lock_key(*parts: str) -> str:
-    """A dotted key; parts that are not plain words are JSON-quoted (``model."model.id"``)."""
-    return ".".join(part if _PLAIN.match(part) else json.dumps(part) for part in parts)
+def baseline_dir(recipe: Path) -> Path:
+    """``RECIPE.baseline/``: the lock's copies of the exported images."""
+    return recipe.with_name(recipe.name + ".baseline")
 
 
-def _digest(value: Any) -> str:
+def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def platform_facts(device: Any) -> dict[str, Any]:
-    """What besides the keys decides the bytes of a result: torch's build, the device, the
-    CPU's thread count, architecture and vector instructions."""
-    import torch
-
-    facts: dict[str, Any] = {
-        "device": device.type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        # The vector instructions torch's CPU kernels use (AVX2, AVX512 ...): other kernels
-        # round differently, so results from another CPU family are not comparable.
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    if device.type == "cuda":
-        facts["cuda"] = torch.version.cuda
-        facts["gpu"] = torch.cuda.get_device_name(device)
-    return facts
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def output_digests(entry: Any, outputs: Iterable[str]) -> dict[str, str]:
@@ -80,269 +80,231 @@ def output_digests(entry: Any, outputs: Iterable[str]) -> dict[str, str]:
             for array, info in entry.arrays.items()
             if array == name or array.startswith(f"{name}.")
         }
-        digests[name] = _digest({"arrays": arrays, "text": texts.get(name)})
+        digests[name] = _sha256_json({"arrays": arrays, "text": texts.get(name)})
     return digests
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# ------------------------------------------------------------------------------- facts
 
 
-def lock_facts(plan: Any, cache: Any, device: Any, files: Mapping[str, Path]) -> dict[str, Any]:
-    """Every fact of a lock for a planned (and run) recipe.
+@dataclass(frozen=True)
+class StageRun:
+    """One stage as a rerun planned and cached it."""
+
+    key: str
+    preimage: Mapping[str, Any]
+    outputs: list[str]
+    entry: Any  # the cache entry (None if missing)
+
+
+def lock_facts(
+    recipe_name: str,
+    recipe_hash: str,
+    models: Mapping[str, Any],
+    stages: Mapping[str, StageRun],
+    files: Mapping[str, Path],
+) -> dict[str, Any]:
+    """Every fact of a lock, as the nested tables its TOML holds (normalised as TOML reads
+    them back, so a fresh run's facts compare equal to a lock's).
 
     Args:
-        plan: The recipe's plan; its needed stages must be in ``cache``.
-        cache: The cache holding their entries.
-        device: Where the run computed.
+        recipe_name: The recipe's file name.
+        recipe_hash: sha256 of the recipe document as run.
+        models: Provider field -> resolved model (``None`` where the recipe names none).
+        stages: Stage name (``POINT/STAGE`` in a sweep) -> what the rerun planned and cached.
         files: Exported file name (relative to the output folder) -> path.
     """
+    from editflow.imagecheck import pixel_digest
+
     facts: dict[str, Any] = {
         "format": LOCK_FORMAT,
-        "recipe": plan.loaded.path.name,
-        # Exported files carry the recipe, so their bytes follow its every edit.
-        "recipe_sha256": plan.recipe_hash,
+        "recipe": recipe_name,
+        "recipe_sha256": recipe_hash,
+        "library": {},
+        "model": {name: model.fingerprint() for name, model in models.items() if model},
+        "platforms": {},
+        "stage": {},
+        "file": {},
     }
-    versions = None
-    for provider, model in sorted(plan.models.items()):
-        facts[lock_key("model", provider)] = model.fingerprint() if model is not None else None
-    for key, value in platform_facts(device).items():
-        facts[lock_key("platform", key)] = value
-    for stage in plan.needed:
+    for name, stage in stages.items():
         preimage = stage.preimage
-        versions = preimage["versions"]
-        facts.update(stage_facts(stage.name, stage.key, preimage))
-        entry = cache.get(stage.key)
-        if entry is not None:
-            outputs = [port.name for port in stage.kind.outputs]
-            for output, digest in output_digests(entry, outputs).items():
-                facts[lock_key("stage", stage.name, "digest", output)] = digest
-    for package, version in (versions or {}).items():
-        facts[lock_key("library", package)] = version
-    for name, path in files.items():
-        facts[lock_key("file", name)] = file_sha256(path)
-    return facts
-
-
-def stage_facts(name: str, key: str, preimage: Mapping[str, Any]) -> dict[str, Any]:
-    """The lock lines of one stage: its key and the parts of its preimage (models as digests
-    of their fingerprints, which the lock holds once each)."""
-    facts = {
-        lock_key("stage", name, "kind"): f"{preimage['kind']}@{preimage['kind_version']}",
-        lock_key("stage", name, "key"): key,
-        lock_key("stage", name, "models"): {
-            provider: _digest(fingerprint) for provider, fingerprint in preimage["models"].items()
+        facts["library"] = dict(preimage["versions"])
+        table: dict[str, Any] = {
+            "kind": f"{preimage['kind']}@{preimage['kind_version']}",
+            "key": stage.key,
+            "models": {
+                provider: _sha256_json(identity)
+                for provider, identity in (preimage.get("models") or {}).items()
+            },
         }
-        if preimage.get("models")
-        else None,
-    }
-    for part in _STAGE_FIELDS:
-        facts[lock_key("stage", name, part)] = preimage.get(part)
-    return facts
+        table.update({part: preimage.get(part) for part in STAGE_PARTS})
+        facts_of_platform = (stage.entry.attrs.get("platform") if stage.entry else None) or None
+        if facts_of_platform is not None:
+            table["platform"] = platform.digest(facts_of_platform)
+            facts["platforms"][table["platform"]] = facts_of_platform
+        if stage.entry is not None:
+            table["digest"] = output_digests(stage.entry, stage.outputs)
+        facts["stage"][name] = table
+    for name, path in sorted(files.items()):
+        facts["file"][name] = {"sha256": file_sha256(path), "pixels": pixel_digest(path)}
+    return tomllib.loads(render(facts))
 
 
 def render(facts: Mapping[str, Any]) -> str:
-    """The lock file's text: a header comment, then ``KEY = JSON`` lines sorted by key."""
-    lines = [
-        "# editflow lock: what this recipe produced. `editflow repro --check` compares a",
-        "# rerun with it; `editflow lock` or `repro --update` rewrites it.",
-    ]
-    lines += [
-        f"{key} = {json.dumps(facts[key], sort_keys=True, separators=(', ', ': '))}"
-        for key in sorted(facts)
-    ]
-    return "\n".join(lines) + "\n"
+    """The lock file's text: a header comment, then TOML with every table's keys sorted."""
+    return HEADER + tomli_w.dumps(_tomlable(facts))
 
 
-def parse(text: str, label: str) -> dict[str, Any]:
-    """The facts of a lock file's text."""
-    facts = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, separator, value = line.partition(" = ")
-        try:
-            if not separator:
-                raise ValueError("no ' = '")
-            facts[key] = json.loads(value)
-        except ValueError as error:
-            raise EditflowError(f"not a lock line ({error})", file=label, line=number) from None
-    if facts.get("format") != LOCK_FORMAT:
-        raise EditflowError(
-            f"lock format {facts.get('format')!r}, this editflow reads {LOCK_FORMAT}",
-            file=label,
-            hint="rewrite it with `editflow lock`",
-        )
-    return facts
+def _tomlable(value: Any) -> Any:
+    """TOML has no null: an absent key means None; None inside an array is spelt "null"
+    (no lock fact holds one; it would only change how a difference is worded)."""
+    if isinstance(value, Mapping):
+        return {str(k): _tomlable(v) for k, v in sorted(value.items()) if v is not None}
+    if isinstance(value, list | tuple):
+        return [_tomlable(item) if item is not None else "null" for item in value]
+    return value
 
 
-def read_lock(recipe: Path) -> dict[str, Any]:
+def write_lock(recipe: Path, facts: Mapping[str, Any], files: Mapping[str, Path]) -> Path:
+    """Write ``RECIPE.lock`` atomically and make ``RECIPE.baseline/`` hold exactly the
+    exported images (files whose bytes are unchanged are left alone)."""
     path = lock_path(recipe)
-    if not path.is_file():
-        raise EditflowError(
-            f"no lock file {path.name} next to the recipe",
-            file=str(recipe),
-            hint=f"run `editflow lock {recipe}` and commit {path.name}",
-        )
-    return parse(path.read_text(encoding="utf-8"), str(path))
+    _write_atomic(path, render(facts).encode())
+    folder = baseline_dir(recipe)
+    for name, source in files.items():
+        target = folder / name
+        if not target.is_file() or file_sha256(target) != file_sha256(source):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(target, source.read_bytes())
+    if folder.is_dir():
+        for stale in sorted(folder.rglob("*"), reverse=True):
+            relative = stale.relative_to(folder).as_posix()
+            if stale.is_file() and relative not in files:
+                stale.unlink()
+            elif stale.is_dir() and not any(stale.iterdir()):
+                stale.rmdir()
+    return path
 
 
-def write_lock(recipe: Path, facts: Mapping[str, Any]) -> Path:
-    """Write ``RECIPE.lock`` atomically (a reader never sees half a lock)."""
-    path = lock_path(recipe)
+def _write_atomic(path: Path, data: bytes) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(render(facts))
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
 
 
-# ------------------------------------------------------------------------------ comparing
+# ------------------------------------------------------------------------------- reading
 
 
-@dataclass
-class Drift:
-    """How a rerun differs from its lock."""
-
-    stages: dict[str, list[str]] = field(default_factory=dict)  # stage -> reasons
-    files: dict[str, str] = field(default_factory=dict)  # exported file -> reason
-    comparable: bool = True  # the platform is the lock's, so digests were compared
-    platform_changes: list[str] = field(default_factory=list)
-
-    @property
-    def drifted(self) -> bool:
-        return bool(self.stages or self.files)
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _stage_names(facts: Mapping[str, Any]) -> set[str]:
-    return {
-        json.loads(key.split(".")[1]) if key.split(".")[1].startswith('"') else key.split(".")[1]
-        for key in facts
-        if key.startswith("stage.") and key.endswith(".kind")
-    }
+class StageLock(_Strict):
+    kind: str
+    key: str
+    platform: str | None = None
+    models: dict[str, str] = {}
+    params: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
+    seed: int | None = None
+    seed_path: list[Any] | None = None
+    dtype: str | None = None
+    digest: dict[str, str] = {}
 
 
-def _preimage_view(facts: Mapping[str, Any], stage: str) -> dict[str, Any]:
-    """A stage's facts as a preimage-shaped dict for :func:`describe_changes`."""
-    kind, _, version = str(facts.get(lock_key("stage", stage, "kind"), "@")).partition("@")
-    view: dict[str, Any] = {
-        "kind": kind,
-        "kind_version": version,
-        "models": facts.get(lock_key("stage", stage, "models")),
-        "versions": {
-            key.split(".", 1)[1]: value
-            for key, value in facts.items()
-            if key.startswith("library.")
-        },
-    }
-    for part in _STAGE_FIELDS:
-        view[part] = facts.get(lock_key("stage", stage, part))
-    return view
+class FileLock(_Strict):
+    sha256: str
+    pixels: str
 
 
-def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> Drift:
-    """What differs between a lock's facts and a rerun's."""
-    from editflow.engine.keys import describe_changes
+class Lock(_Strict):
+    """A lock file as read: every table typed, unknown keys refused."""
 
-    drift = Drift()
-    platform_keys = {key for key in (*old, *new) if key.startswith("platform.")}
-    drift.platform_changes = [
-        f"{key.split('.', 1)[1]} {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(platform_keys)
-        if old.get(key) != new.get(key)
-    ]
-    drift.comparable = not drift.platform_changes
-    old_stages, new_stages = _stage_names(old), _stage_names(new)
-    for stage in sorted(old_stages - new_stages):
-        drift.stages[stage] = ["in the lock but not in the recipe"]
-    for stage in sorted(new_stages - old_stages):
-        drift.stages[stage] = ["new: not in the lock"]
-    for stage in sorted(old_stages & new_stages):
-        key = lock_key("stage", stage, "key")
-        if old.get(key) != new.get(key):
-            drift.stages[stage] = describe_changes(
-                _preimage_view(old, stage), _preimage_view(new, stage)
-            )
-        elif drift.comparable:
-            prefix = lock_key("stage", stage, "digest") + "."
-            outputs = sorted(key[len(prefix) :] for key in (*old, *new) if key.startswith(prefix))
-            changed = [o for o in outputs if old.get(prefix + o) != new.get(prefix + o)]
-            if changed:
-                drift.stages[stage] = [
-                    f"same key, other outputs ({', '.join(dict.fromkeys(changed))}): the"
-                    " computation is not deterministic on this platform"
-                ]
-    if drift.comparable and old.get("recipe_sha256") == new.get("recipe_sha256"):
-        files = {key for key in (*old, *new) if key.startswith("file.")}
-        for key in sorted(files):
-            name = key.split(".", 1)[1]
-            name = json.loads(name) if name.startswith('"') else name
-            if key not in new:
-                drift.files[name] = "in the lock but not written"
-            elif key not in old:
-                drift.files[name] = "written but not in the lock"
-            elif old[key] != new[key]:
-                drift.files[name] = "other bytes than the lock's"
-    return drift
+    format: Literal[2]
+    recipe: str
+    recipe_sha256: str
+    library: dict[str, str] = {}
+    model: dict[str, dict[str, Any]] = {}
+    platforms: dict[str, dict[str, Any]] = {}
+    stage: dict[str, StageLock] = {}
+    file: dict[str, FileLock] = {}
+
+    def threads(self) -> int | None:
+        """The CPU thread count most of the lock's stages were computed with."""
+        counts = [
+            self.platforms.get(stage.platform or "", {}).get("threads")
+            for stage in self.stage.values()
+        ]
+        counts = [count for count in counts if isinstance(count, int) and count > 0]
+        return max(set(counts), key=counts.count) if counts else None
 
 
-# ------------------------------------------------------------------------------ running
+_FORMAT_1 = re.compile(r"^format = 1\s*$", re.MULTILINE)
 
 
-@dataclass
-class ReproResult:
-    """One recipe's rerun: its facts, and its drift from the lock when there is one."""
+def read_lock(recipe: Path) -> Lock:
+    """The lock next to ``recipe``, read and checked.
 
-    recipe: Path
-    facts: dict[str, Any]
-    computed: list[str]
-    cached: list[str]
-    written: list[Path]
-    drift: Drift | None = None
-
-
-def rerun(
-    recipe: Path,
-    *,
-    cache: Any,
-    out_dir: Path,
-    device: str = "auto",
-    events: Any = None,
-    registry: Any = None,
-) -> tuple[ReproResult, Any]:
-    """Run a recipe through the cache and collect its lock facts; returns the result and
-    the models the run used (to share with the next recipe)."""
-    from editflow.engine.api import run_recipe
-    from editflow.models.section import resolve_device
-
-    result = run_recipe(
-        recipe, cache=cache, out_dir=out_dir, device=device, events=events, registry=registry
-    )
-    plan = result.plan
-    files = {path.relative_to(out_dir).as_posix(): path for path in result.written}
-    facts = lock_facts(plan, cache, resolve_device(device), files)
-    outcome = ReproResult(recipe, facts, result.computed, result.hits, result.written)
-    return outcome, result.registry
-
-
-def describe(drift: Drift) -> list[str]:
-    """The drift in lines, as ``repro`` prints them."""
-    lines = []
-    if drift.platform_changes:
-        lines.append(
-            "platform differs from the lock's (" + ", ".join(drift.platform_changes) + "):"
-            " output digests are not comparable; keys decide"
+    Raises:
+        EditflowError: No lock, or one that is unreadable, malformed, of an older format or
+            of another recipe; each problem is a located line.
+    """
+    path = lock_path(recipe)
+    label = str(path)
+    if not path.is_file():
+        raise EditflowError(
+            f"no lock file {path.name} next to the recipe",
+            file=str(recipe),
+            hint=f"run `editflow lock {recipe}` and commit {path.name} and {path.stem}.baseline/",
         )
-    for stage, reasons in drift.stages.items():
-        lines += [f"{stage}: {reason}" for reason in reasons]
-    lines += [f"{name}: {reason}" for name, reason in drift.files.items()]
-    return lines
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_LOCK_BYTES + 1)
+    if len(data) > MAX_LOCK_BYTES:
+        raise EditflowError(f"larger than {MAX_LOCK_BYTES >> 20} MiB: not a lock", file=label)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EditflowError(
+            f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})",
+            file=label, line=data[: error.start].count(b"\n") + 1, hint=REWRITE,
+        ) from None  # fmt: skip
+    if _FORMAT_1.search(text):
+        raise EditflowError("lock format 1, this editflow reads format 2", file=label, hint=REWRITE)
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(error))
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
+        line = int(match.group(1)) if match else None
+        raise EditflowError(f"invalid TOML: {message}", file=label, line=line) from None
+    except RecursionError:
+        document = None
+    if document is None or nesting_depth(document, MAX_LOCK_DEPTH) > MAX_LOCK_DEPTH:
+        raise EditflowError(
+            f"tables or arrays nested deeper than {MAX_LOCK_DEPTH} levels", file=label
+        )
+    try:
+        lock = Lock.model_validate(document)
+    except ValidationError as error:
+        locate = toml_locator(text)
+        problems = []
+        for item in error.errors():
+            parts = tuple(str(part) for part in item["loc"])
+            key = ".".join(json.dumps(part) if "." in part else part for part in parts)
+            problems.append(
+                Problem(error_message(item, list(Lock.model_fields)), file=label,
+                        line=locate(parts), key=key)
+            )  # fmt: skip
+        raise EditflowError(problems=problems) from None
+    if lock.recipe != recipe.name:
+        raise EditflowError(
+            f"the lock of another recipe ({lock.recipe!r}, not {recipe.name!r})",
+            file=label, line=toml_locator(text)("recipe"), key="recipe", hint=REWRITE,
+        )  # fmt: skip
+    return lock

@@ -171,6 +171,7 @@ class SweepResult:
     cached: list[str]
     written: list[Path]
     grid: Path | None
+    outcomes: list[Any] = field(default_factory=list)  # each point's RunResult
 
 
 def run_sweep(
@@ -182,16 +183,19 @@ def run_sweep(
     device: str = "auto",
     events: Any = None,
     ray: dict[str, Any] | None = None,
+    registry: Any = None,
+    threads: int | None = None,
 ) -> SweepResult:
     """Run every point through one cache and one set of models (or, with ``ray`` options
     ``{"address", "workers"}``, on Ray: points and independent stages in parallel); write the
-    sweep grid."""
+    sweep grid. ``registry`` lends models loaded by an earlier run; ``threads`` sets torch's
+    CPU threads in process."""
     from editflow.engine.api import run_recipe
 
     planned = plan_points(recipe, axes, cache)
     document = base_document(recipe)
     result = SweepResult(planned, [], [], [], None)
-    registry, figures = None, []
+    figures = []
     outcomes = None
     if ray is not None:
         from editflow.ray_executor import Job, run_jobs
@@ -205,8 +209,10 @@ def run_sweep(
             outcome = run_recipe(
                 recipe, point.overrides, cache=cache, out_dir=out_root / point.name,
                 device=device, events=events, registry=registry, document=document,
+                threads=threads,
             )  # fmt: skip
         registry = outcome.registry or registry
+        result.outcomes.append(outcome)
         result.computed += [f"{point.name}/{stage}" for stage in outcome.computed]
         result.cached += [f"{point.name}/{stage}" for stage in outcome.hits]
         result.written += outcome.written

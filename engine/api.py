@@ -54,8 +54,12 @@ def run_recipe(
     registry: RunModels | None = None,
     executor: Executor | None = None,
     document: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> RunResult:
-    """Plan and run a recipe; returns what ran, what hit and which files were written."""
+    """Plan and run a recipe; returns what ran, what hit and which files were written.
+
+    ``threads`` sets torch's CPU thread count when a stage computes (default: leave it).
+    """
     if device not in ("auto", "cpu"):
         resolve_device(device)  # a device this machine lacks is an error before any work
     plan = plan_recipe(path, overrides, cache=cache, targets=targets, document=document)
@@ -66,6 +70,7 @@ def run_recipe(
         events=events or CollectEvents(),
         models_dir=models_dir_for(cache),
         registry=registry,
+        threads=threads,
     )
     result = (executor or InProcessExecutor()).execute(plan, session)
     result.registry, result.plan = session.registry, plan

@@ -32,6 +32,7 @@ from editflow.engine.graph import producer_of
 from editflow.engine.keys import canonical_json, describe_change, key_of
 from editflow.engine.plan import Plan, PlannedStage
 from editflow.errors import EditflowError, StageFailedError
+from editflow.fingerprint import fingerprint
 from editflow.inputs import load_input
 from editflow.lazy import lazy
 from editflow.models import RunModels, resolve_device
@@ -66,9 +67,12 @@ class Session:
     events: EventSink
     models_dir: Path
     registry: RunModels | None = None
+    threads: int | None = None  # CPU threads for torch, set when a stage first computes
 
     @functools.cached_property
     def device(self) -> torch.device:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         return resolve_device(self.device_name)
 
     def models(self, plan: Plan) -> RunModels:
@@ -205,8 +209,14 @@ class _Run:
             if not ports:
                 continue
             chunks = provenance(plan, stage)
-            current = current_exports(stage.name, ports, chunks, session.out_dir)
-            if current is not None:  # already written by an identical run: leave them be
+            # Files an identical run wrote are left be, unless this run computed the stage
+            # anew: its entry, not the old files, is what the run has to show.
+            current = (
+                current_exports(stage.name, ports, chunks, session.out_dir)
+                if stage.name not in self.result.computed
+                else None
+            )
+            if current is not None:
                 self.result.written += current
                 continue
             outputs = self.materialize(stage.name)
@@ -380,6 +390,8 @@ def _entry_attrs(plan: Plan, stage: PlannedStage, session: Session) -> dict[str,
         "kind": stage.kind.kind,
         "outputs": {port.name: port.type.value for port in stage.kind.outputs},
         "device": str(session.device),
+        # What besides the key decided the bytes: a lock compares them only where it matches.
+        "platform": fingerprint(session.device),
     }
 
 

@@ -30,6 +30,7 @@ from editflow.documents import (
     read_document,
 )
 from editflow.errors import Problem, RecipeError, sort_problems, unique_problems
+from editflow.imagecheck import CheckSection
 from editflow.inputs import InputSection
 from editflow.models import ModelSection
 from editflow.stages import KINDS_BY_NAME, Params, StageKind
@@ -85,6 +86,11 @@ class Recipe(Table):
     )
     targets: list[str] | None = Field(
         None, description="Stages to produce (default: every stage nothing else consumes)"
+    )
+    check: CheckSection = Field(
+        default_factory=CheckSection,
+        description="How `figures --check` compares exported images with the lock's baselines"
+        " where the platform differs (exact bytes are compared where it does not)",
     )
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,

@@ -1,18 +1,24 @@
-"""Lock files and `repro`: drift named by stage and reason, non-determinism, updates,
-figures that carry their recipe, and JSON outputs."""
+"""Locks and `repro`: TOML locks with baselines, exact checks on the lock's platform,
+tolerant ones elsewhere, drift named by stage and reason, and locks that cannot lie."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from editflow import fingerprint
 from editflow.cli import main
 from editflow.inputs import skimage_photos
-from editflow.lock import lock_path
+from editflow.lock import baseline_dir, lock_path
+from editflow.stages.decode import DecodeVae
 from editflow.stages.sample import SampleEditFriendly
 
 RECIPE = """schema_version = 1
@@ -48,6 +54,13 @@ latents = "edit.latents"
 """
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Checks set torch's thread count (the lock's, or --threads); the suite runs at one."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture()
 def locked(tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
     folder = tmp_path / "recipe"
@@ -56,12 +69,14 @@ def locked(tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
     recipe = folder / "edit.toml"
     recipe.write_text(RECIPE)
     assert main(["lock", str(recipe), *_where(tmp_path)]) == 0
-    assert capsys.readouterr().out.strip() == f"{lock_path(recipe)}: 4 stages, 1 files"
+    assert capsys.readouterr().out.strip() == (
+        f"{lock_path(recipe)}: 4 stages, 1 files in edit.toml.baseline/"
+    )
     return recipe
 
 
-def _where(tmp_path: Path) -> list[str]:
-    return ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+def _where(tmp_path: Path, cache: str = "cache") -> list[str]:
+    return ["--cache", str(tmp_path / cache), "--out", str(tmp_path / "out"), "--device", "cpu"]
 
 
 def _check(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture, *extra: str):
@@ -69,21 +84,38 @@ def _check(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture, *extra: 
     return code, capsys.readouterr().out.strip().splitlines()
 
 
-def test_a_lock_is_sorted_facts_one_per_line(locked: Path) -> None:
-    lines = [
-        line for line in lock_path(locked).read_text().splitlines() if not line.startswith("#")
-    ]
-    assert lines == sorted(lines)
-    facts = dict(line.split(" = ", 1) for line in lines)
-    assert json.loads(facts["stage.edit.kind"]) == "sample.edit_friendly@1"
-    assert json.loads(facts["platform.threads"]) >= 1
-    assert json.loads(facts["library.torch"]).startswith("2.")
-    assert "tiny" in json.loads(facts['model."model.id"'])["identity"]
-    assert len(json.loads(facts['file."figure.png"'])) == 64
+def _edit_lock(recipe: Path, old: str, new: str) -> None:
+    path = lock_path(recipe)
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
 
 
-def test_an_unchanged_rerun_matches_its_lock(locked, tmp_path, capsys) -> None:
+def test_a_lock_is_toml_with_tables_and_a_baseline_of_each_image(locked: Path) -> None:
+    lock = tomllib.loads(lock_path(locked).read_text())
+    assert lock["format"] == 2 and lock["recipe"] == "edit.toml"
+    assert lock["stage"]["edit"]["kind"] == "sample.edit_friendly@1"
+    assert lock["stage"]["edit"]["params"]["skip"] == 1
+    assert set(lock["stage"]["edit"]["digest"]) == {"latents"}
+    assert lock["library"]["torch"] == torch.__version__
+    assert "tiny" in lock["model"]["model.id"]["identity"]
+    (platform_name,) = lock["platforms"]
+    facts = lock["platforms"][platform_name]
+    assert fingerprint.digest(facts) == platform_name
+    assert facts["threads"] == 1 and facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {stage["platform"] for stage in lock["stage"].values()} == {platform_name}
+    assert list(lock["file"]) == ["figure.png"]
+    baseline = baseline_dir(locked) / "figure.png"
+    assert baseline.read_bytes() == (locked.parents[1] / "out" / "edit" / "figure.png").read_bytes()
+    lines = lock_path(locked).read_text().splitlines()
+    assert max(len(line) for line in lines) < 120  # no 3,000-character identity line
+
+
+def test_an_unchanged_rerun_matches_its_lock_exactly(locked, tmp_path, capsys) -> None:
     code, lines = _check(locked, tmp_path, capsys)
+    assert (code, lines) == (0, [f"{locked}: matches its lock"])
+    # A cold cache on the same platform computes the same bytes.
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "cold"))
     assert (code, lines) == (0, [f"{locked}: matches its lock"])
 
 
@@ -101,18 +133,21 @@ def test_an_unchanged_rerun_matches_its_lock(locked, tmp_path, capsys) -> None:
           "edit: input 'noise_maps' changed upstream (invert)",
           "encode: input 'images' changed upstream (inputs.photo)",
           "figure: input 'latents' changed upstream (edit)",
-          "invert: input 'latents' changed upstream (encode)",
-          "figure.png: other bytes than the lock's"]),
+          "invert: input 'latents' changed upstream (encode)"]),
     ],
     ids=["parameter", "seed", "input image"],
 )  # fmt: skip
-def test_a_change_is_drift_named_by_stage_and_reason(
+def test_a_change_is_drift_named_by_stage_and_reason_and_its_figure_is_beyond_tolerance(
     locked, tmp_path, capsys, change, expected
 ) -> None:
     change(locked)
     code, lines = _check(locked, tmp_path, capsys)
     assert code == 1
-    assert lines == [f"{locked}: drift", *(f"  {line}" for line in expected)]
+    assert lines[: len(expected) + 1] == [f"{locked}: drift", *(f"  {line}" for line in expected)]
+    (figure,) = lines[len(expected) + 1 :]
+    assert figure.startswith(
+        "  figure.png: other pixels than the lock's on the lock's platform: beyond tolerance (max "
+    )
 
 
 def test_a_stage_version_bump_is_drift(locked, tmp_path, capsys, monkeypatch) -> None:
@@ -122,44 +157,228 @@ def test_a_stage_version_bump_is_drift(locked, tmp_path, capsys, monkeypatch) ->
     assert "  edit: stage version: '1' -> '2'" in lines
 
 
-def test_other_outputs_under_the_same_key_are_non_determinism(locked, tmp_path, capsys) -> None:
-    path = lock_path(locked)
-    text = path.read_text()
-    line = next(line for line in text.splitlines() if line.startswith("stage.edit.digest.latents"))
-    path.write_text(text.replace(line, 'stage.edit.digest.latents = "0000"'))
-    code, lines = _check(locked, tmp_path, capsys)
-    assert (code, lines) == (1, [
+def _brighter(monkeypatch: pytest.MonkeyPatch, amount: float) -> None:
+    """A change of a stage's code that its version does not say: keys stay, pixels move."""
+    original = DecodeVae.run
+
+    def brighter(self, ctx, params, *, latents):
+        return {"images": (original(self, ctx, params, latents=latents)["images"] + amount)}
+
+    monkeypatch.setattr(DecodeVae, "run", brighter)
+
+
+def test_on_the_locks_platform_other_outputs_under_the_same_key_are_drift_without_blaming_non_determinism(
+    locked, tmp_path, capsys, monkeypatch
+) -> None:
+    _brighter(monkeypatch, 0.001)  # too little to move a pixel: the digests still see it
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "cold"))
+    assert (code, lines[:2]) == (1, [
         f"{locked}: drift",
-        "  edit: same key, other outputs (latents): the computation is not deterministic on"
-        " this platform",
+        "  figure: same key and platform as the lock, other outputs (images): something the key"
+        " does not cover changed (a stage's code without a version bump?)",
     ])  # fmt: skip
-    # --update rewrites the lock from the rerun; then it matches.
-    code, lines = _check(locked, tmp_path, capsys, "--update")
+    # Within tolerance, yet drift: on the lock's platform every pixel must match.
+    assert lines[2:] == [
+        "  figure.png: other pixels than the lock's on the lock's platform: within tolerance"
+        f" (max 1 level, PSNR {lines[2].split('PSNR ')[1]}"
+    ]
+    # --update rewrites the lock and its baseline; then it matches.
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "cold"), "--update")
     assert code == 0 and lines[0] == f"{locked}: drift (lock updated)"
-    assert _check(locked, tmp_path, capsys) == (0, [f"{locked}: matches its lock"])
+    assert _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "cold")) == (
+        0, [f"{locked}: matches its lock"]
+    )  # fmt: skip
 
 
-def test_on_another_platform_keys_alone_decide(locked, tmp_path, capsys) -> None:
-    path = lock_path(locked)
-    text = path.read_text()
-    threads = next(line for line in text.splitlines() if line.startswith("platform.threads"))
-    lines = [line for line in text.splitlines() if not line.startswith("stage.edit.digest")]
-    path.write_text("\n".join(lines).replace(threads, "platform.threads = 64") + "\n")
-    code, out = _check(locked, tmp_path, capsys)
+def test_another_thread_count_is_named_and_checked_within_tolerance(
+    locked, tmp_path, capsys
+) -> None:
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "two"), "--threads", "2")
     assert code == 0
-    assert out[1].startswith("  platform differs from the lock's (threads 64 -> ")
-    assert out[1].endswith("): output digests are not comparable; keys decide")
-
-
-def test_a_missing_lock_says_to_run_lock(tmp_path, capsys) -> None:
-    recipe = tmp_path / "edit.toml"
-    recipe.write_text(RECIPE)
-    code = main(["repro", "--check", str(recipe), *_where(tmp_path)])
-    assert code == 2
-    assert capsys.readouterr().err.strip() == (
-        f"{recipe}: no lock file edit.toml.lock next to the recipe (run `editflow lock {recipe}`"
-        " and commit edit.toml.lock)"
+    assert lines[0] == f"{locked}: within tolerance"
+    assert lines[1] == (
+        "  platform differs from the lock's (threads 1 in the lock, 2 here): images compared"
+        " within tolerance"
     )
+    assert lines[2].startswith("  figure.png: within tolerance (")
+
+
+def test_another_cpu_is_named_by_its_features_and_checked_within_tolerance(
+    locked, tmp_path, capsys, monkeypatch
+) -> None:
+    real = fingerprint.cpu_facts()
+    amx = {**real, "cpu_features": sorted({*real["cpu_features"], "amx_tile", "avx512_fp16"})}
+    if amx == real:
+        amx = {**real, "cpu_features": [f for f in real["cpu_features"] if f != "amx_tile"]}
+    monkeypatch.setattr(fingerprint, "cpu_facts", lambda: amx)
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "other-cpu"))
+    assert code == 0 and lines[0] == f"{locked}: within tolerance"
+    added = [f for f in amx["cpu_features"] if f not in real["cpu_features"]]
+    assert lines[1] == (
+        f"  platform differs from the lock's (CPU features differ: {', '.join(added)} here, not in"
+        " the lock): images compared within tolerance"
+    )
+    # A real change of the pixels is caught there too, by the tolerance.
+    _brighter(monkeypatch, 0.2)
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "other-cpu-edit"))
+    assert code == 1 and lines[0] == f"{locked}: drift"
+    assert lines[-1].startswith("  figure.png: beyond tolerance (max ")
+    assert "of pixels beyond 8" in lines[-1]
+
+
+def test_a_check_runs_at_the_locks_thread_count_whatever_omp_num_threads_says(
+    locked, tmp_path
+) -> None:
+    for threads in ("2", "1"):
+        done = subprocess.run(
+            [sys.executable, "-m", "editflow", "repro", "--check", str(locked),
+             *_where(tmp_path, cache=f"omp{threads}")],
+            capture_output=True, text=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"{locked}: matches its lock", threads
+
+
+# ------------------------------------------------------------------ locks that cannot lie
+
+
+def test_edited_platform_lines_are_distrusted_and_fail(locked, tmp_path, capsys) -> None:
+    _edit_lock(locked, "threads = 1", "threads = 64")
+    code, lines = _check(locked, tmp_path, capsys)
+    assert code == 1
+    assert lines[1].startswith("  distrusted: platforms.")
+    assert lines[1].endswith(
+        ": its lines do not hash to its name (edited after locking?); rewrite it with"
+        " `editflow lock RECIPE` or `editflow figures --update`"
+    )
+
+
+def test_an_edited_recipe_hash_does_not_switch_off_the_pixel_check(
+    locked, tmp_path, capsys, monkeypatch
+) -> None:
+    lock = tomllib.loads(lock_path(locked).read_text())
+    _edit_lock(locked, lock["recipe_sha256"], "0" * 64)
+    code, lines = _check(locked, tmp_path, capsys)
+    assert code == 0
+    assert lines[-1] == (
+        "  recipe_sha256 is not this recipe's, yet no key changed (an edit that touches no stage,"
+        " or the line was edited): exported files are compared by their pixels"
+    )
+    _brighter(monkeypatch, 0.2)
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "cold"))
+    assert code == 1
+    assert any(line.startswith("  figure.png: other pixels than the lock's") for line in lines)
+
+
+def test_a_replaced_baseline_is_distrusted(locked, tmp_path, capsys) -> None:
+    Image.new("RGB", (64, 64)).save(baseline_dir(locked) / "figure.png")
+    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "two"), "--threads", "2")
+    assert code == 1
+    assert lines[-1] == (
+        "  figure.png: its baseline edit.toml.baseline/figure.png is not the locked file (rewrite"
+        " it with `editflow lock RECIPE` or `editflow figures --update`)"
+    )
+
+
+def test_a_lock_without_digests_or_files_is_drift(locked, tmp_path, capsys) -> None:
+    text = lock_path(locked).read_text()
+    start = text.index("[stage.edit.digest]")
+    lock_path(locked).write_text(text[:start] + text[text.index("\n\n", start) + 2 :])
+    code, lines = _check(locked, tmp_path, capsys)
+    assert (code, lines[1]) == (1, "  edit: the lock has no digest of latents")
+    shutil.rmtree(baseline_dir(locked))
+    text = lock_path(locked).read_text()
+    start = text.index('[file."figure.png"]')
+    lock_path(locked).write_text(text[:start] + text[text.index("\n\n", start) + 2 :])
+    code, lines = _check(locked, tmp_path, capsys)
+    assert lines[-1] == "  figure.png: written but not in the lock"
+
+
+@pytest.mark.parametrize(
+    ("craft", "message"),
+    [
+        (lambda text: text.replace('recipe = "edit.toml"', 'recipe = "other.toml"'),
+         "{lock}:5: recipe: the lock of another recipe ('other.toml', not 'edit.toml') (rewrite it"
+         " with `editflow lock RECIPE` or `editflow figures --update`)"),
+        (lambda text: text.replace("format = 2", "format = 1"),
+         "{lock}: lock format 1, this editflow reads format 2 (rewrite it with `editflow lock"
+         " RECIPE` or `editflow figures --update`)"),
+        (lambda text: text.replace("format = 2", "format = 3"),
+         "{lock}:4: format: must be one of 2, got 3"),
+        (lambda text: text + 'deep = ' + "[" * 100_000 + "]" * 100_000 + "\n",
+         "{lock}: tables or arrays nested deeper than 32 levels"),
+        (lambda text: text + '\n["stage.edit"]\nkey = 1\n',
+         "{lock}:{table}: \"stage.edit\": unknown key (did you mean 'stage'?)"),
+        (lambda text: text.replace("[stage.edit]\n", "[stage.edit]\nkind = 3\n", 1),
+         "{lock}:{kind}: invalid TOML: Cannot overwrite a value"),
+        (lambda text: text.replace('kind = "sample.edit_friendly@1"', "kind = 3"),
+         "{lock}:{line}: stage.edit.kind: must be a string, got 3"),
+    ],
+    ids=["other recipe", "format 1", "format 3", "nesting", "quoted dotted name",
+         "duplicate key", "wrong type"],
+)  # fmt: skip
+def test_a_crafted_lock_is_one_located_line(locked, tmp_path, capsys, craft, message) -> None:
+    path = lock_path(locked)
+    text = craft(path.read_text())
+    path.write_text(text)
+    code = main(["repro", "--check", str(locked), *_where(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    rows = text.splitlines()
+    line = next((n for n, row in enumerate(rows, 1) if row.startswith("kind = 3")), None)
+    table = next((n for n, row in enumerate(rows, 1) if row == '["stage.edit"]'), None)
+    kind = next((n for n, row in enumerate(rows, 1) if row == 'kind = "sample.edit_friendly@1"'), 0)
+    expected = message.format(lock=path, line=line, table=table, kind=kind)
+    assert out.splitlines()[0] == f"{locked}: failed"
+    if "Cannot overwrite" in expected:
+        assert out.splitlines()[1].startswith(f"  {expected}")
+    else:
+        assert out.splitlines()[1:] == [f"  {expected}"]
+
+
+def test_a_lock_that_is_not_utf8_is_one_located_line(locked, tmp_path, capsys) -> None:
+    data = lock_path(locked).read_bytes().replace(b"format = 2", b"\xff = 2")
+    lock_path(locked).write_bytes(data)
+    code = main(["repro", "--check", str(locked), *_where(tmp_path)])
+    assert code == 1
+    offset = data.index(b"\xff")
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"  {lock_path(locked)}:4: not UTF-8 text (byte 0xff at offset {offset})"
+        " (rewrite it with `editflow lock RECIPE` or `editflow figures --update`)"
+    )
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_a_missing_lock_fails_the_check(tmp_path, capsys) -> None:
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    shutil.copy(skimage_photos()["chelsea"], folder / "photo.png")
+    recipe = folder / "edit.toml"
+    recipe.write_text(RECIPE)
+    code, lines = _check(recipe, tmp_path, capsys)
+    assert (code, lines) == (1, [
+        f"{recipe}: no lock", f"  no lock: run `editflow lock {recipe}` and commit its lock"
+    ])  # fmt: skip
+
+
+def test_a_recipe_that_does_not_exist_is_not_found(tmp_path, capsys) -> None:
+    code = main(["repro", "--check", str(tmp_path / "nope.toml"), *_where(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.toml'}: not found"
+
+
+def test_repro_takes_folders_and_lays_outputs_out_like_figures(locked, tmp_path, capsys) -> None:
+    root, out = locked.parent.parent, tmp_path / "layout"
+    where = ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(["repro", "--check", str(root / "recipe"), *where]) == 0
+    assert capsys.readouterr().out.strip() == f"{locked}: matches its lock"
+    assert main(["figures", str(root), "--check", *where]) == 0
+    assert main(["repro", "--check", str(root), *where]) == 0
+    figures = sorted(p.relative_to(out).as_posix() for p in out.rglob("figure.png"))
+    assert figures == ["edit/figure.png", "recipe/edit/figure.png"]  # folder given: path under it
 
 
 def test_repro_json_carries_what_the_text_says(locked, tmp_path, capsys) -> None:
@@ -167,10 +386,26 @@ def test_repro_json_carries_what_the_text_says(locked, tmp_path, capsys) -> None
     code = main(["repro", str(locked), "--json", *_where(tmp_path)])
     result = json.loads(capsys.readouterr().out)
     assert code == 0  # without --check drift is reported, not an error
-    assert result[0]["drift"]["edit"] == ["params.skip: 1 -> 2"]
+    assert result[0]["state"] == "drift"
+    assert result[0]["lines"][0] == "edit: params.skip: 1 -> 2"
     assert result[0]["computed"] == ["edit", "figure"]
     _, lines = _check(locked, tmp_path, capsys)
     assert [line.strip() for line in lines[1:]] == result[0]["lines"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "environment", "message"),
+    [
+        (["--threads", "0"], {}, "--threads: must be >= 1, got 0"),
+        ([], {"EDITFLOW_THREADS": "two"}, "EDITFLOW_THREADS: must be a whole number >= 1, got 'two'"),
+    ],
+)  # fmt: skip
+def test_a_bad_thread_count_is_one_line(locked, tmp_path, capsys, monkeypatch, argv, environment,
+                                        message) -> None:  # fmt: skip
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["repro", str(locked), *_where(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err.strip() == message
 
 
 def test_a_figure_reruns_the_recipe_that_made_it_byte_for_byte(
@@ -219,14 +454,12 @@ def test_validate_plan_and_an_all_hit_run_import_no_torch_diffusers_or_transform
 ) -> None:
     """A cached run is a lookup: declaring stages, planning and hitting the cache load no ML
     library (checked in a fresh interpreter after each command)."""
-    import subprocess
-    import sys
-
     commands = {
         "validate": ["validate", str(locked), "--cache", str(tmp_path / "cache")],
         "plan": ["plan", str(locked), "--cache", str(tmp_path / "cache")],
         "run": ["run", str(locked), "--cache", str(tmp_path / "cache"), "--out",
                 str(tmp_path / "out" / "edit")],
+        "repro --check": ["repro", "--check", str(locked), *_where(tmp_path)],
     }  # fmt: skip
     for name, argv in commands.items():
         script = (
@@ -237,17 +470,3 @@ def test_validate_plan_and_an_all_hit_run_import_no_torch_diffusers_or_transform
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == "[]", name
-    assert "0 computed, 4 cached" in done.stderr
-
-
-def test_figures_json_and_table_say_the_same(locked, tmp_path, capsys) -> None:
-    folder = locked.parent
-    assert main(["figures", str(folder), *_where(tmp_path)]) == 0
-    table = capsys.readouterr().out.strip().splitlines()
-    assert table[0].split() == ["recipe", "computed", "cached", "outputs", "drift"]
-    assert table[1].split() == ["edit.toml", "0", "4", "1", "none"]
-    assert main(["figures", str(folder), "--json", *_where(tmp_path)]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [(r["recipe"], r["computed"], r["cached"], r["outputs"], r["drift"]) for r in rows] == [
-        ("edit.toml", 0, 4, 1, "none")
-    ]
