@@ -36,7 +36,7 @@ class CheckSection(Table):
         8, ge=0, le=255, description="A pixel may differ by up to this many levels of 255 ..."
     )
     outliers: float = Field(
-        0.001, ge=0, le=1, description="... except in at most this fraction of the pixels"
+        0.01, ge=0, le=1, description="... except in at most this fraction of the pixels"
     )
 
 

@@ -50,9 +50,26 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
     assert "pytest" in commands[1]
+    assert commands[1].endswith(" && HF_HUB_OFFLINE=1 .venv/bin/editflow figures --check manifests")
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == commands[1]
     assert "manifests/quickstart.toml" in commands[0]
+    assert "-e . " in commands[0] and "[test]" not in commands[0]  # the quick start needs no test extra
+
+
+def test_the_ci_job_users_copy_runs_the_commands_the_test_command_runs() -> None:
+    """docs/ci/figures.yml (shown in the README and docs/figures.md) installs as the test
+    command does and runs the figure check CI ends with."""
+    job = (ROOT / "docs" / "ci" / "figures.yml").read_text()
+    for page in ("README.md", "docs/figures.md"):
+        assert f"```yaml\n{job}```" in (ROOT / page).read_text(), page
+    test_command = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())[1]
+    steps = [step.split(" && ") for step in re.findall(r"^      - run: (.+)$", job, re.MULTILINE)]
+    install, check = steps
+    parts = test_command.split(" && ")
+    assert install == parts[:3]
+    assert parts[-1] == f"HF_HUB_OFFLINE=1 {check[0]}"  # the job sets HF_HUB_OFFLINE for all
+    assert 'HF_HUB_OFFLINE: "1"' in job and "path: out/" in job
 
 
 MANIFEST_FILES = sorted(MANIFESTS.rglob("*.toml"))
