@@ -28,7 +28,9 @@ class RecipeResult:
     recipe: Path
     label: str  # the recipe's path under the folder it was found in
     out_dir: Path
-    state: str = "no lock"  # matches its lock | within tolerance | drift | no lock | locked | failed
+    state: str = (
+        "no lock"  # matches its lock | within tolerance | drift | no lock | locked | failed
+    )
     lines: list[str] = field(default_factory=list)
     computed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
@@ -95,7 +97,9 @@ def find_recipes(paths: list[Path]) -> list[tuple[Path, str]]:
     found = []
     for path in paths:
         if path.is_dir():
-            found += [(recipe, recipe.relative_to(path).as_posix()) for recipe in recipes_under(path)]
+            found += [
+                (recipe, recipe.relative_to(path).as_posix()) for recipe in recipes_under(path)
+            ]
         else:
             found.append((path, path.name))
     return found

@@ -46,7 +46,7 @@ class ImageDifference:
 
     max_levels: int  # the largest difference of any channel of any pixel, in levels of 255
     psnr: float  # dB over every channel of every frame; inf when identical
-    beyond: float  # fraction of pixels whose difference exceeds the tolerance's ``levels``
+    beyond: float  # fraction of pixels beyond ``levels`` of the tolerance compared with
     mismatch: str | None = None  # a size or frame count that differs: beyond any tolerance
 
     def within(self, tolerance: CheckSection) -> bool:

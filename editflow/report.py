@@ -61,7 +61,9 @@ def write_report(path: Path, results: Sequence[Any]) -> Path:
         body = [f'<h2 id="{label}">{label} <span class="{_css_class(state)}">'
                 f"{html.escape(state)}</span></h2>"]  # fmt: skip
         if result.lines:
-            body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in result.lines) + "</ul>")
+            body.append(
+                "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in result.lines) + "</ul>"
+            )
         for check in result.verdict.files if result.verdict else []:
             body.append(_file_figures(check, result, root, pictures))
         sections.append("\n".join(body))

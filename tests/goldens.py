@@ -83,13 +83,19 @@ def precision(outputs: Mapping[str, Any]) -> dict[str, float]:
             continue
         dtypes = {part.dtype for part in _tensors(value)}
         found[name] = max(
-            (torch.finfo(dtype).eps for dtype in dtypes if dtype in (torch.float16, torch.bfloat16)),
+            (
+                torch.finfo(dtype).eps
+                for dtype in dtypes
+                if dtype in (torch.float16, torch.bfloat16)
+            ),
             default=0.0,
         )
     return found
 
 
-def allowance_used(kind: Any, outputs: Mapping[str, Any], golden: Mapping[str, torch.Tensor]) -> float:
+def allowance_used(
+    kind: Any, outputs: Mapping[str, Any], golden: Mapping[str, torch.Tensor]
+) -> float:
     """The largest share of the allowed deviation any summarised value uses (> 1 fails)."""
     from editflow.stages import ArtifactType
 

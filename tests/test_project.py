@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from support import MANIFESTS, ROOT
 
@@ -54,7 +53,9 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == commands[1]
     assert "manifests/quickstart.toml" in commands[0]
-    assert "-e . " in commands[0] and "[test]" not in commands[0]  # the quick start needs no test extra
+    assert (
+        "-e . " in commands[0] and "[test]" not in commands[0]
+    )  # the quick start needs no test extra
 
 
 def test_the_ci_job_users_copy_runs_the_commands_the_test_command_runs() -> None:

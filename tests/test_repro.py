@@ -102,7 +102,9 @@ def test_a_lock_is_toml_with_tables_and_a_baseline_of_each_image(locked: Path) -
     (platform_name,) = lock["platforms"]
     facts = lock["platforms"][platform_name]
     assert fingerprint.digest(facts) == platform_name
-    assert facts["threads"] == 1 and facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (
+        facts["threads"] == 1 and facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    )
     assert {stage["platform"] for stage in lock["stage"].values()} == {platform_name}
     assert list(lock["file"]) == ["figure.png"]
     baseline = baseline_dir(locked) / "figure.png"
@@ -193,7 +195,9 @@ def test_on_the_locks_platform_other_outputs_under_the_same_key_are_drift_withou
 def test_another_thread_count_is_named_and_checked_within_tolerance(
     locked, tmp_path, capsys
 ) -> None:
-    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "two"), "--threads", "2")
+    code, lines = _check(
+        locked, tmp_path, capsys, "--cache", str(tmp_path / "two"), "--threads", "2"
+    )
     assert code == 0
     assert lines[0] == f"{locked}: within tolerance"
     assert lines[1] == (
@@ -273,7 +277,9 @@ def test_an_edited_recipe_hash_does_not_switch_off_the_pixel_check(
 
 def test_a_replaced_baseline_is_distrusted(locked, tmp_path, capsys) -> None:
     Image.new("RGB", (64, 64)).save(baseline_dir(locked) / "figure.png")
-    code, lines = _check(locked, tmp_path, capsys, "--cache", str(tmp_path / "two"), "--threads", "2")
+    code, lines = _check(
+        locked, tmp_path, capsys, "--cache", str(tmp_path / "two"), "--threads", "2"
+    )
     assert code == 1
     assert lines[-1] == (
         "  figure.png: its baseline edit.toml.baseline/figure.png is not the locked file (rewrite"

@@ -40,7 +40,8 @@ def ok_with(text: str) -> str:
 def _pose_recipe(folder: Path, astronaut: str | None = None) -> Path:
     """The pose recipe copied into ``folder``, with another astronaut keypoint file."""
     for path in (MANIFESTS / "interpolation").glob("*"):
-        shutil.copy(path, folder)
+        if path.is_file():  # not the baselines beside the locks
+            shutil.copy(path, folder)
     if astronaut is not None:
         write(folder, "astronaut_pose.json", astronaut)
     return folder / "pose.toml"
