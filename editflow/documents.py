@@ -94,10 +94,8 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
     except json.JSONDecodeError as error:
         raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
     except tomllib.TOMLDecodeError as error:
-        match = re.search(r"\(at line (\d+), column \d+\)", str(error))
-        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
-        line = int(match.group(1)) if match else None
-        raise RecipeError(f"invalid TOML: {message}", file=label, line=line) from None
+        message, line = toml_error(error)
+        raise RecipeError(message, file=label, line=line) from None
     except RecursionError:
         document = None
     if document is None or nesting_depth(document, MAX_DEPTH) > MAX_DEPTH:
@@ -105,6 +103,13 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(document, dict):
         raise RecipeError("the recipe must be a table/object at the top level", file=label)
     return document, text
+
+
+def toml_error(error: tomllib.TOMLDecodeError) -> tuple[str, int | None]:
+    """A TOML syntax error as (one short message, its line)."""
+    match = re.search(r"\(at line (\d+), column \d+\)", str(error))
+    message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
+    return f"invalid TOML: {message}", int(match.group(1)) if match else None
 
 
 def nesting_depth(value: Any, limit: int) -> int:

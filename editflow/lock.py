@@ -30,7 +30,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from editflow import fingerprint as platform
-from editflow.documents import error_message, nesting_depth, toml_locator
+from editflow.documents import error_message, nesting_depth, toml_error, toml_locator
 from editflow.errors import EditflowError, Problem
 
 LOCK_FORMAT = 2
@@ -278,10 +278,8 @@ def read_lock(recipe: Path) -> Lock:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        match = re.search(r"\(at line (\d+), column \d+\)", str(error))
-        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(error))
-        line = int(match.group(1)) if match else None
-        raise EditflowError(f"invalid TOML: {message}", file=label, line=line) from None
+        message, line = toml_error(error)
+        raise EditflowError(message, file=label, line=line) from None
     except RecursionError:
         document = None
     if document is None or nesting_depth(document, MAX_LOCK_DEPTH) > MAX_LOCK_DEPTH:
