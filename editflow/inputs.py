@@ -22,7 +22,7 @@ from editflow.documents import Table
 from editflow.errors import EditflowError, Problem
 from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType
-from editflow.stages.pose import read_openpose
+from editflow.stages.pose import check_openpose, read_openpose
 
 torch = lazy("torch")
 
@@ -103,12 +103,18 @@ class ResolvedInput:
 
 
 def skimage_photos() -> dict[str, Path]:
-    """The photographs scikit-image ships in its wheel, by name (``chelsea``, ``coffee`` ...)."""
-    try:
-        import skimage
-    except ImportError:
+    """The photographs scikit-image ships in its wheel, by name (``chelsea``, ``coffee`` ...).
+
+    Found without importing scikit-image (a recipe's validation needs its files, not it).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
         return {}
-    folder = Path(skimage.__file__).parent / "data"
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    if not folder.is_dir():
+        return {}
     return {
         path.stem: path
         for path in sorted(folder.iterdir())
@@ -187,7 +193,7 @@ def _check_text(data: bytes) -> str | None:
 def _check_keypoints(data: bytes) -> str | None:
     """Why a keypoint file cannot be used (``{value}`` names it), or ``None``."""
     try:
-        read_openpose(data)
+        check_openpose(data)
     except ValueError as error:
         return "{value}: " + str(error).replace("{", "{{").replace("}", "}}")
     return None

@@ -40,6 +40,21 @@ def read_openpose(data: bytes) -> torch.Tensor:
     Raises:
         ValueError: The file is not OpenPose JSON; the message says what is wrong.
     """
+    values, canvas = check_openpose(data)
+    points = torch.tensor(values, dtype=torch.float32).view(BODY_POINTS, 3)
+    if canvas is not None:
+        points[:, 0] /= canvas[0]
+        points[:, 1] /= canvas[1]
+    return points
+
+
+def check_openpose(data: bytes) -> tuple[list[float], tuple[float, float] | None]:
+    """The first person's 54 numbers and the canvas (width, height) if the file gives one;
+    plain Python, so validating a recipe imports no torch.
+
+    Raises:
+        ValueError: The file is not OpenPose JSON; the message says what is wrong.
+    """
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -57,16 +72,15 @@ def read_openpose(data: bytes) -> torch.Tensor:
             f"people[0].pose_keypoints_2d has {len(values)} numbers; OpenPose's body model has"
             f" {BODY_POINTS} points of (x, y, confidence), {3 * BODY_POINTS} numbers"
         )
-    points = torch.tensor(values, dtype=torch.float32).view(BODY_POINTS, 3)
     width, height = document.get("canvas_width"), document.get("canvas_height")
     if isinstance(width, int | float) and isinstance(height, int | float) and width > 0 < height:
-        points[:, 0] /= width
-        points[:, 1] /= height
-    elif bool((points[points[:, 2] > 0, :2] > 1).any()):
+        return values, (width, height)
+    seen = [values[i : i + 2] for i in range(0, len(values), 3) if values[i + 2] > 0]
+    if any(coordinate > 1 for point in seen for coordinate in point):
         raise ValueError(
             "pixel coordinates need the image size: add canvas_width and canvas_height"
         )
-    return points
+    return values, None
 
 
 def draw_pose(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
