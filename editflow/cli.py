@@ -62,6 +62,13 @@ def _recipe_command(
         help="override a recipe value, e.g. --set stages.edit.guidance_scale=12 (repeatable)",
     )
     _cache_option(parser)
+    parser.add_argument(
+        "--base",
+        type=Path,
+        metavar="DIR",
+        help="for a figure (PNG or GIF) as RECIPE: the folder its recipe's inputs are read"
+        " from, and only from (default: the figure's folder)",
+    )
     if targets:
         parser.add_argument(
             "--target",
@@ -223,8 +230,9 @@ def _display(args: argparse.Namespace) -> Iterator[Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from editflow.engine.api import run_recipe
+    from editflow.figures import is_figure
 
-    if args.recipe.suffix.lower() == ".png":
+    if is_figure(args.recipe):
         return run_figure(args)
     out_dir = args.out or Path("out") / args.recipe.stem
     axes = _sweep_axes(args)
@@ -261,15 +269,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from editflow.engine.api import plan_recipe
     from editflow.engine.execute import last_run_record
     from editflow.engine.keys import describe_change, describe_changes
 
     cache = _cache(args)
-    axes = _sweep_axes(args)
-    if axes:
+    if _figure_document(args) is None and (axes := _sweep_axes(args)):
         return plan_swept(args, axes, cache)
-    plan = plan_recipe(args.recipe, args.overrides, cache=cache, targets=args.targets)
+    plan = _plan(args, cache)
     if args.json:
         rows = []
         for stage in plan.stages.values():
@@ -301,11 +307,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from editflow.engine.api import plan_recipe
 
-    plan = plan_recipe(args.recipe, args.overrides, cache=_cache(args), targets=args.targets)
+    plan = _plan(args, _cache(args))
     print(f"{args.recipe}: ok ({len(plan.stages)} stages, {len(plan.inputs)} inputs)")
     return 0
+
+
+def _figure_document(args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
+    """(where, document) of the recipe a figure given as RECIPE carries; None for a recipe."""
+    from editflow.figures import is_figure, recipe_of_figure
+
+    if not is_figure(args.recipe):
+        if args.base is not None:
+            raise EditflowError("only for a figure given as RECIPE", file="--base")
+        return None
+    if getattr(args, "sweeps", None):
+        raise EditflowError(
+            "a figure replays one run, not a sweep", file="--sweep",
+            hint="sweep the recipe file it came from",
+        )  # fmt: skip
+    return recipe_of_figure(args.recipe, args.base)
+
+
+def _plan(args: argparse.Namespace, cache: Any) -> Any:
+    """The plan of RECIPE, or of the recipe a figure carries (confined to its base)."""
+    from editflow.engine.api import plan_recipe
+
+    carried = _figure_document(args)
+    if carried is None:
+        return plan_recipe(args.recipe, args.overrides, cache=cache, targets=args.targets)
+    recipe, document = carried
+    return plan_recipe(recipe, args.overrides, cache=cache, targets=args.targets,
+                       document=document, confined=True)  # fmt: skip
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -537,20 +570,25 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def run_figure(args: argparse.Namespace) -> int:
-    """``editflow run FIGURE.png``: rerun the recipe a figure carries."""
+    """``editflow run FIGURE.png`` (or an animation's GIF): rerun the recipe it carries,
+    confined to its base folder, writing to ``--out`` or ``out/<figure stem>``."""
     from editflow.engine.api import run_recipe
-    from editflow.figures import recipe_of_figure
 
-    recipe, document = recipe_of_figure(args.recipe)
-    out_dir = args.out or Path("out") / recipe.stem
-    result = run_recipe(
-        recipe, args.overrides, cache=_cache(args), out_dir=out_dir, device=args.device,
-        targets=args.targets, document=document, threads=resolve_threads(args.threads)[0],
-    )  # fmt: skip
+    recipe, document = _figure_document(args)
+    out_dir = args.out or Path("out") / args.recipe.stem
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
+    started = time.perf_counter()
+    with _display(args) as display:
+        result = run_recipe(
+            recipe, args.overrides, cache=_cache(args), out_dir=out_dir, device=args.device,
+            events=display, targets=args.targets, document=document, confined=True,
+            threads=resolve_threads(args.threads)[0],
+        )  # fmt: skip
     print(
-        f"{args.recipe}: the recipe {recipe} as it made this figure; {len(result.hits)} stages"
-        f" were in the cache, {len(result.computed)} computed; {len(result.written)} files in"
-        f" {out_dir}",
+        f"{args.recipe}: the recipe it carries ({recipe.name}, inputs from {recipe.parent});"
+        f" {len(result.hits)} stages were in the cache, {len(result.computed)} computed;"
+        f" {len(result.written)} files in {out_dir} ({time.perf_counter() - started:.1f} s)",
         file=sys.stderr,
     )
     return 0

@@ -10,7 +10,9 @@ output layout serves every command: ``OUT/<recipe path under the folder>/<stem>/
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,41 +226,81 @@ def _pool_key(model: Any, dtype: Any) -> str:
     return json.dumps([model.layout, model.fingerprint(), str(dtype)], sort_keys=True)
 
 
-def recipe_of_figure(figure: Path) -> tuple[Path, dict[str, Any]]:
-    """The recipe an exported PNG carries: where it lives (for its relative inputs) and the
-    document as it was run.
+FIGURE_SUFFIXES = (".png", ".gif")
+_TOO_DEEP = object()
+_RECIPE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.(toml|json)$")
 
-    The recipe's path is recorded inside its git repository; it is looked up from the current
-    folder and from each folder above the figure.
+
+def is_figure(path: Path) -> bool:
+    """Whether a command's recipe argument is an exported figure (PNG or GIF)."""
+    return path.suffix.lower() in FIGURE_SUFFIXES
+
+
+def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The recipe an exported PNG (or GIF) carries, as it was run, placed in a base folder.
+
+    The document is untrusted: it is read as strictly as a recipe file (size, nesting,
+    duplicate keys, one table at the top), and it chooses nothing on this machine: its
+    relative inputs resolve inside ``base`` (the command line's ``--base``, else the figure's
+    folder) and nowhere else (:func:`editflow.inputs.resolve_input` with ``confined``), and
+    the recipe is placed at ``base/<its file name>``, never at a path the figure names.
 
     Raises:
-        EditflowError: The file is not an editflow figure, or its recipe's folder is not found.
+        EditflowError: Not an editflow figure, or a carried recipe that cannot be read.
     """
     from PIL import Image
 
+    from editflow.documents import MAX_DEPTH, MAX_RECIPE_BYTES, nesting_depth
+
+    label = str(figure)
+    if not figure.is_file():
+        raise EditflowError("figure not found", file=label)
     try:
         with Image.open(figure) as image:
-            text = dict(getattr(image, "text", {}))
-    except OSError as error:
-        raise EditflowError(f"cannot read {figure}: {error}", file=str(figure)) from None
-    if "editflow:recipe_json" not in text:
+            if figure.suffix.lower() == ".gif":
+                comment = image.info.get("comment", b"{}")
+                text = json.loads(comment.decode("utf-8", "replace") or "{}")
+            else:
+                text = dict(getattr(image, "text", {}))
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: bad files, oversized text chunks
+        reason = re.sub(r"\s*(<[^>]*>|'[^']*')$", "", str(error)) or type(error).__name__
+        raise EditflowError(f"cannot read the figure's text: {reason}", file=label) from None
+    chunk = text.get("editflow:recipe_json") if isinstance(text, dict) else None
+    if not isinstance(chunk, str):
         raise EditflowError(
-            "not a figure editflow wrote (no editflow:recipe_json text chunk)", file=str(figure)
+            "not a figure editflow wrote (no editflow:recipe_json text chunk)", file=label
         )
-    document = json.loads(text["editflow:recipe_json"])
-    recorded = Path(text.get("editflow:recipe_path", text.get("editflow:recipe", "recipe.toml")))
-    if recorded.is_absolute():
-        candidates = [recorded]
-    else:
-        folders = [Path.cwd(), *figure.resolve().parents]
-        candidates = [folder / recorded for folder in folders]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate, document
-    if recorded.is_absolute() and recorded.parent.is_dir():
-        return recorded, document  # the file is gone; its folder still holds the inputs
-    raise EditflowError(
-        f"the recipe {recorded} is not found from here or above the figure",
-        file=str(figure),
-        hint="run from the repository the recipe lives in (its inputs are relative to it)",
-    )
+    where = f"{label}: editflow:recipe_json"
+    if len(chunk.encode()) > MAX_RECIPE_BYTES:
+        raise EditflowError(f"larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe", file=where)
+    try:
+        document = json.loads(chunk, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as error:
+        raise EditflowError(f"invalid JSON: {error.msg}", file=where, line=error.lineno) from None
+    except ValueError as error:
+        raise EditflowError(str(error), file=where) from None
+    except RecursionError:
+        document = _TOO_DEEP
+    if document is _TOO_DEEP or nesting_depth(document, MAX_DEPTH) > MAX_DEPTH:
+        raise EditflowError(f"tables or arrays nested deeper than {MAX_DEPTH} levels", file=where)
+    if not isinstance(document, dict):
+        raise EditflowError("the recipe must be an object at the top level", file=where)
+    if document.get("sweep"):
+        raise EditflowError(
+            "the recipe has a [sweep] table: a figure replays one run, not a sweep",
+            file=where, hint="rerun the sweep from its recipe file",
+        )  # fmt: skip
+    name = str(text.get("editflow:recipe", ""))
+    name = name if _RECIPE_NAME.match(name) else "recipe.toml"
+    folder = (base if base is not None else figure.parent).resolve()
+    if not folder.is_dir():
+        raise EditflowError("not a folder", file="--base")
+    return folder / name, document
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    counts = Counter(key for key, _ in pairs)
+    twice = sorted(key for key, count in counts.items() if count > 1)
+    if twice:
+        raise ValueError(f"duplicate key {twice[0]!r}")
+    return dict(pairs)

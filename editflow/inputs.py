@@ -122,8 +122,14 @@ def skimage_photos() -> dict[str, Path]:
     }
 
 
-def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) -> Any:
-    """Locate, read and check one input. Returns a ResolvedInput or a Problem."""
+def resolve_input(
+    name: str, section: InputSection, base_dir: Path, label: str, confined: bool = False
+) -> Any:
+    """Locate, read and check one input. Returns a ResolvedInput or a Problem.
+
+    ``confined`` (a recipe a figure carries): a file path must resolve inside ``base_dir``,
+    links followed; absolute paths and ``..`` out of it are refused, unread.
+    """
     field, value = section.source()
     key = f"inputs.{name}.{field}"
     if value.startswith(SKIMAGE_PREFIX):
@@ -136,8 +142,15 @@ def resolve_input(name: str, section: InputSection, base_dir: Path, label: str) 
             )
     else:
         path = (base_dir / value).resolve()
+        if confined and (Path(value).is_absolute() or not path.is_relative_to(base_dir.resolve())):
+            return Problem(
+                f"{value} is outside the base folder {base_dir}: a recipe carried by a figure"
+                " reads only files under it", file=label, key=key,
+                hint="pass --base DIR to replay it from the folder its inputs are in",
+            )  # fmt: skip
     if not path.is_file():
-        return Problem(f"file not found: {value}", file=label, key=key)
+        where = f" (looked in {base_dir})" if confined else ""
+        return Problem(f"file not found: {value}{where}", file=label, key=key)
     limit = {"text": MAX_TEXT_BYTES, "keypoints": MAX_KEYPOINTS_BYTES}.get(field, MAX_IMAGE_BYTES)
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)  # a bound on what validation reads

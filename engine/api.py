@@ -36,9 +36,11 @@ def plan_recipe(
     cache: Cache,
     targets: list[str] | None = None,
     document: dict[str, Any] | None = None,
+    confined: bool = False,
 ) -> Plan:
-    """Load, validate and plan a recipe; loads no model weights and writes nothing."""
-    loaded = load_recipe(path, overrides, defer=True, document=document)
+    """Load, validate and plan a recipe; loads no model weights and writes nothing.
+    ``confined``: the recipe's inputs must lie under its folder (a figure's recipe)."""
+    loaded = load_recipe(path, overrides, defer=True, document=document, confined=confined)
     return build_plan(loaded, models_dir=models_dir_for(cache), targets=targets)
 
 
@@ -55,6 +57,7 @@ def run_recipe(
     executor: Executor | None = None,
     document: dict[str, Any] | None = None,
     threads: int | None = None,
+    confined: bool = False,
 ) -> RunResult:
     """Plan and run a recipe; returns what ran, what hit and which files were written.
 
@@ -62,7 +65,9 @@ def run_recipe(
     """
     if device not in ("auto", "cpu"):
         resolve_device(device)  # a device this machine lacks is an error before any work
-    plan = plan_recipe(path, overrides, cache=cache, targets=targets, document=document)
+    plan = plan_recipe(
+        path, overrides, cache=cache, targets=targets, document=document, confined=confined
+    )
     session = Session(
         cache=cache,
         out_dir=Path(out_dir) if out_dir is not None else None,

@@ -89,7 +89,9 @@ def build_plan(
     problems: list[Problem] = []
     inputs: dict[str, ResolvedInput] = {}
     for name, section in loaded.recipe.inputs.items():
-        resolved = resolve_input(name, section, loaded.folder, str(loaded.path))
+        resolved = resolve_input(
+            name, section, loaded.folder, str(loaded.path), confined=loaded.confined
+        )
         if isinstance(resolved, Problem):
             problems.append(loaded.located(resolved))
         else:

@@ -131,6 +131,7 @@ class LoadedRecipe(BaseModel):
     problems: list[Problem] = []
     loose: dict[str, tuple[Any, dict[str, Any]]] = {}
     locator: Locator
+    confined: bool = False  # a figure's recipe: inputs only from under its folder
 
     @property
     def folder(self) -> Path:
@@ -147,13 +148,15 @@ def load_recipe(
     *,
     defer: bool = False,
     document: dict[str, Any] | None = None,
+    confined: bool = False,
 ) -> LoadedRecipe:
     """Read, override, migrate and validate a recipe.
 
     Raises RecipeError with every problem found. With ``defer``, problems inside individual
     stages are returned on the result instead, for the planner to report together with
     the graph's problems. ``document`` stands in for the file's contents (a recipe carried
-    by a figure); ``path`` still places it, for its relative input paths.
+    by a figure); ``path`` still places it, for its relative input paths, and ``confined``
+    keeps those inside its folder (a document that came with a figure is untrusted).
     """
     path = Path(path)
     label = str(path)
@@ -201,6 +204,7 @@ def load_recipe(
         problems=problems,
         loose=loose,
         locator=locator,
+        confined=confined,
     )
 
 

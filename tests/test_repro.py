@@ -414,23 +414,19 @@ def test_a_bad_thread_count_is_one_line(locked, tmp_path, capsys, monkeypatch, a
     assert capsys.readouterr().err.strip() == message
 
 
-def test_a_figure_reruns_the_recipe_that_made_it_byte_for_byte(
-    locked, tmp_path, capsys, monkeypatch
-) -> None:
+def test_a_figure_reruns_the_recipe_that_made_it_byte_for_byte(locked, tmp_path, capsys) -> None:
     figure = tmp_path / "out" / "edit" / "figure.png"
     with Image.open(figure) as image:
         document = json.loads(image.text["editflow:recipe_json"])
     assert document["stages"]["edit"]["skip"] == 1
     locked.write_text(locked.read_text().replace("skip = 1", "skip = 3"))  # the file moves on
-    monkeypatch.chdir(tmp_path)
-    code = main(["run", str(figure), "--cache", str(tmp_path / "fresh"), "--out",
-                 str(tmp_path / "again"), "--device", "cpu"])  # fmt: skip
-    assert code == 0
+    again = ["--cache", str(tmp_path / "fresh"), "--out", str(tmp_path / "again"), "--device",
+             "cpu", "--base", str(locked.parent)]  # fmt: skip
+    assert main(["run", str(figure), *again]) == 0
     assert (tmp_path / "again" / "figure.png").read_bytes() == figure.read_bytes()
     assert "4 computed" in capsys.readouterr().err
-    code = main(["run", str(tmp_path / "again" / "figure.png"), "--cache", str(tmp_path / "fresh"),
-                 "--out", str(tmp_path / "again"), "--device", "cpu"])  # fmt: skip
-    assert code == 0 and "4 stages were in the cache, 0 computed" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "again" / "figure.png"), *again]) == 0
+    assert "4 stages were in the cache, 0 computed" in capsys.readouterr().err
 
 
 def test_a_png_without_a_recipe_is_refused(tmp_path, capsys) -> None:
