@@ -171,7 +171,10 @@ def test_sweeping_a_figure_is_refused_and_validate_and_plan_read_it(world, capsy
     assert main(["validate", str(figure), *cache]) == 0
     assert capsys.readouterr().out.strip() == f"{figure}: ok (2 stages, 1 inputs)"
     assert main(["plan", str(figure), *cache]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["encode", "decode"]
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [
+        "encode",
+        "decode",
+    ]
     assert main(["validate", str(world / "downloads"), "--base", "x", *cache]) == 2
     assert capsys.readouterr().err.strip() == "--base: only for a figure given as RECIPE"
 
