@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -307,9 +308,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from editflow.sweeps import plan_points
 
-    plan = _plan(args, _cache(args))
-    print(f"{args.recipe}: ok ({len(plan.stages)} stages, {len(plan.inputs)} inputs)")
+    cache = _cache(args)
+    plan = _plan(args, cache)
+    summary = f"{len(plan.stages)} stages, {len(plan.inputs)} inputs"
+    axes = _sweep_axes(args) if _figure_document(args) is None else []
+    if axes:  # every point, as run and plan would make it
+        summary += f", {len(plan_points(args.recipe, axes, cache))} sweep points"
+    print(f"{args.recipe}: ok ({summary})")
     return 0
 
 
@@ -430,7 +437,7 @@ def _sweep_axes(args: argparse.Namespace) -> list[Any]:
     from editflow.documents import read_document
     from editflow.sweeps import combine, parse_sweep, table_axes
 
-    command_line = [parse_sweep(argument) for argument in args.sweeps]
+    command_line = [parse_sweep(argument) for argument in getattr(args, "sweeps", [])]
     document, _ = read_document(args.recipe)
     return combine(table_axes(document), command_line)
 
@@ -451,6 +458,9 @@ def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
     if args.overrides or args.targets:
         raise EditflowError("--sweep runs whole recipes: use --sweep alone", file="--set/--target")
     started = time.perf_counter()
+    if not args.log_json:
+        count = math.prod(len(axis.values) for axis in axes)
+        print(f"{count} sweep points: planning each before anything runs", file=sys.stderr)
     with _display(args) as display:
         ray = _ray_options(args) if args.executor == "ray" else None
         result = run_sweep(

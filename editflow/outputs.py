@@ -147,6 +147,11 @@ def write_png(path: Path, image: Image.Image, info: PngImagePlugin.PngInfo) -> P
     return _write_file(path, lambda stream: image.save(stream, format="PNG", pnginfo=info))
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file under a temporary name, then rename it into place."""
+    return _write_file(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
 def _write_gif(path: Path, frames: list[Image.Image], durations: list[int], comment: str) -> Path:
     # One shared palette would band; per-frame palettes keep each frame's colours.
     return _write_file(

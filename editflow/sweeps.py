@@ -12,10 +12,13 @@ grid of figures, labelled with the axis values, is ``out/<recipe>/sweep.png``.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,8 @@ from typing import Any
 from editflow.errors import EditflowError, Problem, RecipeError
 
 _POINT_NAME = re.compile(r"[^A-Za-z0-9_.=,+-]")
+MAX_NAME = 200  # characters of a point's folder name
+MAX_POINTS = 1024  # a sweep larger than this is almost surely a typo (1e8 points plan forever)
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,29 @@ def parse_sweep(argument: str) -> Axis:
         values = tomllib.loads(f"values = [{text}]")["values"]
     except tomllib.TOMLDecodeError:  # bare words: each value on its own, as --set reads it
         values = [_value(value.strip()) for value in text.split(",")]
-    return Axis(key, tuple(values), origin)
+    return _checked(Axis(key, tuple(values), origin))
+
+
+def _checked(axis: Axis) -> Axis:
+    """The axis, if its values can be swept: finite numbers, no value twice."""
+    for value in axis.values:
+        if not _finite(value):
+            raise EditflowError(f"{value!r} is not a finite value", file=axis.origin)
+    seen = [json.dumps(value, sort_keys=True) for value in axis.values]
+    twice = sorted({text for text in seen if seen.count(text) > 1})
+    if twice:
+        raise EditflowError(f"the value {twice[0]} is given twice", file=axis.origin)
+    return axis
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(item) for item in value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    return True
 
 
 def _value(text: str) -> Any:
@@ -69,20 +96,47 @@ def _value(text: str) -> Any:
 
 def table_axes(document: Mapping[str, Any]) -> list[Axis]:
     """The axes of a recipe's ``[sweep]`` table."""
-    table = document.get("sweep") or {}
+    if "sweep" not in document:
+        return []
+    table = document["sweep"]
+    if not isinstance(table, dict):
+        raise EditflowError(
+            'must be a table of axes: [sweep] "stages.NAME.PARAMETER" = [values]', file="sweep"
+        )
+    if not table:
+        raise EditflowError("an empty table: give it an axis or remove it", file="sweep")
     axes = []
     for key, values in table.items():
         origin = f"sweep.{json.dumps(key)}"
         if not isinstance(values, list) or not values:
             raise EditflowError("must be a non-empty array of values", file=origin)
-        axes.append(Axis(key, tuple(values), origin))
+        axes.append(_checked(Axis(key, tuple(values), origin)))
     return axes
 
 
 def combine(table: list[Axis], command_line: list[Axis]) -> list[Axis]:
-    """The table's axes with the command line's replacing those of the same key."""
-    given = {axis.key for axis in command_line}
-    return [axis for axis in table if axis.key not in given] + command_line
+    """The table's axes with the command line's replacing those of the same key.
+
+    Raises:
+        EditflowError: The command line gives one key twice, or there are more points than
+            :data:`MAX_POINTS`.
+    """
+    given: dict[str, Axis] = {}
+    for axis in command_line:
+        if axis.key in given:
+            raise EditflowError(
+                f"{axis.key} is swept twice (also {given[axis.key].origin})", file=axis.origin
+            )
+        given[axis.key] = axis
+    axes = [axis for axis in table if axis.key not in given] + command_line
+    count = math.prod(len(axis.values) for axis in axes)
+    if count > MAX_POINTS:
+        shape = " x ".join(str(len(axis.values)) for axis in axes)
+        raise EditflowError(
+            f"{count} points ({shape}), more than {MAX_POINTS}: nothing was planned",
+            file="sweep", hint="sweep fewer values, or several smaller sweeps",
+        )  # fmt: skip
+    return axes
 
 
 def _toml(value: Any) -> str:
@@ -92,15 +146,28 @@ def _toml(value: Any) -> str:
 
 
 def points(axes: list[Axis]) -> list[Point]:
-    """Every combination, the first axis varying slowest."""
+    """Every combination, the first axis varying slowest.
+
+    A point's folder is its readable name (``edit.skip=20,edit.cfg_tar=7.5``) when that
+    says its values exactly (nothing replaced or cut) and no other point reads the same;
+    otherwise the name, made safe and cut, plus ``~`` and a digest of the values. A readable
+    name never holds ``~``, and two exact names differ: folders are unique by construction.
+    """
     result = []
     for values in itertools.product(*(axis.values for axis in axes)):
-        parts = [
-            f"{_short(axis.key)}={_text(value)}" for axis, value in zip(axes, values, strict=True)
-        ]
-        overrides = [f"{axis.key}={_toml(value)}" for axis, value in zip(axes, values, strict=True)]
-        name = _POINT_NAME.sub("_", ",".join(parts))[:200]
-        result.append(Point(name, overrides, ", ".join(parts), values))
+        pairs = list(zip(axes, values, strict=True))
+        parts = [f"{_short(axis.key)}={_text(value)}" for axis, value in pairs]
+        overrides = [f"{axis.key}={_toml(value)}" for axis, value in pairs]
+        result.append(Point(",".join(parts), overrides, ", ".join(parts), values))
+    raw = Counter(point.name for point in result)  # "1" and 1 read alike
+    for point in result:
+        name = _POINT_NAME.sub("_", point.name)
+        exact = name == point.name and len(name) <= MAX_NAME and raw[name] == 1
+        if not exact:
+            identity = json.dumps([[a.key for a in axes], list(point.values)], sort_keys=True)
+            digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+            name = f"{name[: MAX_NAME - 13]}~{digest}"
+        point.name = name
     return result
 
 
@@ -218,7 +285,24 @@ def run_sweep(
         result.written += outcome.written
         figures.append(_figure_of(outcome.written))
     result.grid = _write_grid(out_root / "sweep.png", planned, axes, figures)
+    write_index(out_root / "sweep.json", planned, axes)
     return result
+
+
+def write_index(path: Path, planned: list[Point], axes: list[Axis]) -> Path:
+    """``sweep.json``: each point's folder with the values that made it."""
+    from editflow.outputs import write_text
+
+    index = {
+        "axes": [{"key": axis.key, "values": list(axis.values)} for axis in axes],
+        "points": [
+            {"folder": point.name,
+             "values": {axis.key: value for axis, value in zip(axes, point.values, strict=True)},
+             "stages": point.keys}
+            for point in planned
+        ],
+    }  # fmt: skip
+    return write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _figure_of(written: list[Path]) -> Path | None:

@@ -3,6 +3,7 @@ table alike, and bad axes named by where they were given."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -114,5 +115,110 @@ def test_a_bad_axis_is_one_line_naming_where_it_was_given(
     code = main(["run", str(recipe), *extra, "--cache", str(tmp_path / "c"), "--out",
                  str(tmp_path / "o")])  # fmt: skip
     assert code == 2
-    assert capsys.readouterr().err.strip() == expected
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_point_folders_are_unique_by_construction_for_any_strings() -> None:
+    """A seeded property test: random values (unsafe characters, long shared prefixes, "1"
+    beside 1) never share a folder, and a folder is its readable name when that is exact."""
+    import random
+
+    from editflow.sweeps import Axis, points
+
+    rng = random.Random(0)
+    alphabet = 'ab _/.\\:*?"<>|~é1'
+    for _ in range(300):
+        prefix = "p" * rng.choice([0, 5, 199, 210])
+        values = {prefix + "".join(rng.choices(alphabet, k=rng.randint(0, 4))) for _ in range(6)}
+        values = [*values, *rng.sample([1, "1", 1.5, True], 2)]
+        values = list(dict.fromkeys(values, None))
+        axes = [Axis("stages.edit.prompt", tuple(values), "--sweep"),
+                Axis("stages.edit.skip", (1, 2), "--sweep")]  # fmt: skip
+        names = [point.name for point in points(axes)]
+        assert len(set(names)) == len(names)
+        assert all(len(name) <= 200 and "/" not in name for name in names)
+    (plain,) = points([Axis("stages.edit.skip", (3,), "--sweep")])
+    assert plain.name == "edit.skip=3"
+
+
+def test_lossy_names_get_a_digest_and_the_index_maps_folders_to_values(tmp_path: Path) -> None:
+    from editflow.sweeps import Axis, points
+
+    axis = Axis("stages.edit.target_prompt", ("a photo of a dog", "a_photo_of_a_dog"), "--sweep")
+    names = [point.name for point in points([axis])]
+    assert names[1] == "edit.target_prompt=a_photo_of_a_dog"  # exact, kept readable
+    assert names[0].startswith("edit.target_prompt=a_photo_of_a_dog~") and len(names[0]) == 48
+    recipe = _recipe(tmp_path / "recipe")
+    _run(recipe, tmp_path, "out", "--sweep", "stages.edit.skip=1,2")
+    index = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [(p["folder"], p["values"]) for p in index["points"]] == [
+        ("edit.skip=1", {"stages.edit.skip": 1}), ("edit.skip=2", {"stages.edit.skip": 2})
+    ]  # fmt: skip
+    assert set(index["points"][0]["stages"]) == {"encode", "invert", "edit", "figure"}
+
+
+@pytest.mark.parametrize(
+    ("argument", "table", "expected"),
+    [
+        (None, '"stages.edit.skip" = [1, nan]', 'sweep."stages.edit.skip": nan is not a finite value'),
+        (None, '"stages.edit.cfg_tar" = [inf]', 'sweep."stages.edit.cfg_tar": inf is not a finite value'),
+        ("stages.edit.cfg_tar=3.5,nan", "", "--sweep stages.edit.cfg_tar=3.5,nan: nan is not a finite value"),
+        ("stages.edit.skip=1,1", "", "--sweep stages.edit.skip=1,1: the value 1 is given twice"),
+        (None, "", "sweep: an empty table: give it an axis or remove it"),
+    ],
+)  # fmt: skip
+def test_unsweepable_values_are_one_line(tmp_path: Path, capsys, argument, table, expected) -> None:
+    recipe = _recipe(
+        tmp_path / "recipe", RECIPE + f"\n[sweep]\n{table}\n" if table or not argument else RECIPE
+    )
+    extra = ["--sweep", argument] if argument else []
+    code = main(["run", str(recipe), *extra, "--cache", str(tmp_path / "c"), "--out",
+                 str(tmp_path / "o")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("top", ["sweep = [1, 2]", 'sweep = "stages.edit.skip=1,2"'])
+def test_a_sweep_that_is_not_a_table_is_one_line(tmp_path: Path, capsys, top) -> None:
+    recipe = _recipe(tmp_path / "recipe", top + "\n" + RECIPE)
+    assert (
+        main(["run", str(recipe), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        'sweep: must be a table of axes: [sweep] "stages.NAME.PARAMETER" = [values]'
+    )
+
+
+def test_validate_plans_every_point_and_refuses_a_bogus_key(tmp_path: Path, capsys) -> None:
+    recipe = _recipe(tmp_path / "recipe", RECIPE + '\n[sweep]\n"stages.edit.skip" = [1, 2]\n')
+    assert main(["validate", str(recipe), "--cache", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.strip() == f"{recipe}: ok (4 stages, 1 inputs, 2 sweep points)"
+    recipe.write_text(RECIPE + '\n[sweep]\n"stages.edit.bogus" = [1, 2]\n')
+    assert main(["validate", str(recipe), "--cache", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        'sweep."stages.edit.bogus": stages.edit.bogus: unknown key'
+    )
+
+
+def test_a_huge_sweep_or_a_key_swept_twice_is_refused_before_planning(
+    tmp_path: Path, capsys
+) -> None:
+    recipe = _recipe(tmp_path / "recipe")
+    values = ",".join(str(v / 1000) for v in range(100))
+    argv = ["run", str(recipe), "--sweep", f"stages.edit.cfg_tar={values}", "--sweep",
+            "stages.edit.skip=" + ",".join(map(str, range(1, 21))), "--cache", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sweep: 2000 points (100 x 20), more than 1024: nothing was planned (sweep fewer values,"
+        " or several smaller sweeps)"
+    )
+    argv = ["plan", str(recipe), "--sweep", "stages.edit.skip=1", "--sweep", "stages.edit.skip=2",
+            "--cache", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "--sweep stages.edit.skip=2: stages.edit.skip is swept twice (also --sweep"
+        " stages.edit.skip=1)"
+    )
