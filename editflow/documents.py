@@ -16,6 +16,7 @@ import tomllib
 import types
 import typing
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,9 +91,14 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
             hint="save the recipe as UTF-8",
         ) from None
     try:
-        document = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        if path.suffix == ".json":
+            document = json.loads(text, object_pairs_hook=no_duplicate_keys)
+        else:
+            document = tomllib.loads(text)
     except json.JSONDecodeError as error:
         raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
+    except DuplicateKeyError as error:
+        raise RecipeError(f"invalid JSON: {error}", file=label) from None
     except tomllib.TOMLDecodeError as error:
         message, line = toml_error(error)
         raise RecipeError(message, file=label, line=line) from None
@@ -103,6 +109,19 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(document, dict):
         raise RecipeError("the recipe must be a table/object at the top level", file=label)
     return document, text
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names a key twice (JSON keeps the last silently; TOML refuses it)."""
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook`` that refuses a key given twice."""
+    counts = Counter(key for key, _ in pairs)
+    twice = sorted(key for key, count in counts.items() if count > 1)
+    if twice:
+        raise DuplicateKeyError(f"duplicate key {twice[0]!r}")
+    return dict(pairs)
 
 
 def toml_error(error: tomllib.TOMLDecodeError) -> tuple[str, int | None]:

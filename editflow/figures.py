@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +249,7 @@ def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict
     """
     from PIL import Image
 
-    from editflow.documents import MAX_DEPTH, MAX_RECIPE_BYTES, nesting_depth
+    from editflow.documents import MAX_DEPTH, MAX_RECIPE_BYTES, nesting_depth, no_duplicate_keys
 
     label = str(figure)
     if not figure.is_file():
@@ -274,7 +273,7 @@ def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict
     if len(chunk.encode()) > MAX_RECIPE_BYTES:
         raise EditflowError(f"larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe", file=where)
     try:
-        document = json.loads(chunk, object_pairs_hook=_no_duplicates)
+        document = json.loads(chunk, object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as error:
         raise EditflowError(f"invalid JSON: {error.msg}", file=where, line=error.lineno) from None
     except ValueError as error:
@@ -296,11 +295,3 @@ def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict
     if not folder.is_dir():
         raise EditflowError("not a folder", file="--base")
     return folder / name, document
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    counts = Counter(key for key, _ in pairs)
-    twice = sorted(key for key, count in counts.items() if count > 1)
-    if twice:
-        raise ValueError(f"duplicate key {twice[0]!r}")
-    return dict(pairs)

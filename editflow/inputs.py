@@ -68,6 +68,12 @@ class InputSection(Table):
             != 1
         ):
             raise ValueError("give exactly one of 'image', 'mask', 'text' or 'keypoints'")
+        given = self.model_fields_set & {"size", "resize"}
+        if (self.text is not None or self.keypoints is not None) and given:
+            field = "text" if self.text is not None else "keypoints"
+            names = " and ".join(f"'{name}'" for name in sorted(given))
+            verb = "is" if len(given) == 1 else "are"
+            raise ValueError(f"{names} {verb} for images, not for {field}")
         if self.size is not None and any(side <= 0 or side % 8 for side in self.size):
             raise ValueError(f"size must be positive multiples of 8, got {list(self.size)}")
         if self.size is not None and max(self.size) > MAX_SIDE:

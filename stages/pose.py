@@ -9,6 +9,7 @@ joint in OpenPose's order. Points with confidence 0 are missing and are not draw
 from __future__ import annotations
 
 import json
+import math
 
 from PIL import Image, ImageDraw
 
@@ -59,6 +60,8 @@ def check_openpose(data: bytes) -> tuple[list[float], tuple[float, float] | None
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"not JSON ({error})") from None
+    except RecursionError:
+        raise ValueError("not OpenPose JSON: nested too deeply") from None
     people = document.get("people") if isinstance(document, dict) else None
     if not isinstance(people, list) or not people or not isinstance(people[0], dict):
         raise ValueError('not OpenPose JSON: expected {"people": [{"pose_keypoints_2d": [...]}]}')
@@ -72,8 +75,24 @@ def check_openpose(data: bytes) -> tuple[list[float], tuple[float, float] | None
             f"people[0].pose_keypoints_2d has {len(values)} numbers; OpenPose's body model has"
             f" {BODY_POINTS} points of (x, y, confidence), {3 * BODY_POINTS} numbers"
         )
+    if not all(math.isfinite(value) for value in values):
+        raise ValueError("people[0].pose_keypoints_2d holds NaN or infinity")
+    if any(values[i + 2] < 0 for i in range(0, len(values), 3)):
+        raise ValueError("a confidence is negative: confidences are 0 (missing) to 1")
+    if any(value < 0 for i in range(0, len(values), 3) for value in values[i : i + 2]):
+        raise ValueError("a coordinate is negative: points lie on the image")
     width, height = document.get("canvas_width"), document.get("canvas_height")
     if isinstance(width, int | float) and isinstance(height, int | float) and width > 0 < height:
+        if not (math.isfinite(width) and math.isfinite(height)):
+            raise ValueError("canvas_width and canvas_height must be finite")
+        outside = [
+            values[i : i + 2] for i in range(0, len(values), 3)
+            if values[i + 2] > 0 and (values[i] > width or values[i + 1] > height)
+        ]  # fmt: skip
+        if outside:
+            raise ValueError(
+                f"the point {outside[0]} lies outside the {width:g} x {height:g} canvas"
+            )
         return values, (width, height)
     seen = [values[i : i + 2] for i in range(0, len(values), 3) if values[i + 2] > 0]
     if any(coordinate > 1 for point in seen for coordinate in point):

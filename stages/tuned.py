@@ -13,6 +13,7 @@ prediction as it is, so r = 0 and r = 1 reproduce the original and the tuned mod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,8 +61,15 @@ class TunedParams(Params):
         for key, weights in ratio.items():
             if not key.isdigit() or int(key) > 999:
                 raise ValueError(f"threshold {key!r} must be a timestep from 0 to 999")
+            if not all(math.isfinite(w) for w in weights):
+                raise ValueError(f"threshold {key}: weights must be finite numbers")
             if any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ValueError(f"threshold {key}: weights must be >= 0 with a positive sum")
+        if 0 not in {int(key) for key in ratio}:
+            lowest = min(int(key) for key in ratio)
+            raise ValueError(
+                f"needs a threshold 0: the timesteps below {lowest} would have no weights"
+            )
         return ratio
 
 
@@ -133,6 +141,9 @@ def check_ratio(ratio: Ratio, weights: Sequence[str]) -> list[tuple[str | None, 
     """``ratio`` against the tuned weights connected: one float for one model, a table of
     one weight per model otherwise."""
     if not weights:
+        if ratio != 1.0:  # the default: nothing to mix
+            return [("ratio", "mixes tuned weights with the original, but no weights are"
+                              " connected: connect weights or remove ratio")]  # fmt: skip
         return []
     if isinstance(ratio, int | float):
         if len(weights) > 1:

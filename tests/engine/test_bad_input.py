@@ -59,6 +59,8 @@ def _mismatched_controlnet(folder: Path) -> Path:
     return _pose_recipe(folder)
 
 
+POSE = '{"people": [{"pose_keypoints_2d": [%s]}]}'
+
 # (id, how to make the recipe -> path, extra arguments, expected stderr ({f}: the recipe))
 CASES = [
     ("latin-1 byte", lambda d: write(d, "r.toml", b"schema_version = 1\n# caf\xe9\n"), [],
@@ -156,12 +158,37 @@ CASES = [
     ("keypoints too few", lambda d: _pose_recipe(d, astronaut='{"people": [{"pose_keypoints_2d": [1, 2, 3]}]}'), [],
      "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: people[0].pose_keypoints_2d "
      "has 3 numbers; OpenPose's body model has 18 points of (x, y, confidence), 54 numbers"),
+    ("keypoints nan", lambda d: _pose_recipe(d, astronaut=POSE % ("NaN, " + "0.5, " * 52 + "1")), [],
+     "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: people[0].pose_keypoints_2d "
+     "holds NaN or infinity"),
+    ("keypoints negative confidence", lambda d: _pose_recipe(d, astronaut=POSE % ("0.5, 0.5, -1, " + "0.5, " * 50 + "1")), [],
+     "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: a confidence is negative: "
+     "confidences are 0 (missing) to 1"),
+    ("keypoints far away", lambda d: _pose_recipe(d, astronaut=POSE.replace("]}]}", "]}], \"canvas_width\": 512, \"canvas_height\": 512}") % ("1e9, 5, 1, " + "5, " * 50 + "1")), [],
+     "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: the point [1000000000.0, 5] "
+     "lies outside the 512 x 512 canvas"),
+    ("keypoints nested", lambda d: _pose_recipe(d, astronaut="[" * 100_000 + "]" * 100_000), [],
+     "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: not OpenPose JSON: nested too "
+     "deeply"),
+    ("text with size", lambda d: write(d, "r.toml", OK + '[inputs.words]\ntext = "w.txt"\nsize = [64, 64]\n'), [],
+     "{f}:15: inputs.words: 'size' is for images, not for text"),
+    ("json duplicate key", lambda d: write(d, "r.json", '{"schema_version": 1, "seed": 0, "seed": 1, "stages": {}}'), [],
+     "{f}: invalid JSON: duplicate key 'seed'"),
+    ("unhashable preset", lambda d: MANIFESTS / "compositing" / "immersion.toml", ["--set", "stages.immerse.preset=['x']"],
+     "--set stages.immerse.preset=['x']: stages.immerse.preset: must be one of 'scribble',"
+     " 'immersion' or 'background', got ['x']"),
     ("identity loss", lambda d: FINETUNE, ["--set", "stages.finetune.w_id=0.5"],
      "--set stages.finetune.w_id=0.5: stages.finetune.w_id: needs a face-recognition model for "
      "the identity loss, which editflow does not have: set w_id = 0"),
-    ("ratio table length", lambda d: MULTI, ["--set", "stages.edit.ratio={300=[0.4,0.6,0.1]}"],
-     "--set stages.edit.ratio={{300=[0.4,0.6,0.1]}}: stages.edit.ratio: threshold 300 has 3 "
+    ("ratio table length", lambda d: MULTI, ["--set", "stages.edit.ratio={300=[0.4,0.6,0.1],0=[1,1]}"],
+     "--set stages.edit.ratio={{300=[0.4,0.6,0.1],0=[1,1]}}: stages.edit.ratio: threshold 300 has 3 "
      "weights but weights has 2 references"),
+    ("ratio table without 0", lambda d: MULTI, ["--set", "stages.edit.ratio={300=[0.4,0.6]}"],
+     "--set stages.edit.ratio={{300=[0.4,0.6]}}: stages.edit.ratio: needs a threshold 0: the "
+     "timesteps below 300 would have no weights"),
+    ("ratio nan weight", lambda d: MULTI, ["--set", "stages.edit.ratio={0=[nan,1]}"],
+     "--set stages.edit.ratio={{0=[nan,1]}}: stages.edit.ratio: threshold 0: weights must be finite"
+     " numbers"),
     ("one ratio two models", lambda d: MULTI, ["--set", "stages.edit.ratio=0.5"],
      "--set stages.edit.ratio=0.5: stages.edit.ratio: a single ratio mixes one tuned model with "
      "the original, but weights has 2: give a table of weight vectors"),
@@ -311,3 +338,19 @@ def test_vae_stages_on_a_pixel_model_and_pixel_stages_on_a_latent_model_are_refu
         " fine-tunes pixel-space models (such as 'tiny-pixel')" in lines
     )
     assert not (tmp_path / "c").exists()
+
+
+def test_validating_a_pose_recipe_imports_neither_torch_nor_scikit_image(tmp_path: Path) -> None:
+    """Keypoint files are checked and scikit-image's photos found in plain Python."""
+    import subprocess
+    import sys
+
+    recipe = _pose_recipe(tmp_path)
+    script = (
+        "import sys\nfrom editflow.cli import main\n"
+        f"assert main(['validate', {str(recipe)!r}, '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
+        "print(sorted(m for m in ('torch', 'skimage') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
