@@ -14,7 +14,8 @@ engine's ``Executor`` interface for one recipe (``run_recipe(..., executor=RayEx
 
 Workers outlive a run: the driver keeps them, models loaded, for its next run on the same
 cluster and models (a Python program's second sweep skips their start); they end with the
-driver. Among the stages that are ready, the one with the most stages after it goes
+driver, and so does a local cluster the driver started, even when the driver is killed
+(:mod:`editflow.ray_reaper`). Among the stages that are ready, the one with the most stages after it goes
 first, so a sweep's shared stages do not wait behind its points.
 
 A stage need not wait for the end of a stage it reads only streamed outputs of, through its
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from editflow.errors import EditflowError
+from editflow.ray_reaper import reap_with_this_process
 
 MAX_ATTEMPTS = 3  # per stage: a worker may die twice
 STEP_INTERVAL = 0.2  # seconds between a worker's progress updates
@@ -73,6 +75,7 @@ class _Pool:
 # One pool per driver process: the last run's, reused by a run with the same cluster, models
 # folder, device and thread count (a sweep after a sweep skips the workers' start).
 _POOL: _Pool | None = None
+_REAPER_PIPE: Any = None  # open while this process lives (editflow.ray_reaper)
 _POOL_LOCK = threading.Lock()
 
 
@@ -365,8 +368,10 @@ def _dispatch(
             "log_to_driver": False,
             "logging_level": logging.ERROR,
         }
-        if address is None:
+        if address is None:  # our own cluster: it ends with this process, however it ends
             init["num_cpus"] = count
+            global _REAPER_PIPE
+            _REAPER_PIPE = reap_with_this_process()
         ray.init(address=address, **init)
     resources = ray.cluster_resources()
     size = pool_size(workers, device, resources)

@@ -285,3 +285,66 @@ def test_only_step_by_step_readers_of_streamed_outputs_follow(tmp_path: Path) ->
                for key, deps in follow_edges(units).items() if deps}  # fmt: skip
     # figure_noise reads the noise maps whole; the decoders read latents, which are not streamed.
     assert follows == {"edit": ["invert"], "reconstruct": ["invert"]}
+
+
+def _marked_processes(token: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if f"EDITFLOW_RAY_CLUSTER={token}".encode() in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def _reaper_token(driver: int) -> str:
+    """The token of the driver's cluster: the last but one argument of its reaper, the child
+    of the driver that runs editflow.ray_reaper's script."""
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                arguments = handle.read().decode().split("\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == driver and any("EDITFLOW_RAY_CLUSTER" in a for a in arguments):
+            return arguments[-3]  # [..., script, token, grace, ""]
+    raise AssertionError("the driver started no reaper")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_a_driver_killed_mid_run_takes_its_local_cluster_with_it(
+    tmp_path: Path, signal_name: str
+) -> None:
+    """`editflow run --executor ray` starts a local cluster; kill -9 or Ctrl-C of the driver
+    once its workers compute leaves none of the cluster's processes behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = [f"stages.{n}.num_inference_steps=400" for n in ("invert", "reconstruct", "edit")]
+    argv = [sys.executable, "-m", "editflow", "run", str(QUICKSTART), "--executor", "ray",
+            "--workers", "1", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+            "--log-json", *[a for s in steps for a in ("--set", s)]]  # fmt: skip
+    environment = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE, "RAY_ADDRESS")}
+    driver = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**environment, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    for line in driver.stdout:  # the cluster is up and a worker computes
+        if '"type": "step"' in line:
+            break
+    token = _reaper_token(driver.pid)
+    assert len(_marked_processes(token)) >= 3  # the driver, the raylet, a worker, ...
+    driver.send_signal(getattr(signal, signal_name))
+    driver.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _marked_processes(token) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _marked_processes(token) == []

@@ -59,7 +59,7 @@ def _mismatched_controlnet(folder: Path) -> Path:
     return _pose_recipe(folder)
 
 
-POSE = '{"people": [{"pose_keypoints_2d": [%s]}]}'
+OPENPOSE = '{"people": [{"pose_keypoints_2d": [%s]}]}'
 
 # (id, how to make the recipe -> path, extra arguments, expected stderr ({f}: the recipe))
 CASES = [
@@ -158,13 +158,13 @@ CASES = [
     ("keypoints too few", lambda d: _pose_recipe(d, astronaut='{"people": [{"pose_keypoints_2d": [1, 2, 3]}]}'), [],
      "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: people[0].pose_keypoints_2d "
      "has 3 numbers; OpenPose's body model has 18 points of (x, y, confidence), 54 numbers"),
-    ("keypoints nan", lambda d: _pose_recipe(d, astronaut=POSE % ("NaN, " + "0.5, " * 52 + "1")), [],
+    ("keypoints nan", lambda d: _pose_recipe(d, astronaut=OPENPOSE % ("NaN, " + "0.5, " * 52 + "1")), [],
      "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: people[0].pose_keypoints_2d "
      "holds NaN or infinity"),
-    ("keypoints negative confidence", lambda d: _pose_recipe(d, astronaut=POSE % ("0.5, 0.5, -1, " + "0.5, " * 50 + "1")), [],
+    ("keypoints negative confidence", lambda d: _pose_recipe(d, astronaut=OPENPOSE % ("0.5, 0.5, -1, " + "0.5, " * 50 + "1")), [],
      "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: a confidence is negative: "
      "confidences are 0 (missing) to 1"),
-    ("keypoints far away", lambda d: _pose_recipe(d, astronaut=POSE.replace("]}]}", "]}], \"canvas_width\": 512, \"canvas_height\": 512}") % ("1e9, 5, 1, " + "5, " * 50 + "1")), [],
+    ("keypoints far away", lambda d: _pose_recipe(d, astronaut=OPENPOSE.replace("]}]}", "]}], \"canvas_width\": 512, \"canvas_height\": 512}") % ("1e9, 5, 1, " + "5, " * 50 + "1")), [],
      "{f}:22: inputs.astronaut_pose.keypoints: astronaut_pose.json: the point [1000000000.0, 5] "
      "lies outside the 512 x 512 canvas"),
     ("keypoints nested", lambda d: _pose_recipe(d, astronaut="[" * 100_000 + "]" * 100_000), [],
