@@ -174,6 +174,15 @@ CASES = [
      "{f}:15: inputs.words: 'size' is for images, not for text"),
     ("json duplicate key", lambda d: write(d, "r.json", '{"schema_version": 1, "seed": 0, "seed": 1, "stages": {}}'), [],
      "{f}: invalid JSON: duplicate key 'seed'"),
+    ("ratio without weights", lambda d: MANIFESTS / "quickstart.toml", ["--set", "stages.edit.ratio=0.5"],
+     "--set stages.edit.ratio=0.5: stages.edit.ratio: mixes tuned weights with the original, but"
+     " no weights are connected: connect weights or remove ratio"),
+    ("ratio inf threshold", lambda d: MULTI, ["--set", "stages.edit.ratio={inf=[1,1],0=[1,1]}"],
+     "--set stages.edit.ratio={{inf=[1,1],0=[1,1]}}: stages.edit.ratio: threshold 'inf' must be a"
+     " timestep from 0 to 999"),
+    ("table preset", lambda d: MANIFESTS / "compositing" / "immersion.toml", ["--set", "stages.immerse.preset={a=1}"],
+     "--set stages.immerse.preset={{a=1}}: stages.immerse.preset: must be one of 'scribble',"
+     " 'immersion' or 'background', got {{'a': 1}}"),
     ("unhashable preset", lambda d: MANIFESTS / "compositing" / "immersion.toml", ["--set", "stages.immerse.preset=['x']"],
      "--set stages.immerse.preset=['x']: stages.immerse.preset: must be one of 'scribble',"
      " 'immersion' or 'background', got ['x']"),
