@@ -51,17 +51,19 @@ def test_a_checked_folder_prints_progress_a_table_and_a_report_and_exits_0(
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     code, out, err = _figures(paper, tmp_path, capsys)
     assert code == 0, out
-    assert re.fullmatch(
-        r"\[1/1\] intro/quickstart\.toml: matches its lock \(7 computed, 0 cached, [\d.]+ s\)",
+    # The committed lock was made on one machine: exact there, within tolerance elsewhere.
+    verdict = re.fullmatch(
+        r"\[1/1\] intro/quickstart\.toml: (matches its lock|within tolerance) \(7 computed,"
+        r" 0 cached, [\d.]+ s\)",
         err[0],
-    )
+    ).group(1)
     assert out[0].split() == ["recipe", "computed", "cached", "outputs", "verdict"]
-    assert out[1].split() == ["intro/quickstart.toml", "7", "0", "3", "matches", "its", "lock"]
+    assert out[1].split() == ["intro/quickstart.toml", "7", "0", "3", *verdict.split()]
     assert (tmp_path / "out" / "intro" / "quickstart" / "figure.png").is_file()
     assert err[-1] == f"report: {tmp_path / 'out' / 'report.html'}"
     assert summary.read_text().splitlines()[:5] == [
         "## editflow figures check", "", "| recipe | verdict | computed | cached |",
-        "|---|---|---|---|", "| `intro/quickstart.toml` | matches its lock | 7 | 0 |",
+        "|---|---|---|---|", f"| `intro/quickstart.toml` | {verdict} | 7 | 0 |",
     ]  # fmt: skip
 
 
@@ -90,10 +92,8 @@ def test_missing_locks_and_failed_recipes_exit_1_and_the_others_still_run(
     code, out, _ = _figures(folder, tmp_path, capsys, "--json")
     assert code == 1
     states = {row["recipe"]: row["state"] for row in json.loads("\n".join(out))}
-    assert states == {
-        "broken.toml": "failed", "intro/quickstart.toml": "matches its lock",
-        "unlocked.toml": "no lock",
-    }  # fmt: skip
+    assert states.pop("intro/quickstart.toml") in ("matches its lock", "within tolerance")
+    assert states == {"broken.toml": "failed", "unlocked.toml": "no lock"}
 
 
 def _chromium() -> str | None:
