@@ -90,11 +90,9 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
             line=line,
             hint="save the recipe as UTF-8",
         ) from None
+    parse = read_json if path.suffix == ".json" else tomllib.loads
     try:
-        if path.suffix == ".json":
-            document = json.loads(text, object_pairs_hook=no_duplicate_keys)
-        else:
-            document = tomllib.loads(text)
+        document = parse_bounded(parse, text, MAX_DEPTH)
     except json.JSONDecodeError as error:
         raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
     except DuplicateKeyError as error:
@@ -102,10 +100,8 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
     except tomllib.TOMLDecodeError as error:
         message, line = toml_error(error)
         raise RecipeError(message, file=label, line=line) from None
-    except RecursionError:
-        document = None
-    if document is None or nesting_depth(document, MAX_DEPTH) > MAX_DEPTH:
-        raise RecipeError(f"tables or arrays nested deeper than {MAX_DEPTH} levels", file=label)
+    except TooDeep as error:
+        raise RecipeError(str(error), file=label) from None
     if not isinstance(document, dict):
         raise RecipeError("the recipe must be a table/object at the top level", file=label)
     return document, text
@@ -122,6 +118,32 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if twice:
         raise DuplicateKeyError(f"duplicate key {twice[0]!r}")
     return dict(pairs)
+
+
+def read_json(text: str) -> Any:
+    """JSON as a recipe reads it: a key given twice is an error, not the last one kept."""
+    return json.loads(text, object_pairs_hook=no_duplicate_keys)
+
+
+class TooDeep(ValueError):
+    """A document nests tables or arrays deeper than its kind ever needs."""
+
+
+def parse_bounded(parse: Callable[[str], Any], text: str, limit: int) -> Any:
+    """``parse(text)``, refusing nesting deeper than ``limit`` (the parser's own recursion
+    limit included).
+
+    Raises:
+        TooDeep: Tables or arrays nested deeper than ``limit``.
+    """
+    too_deep = TooDeep(f"tables or arrays nested deeper than {limit} levels")
+    try:
+        document = parse(text)
+    except RecursionError:
+        raise too_deep from None
+    if nesting_depth(document, limit) > limit:
+        raise too_deep
+    return document
 
 
 def toml_error(error: tomllib.TOMLDecodeError) -> tuple[str, int | None]:

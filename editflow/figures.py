@@ -226,7 +226,6 @@ def _pool_key(model: Any, dtype: Any) -> str:
 
 
 FIGURE_SUFFIXES = (".png", ".gif")
-_TOO_DEEP = object()
 _RECIPE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.(toml|json)$")
 
 
@@ -249,7 +248,7 @@ def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict
     """
     from PIL import Image
 
-    from editflow.documents import MAX_DEPTH, MAX_RECIPE_BYTES, nesting_depth, no_duplicate_keys
+    from editflow.documents import MAX_DEPTH, MAX_RECIPE_BYTES, parse_bounded, read_json
 
     label = str(figure)
     if not figure.is_file():
@@ -273,15 +272,11 @@ def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict
     if len(chunk.encode()) > MAX_RECIPE_BYTES:
         raise EditflowError(f"larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe", file=where)
     try:
-        document = json.loads(chunk, object_pairs_hook=no_duplicate_keys)
+        document = parse_bounded(read_json, chunk, MAX_DEPTH)
     except json.JSONDecodeError as error:
         raise EditflowError(f"invalid JSON: {error.msg}", file=where, line=error.lineno) from None
-    except ValueError as error:
+    except ValueError as error:  # a key given twice, nesting too deep
         raise EditflowError(str(error), file=where) from None
-    except RecursionError:
-        document = _TOO_DEEP
-    if document is _TOO_DEEP or nesting_depth(document, MAX_DEPTH) > MAX_DEPTH:
-        raise EditflowError(f"tables or arrays nested deeper than {MAX_DEPTH} levels", file=where)
     if not isinstance(document, dict):
         raise EditflowError("the recipe must be an object at the top level", file=where)
     if document.get("sweep"):

@@ -30,7 +30,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from editflow import fingerprint as platform
-from editflow.documents import error_message, nesting_depth, toml_error, toml_locator
+from editflow.documents import TooDeep, error_message, parse_bounded, toml_error, toml_locator
 from editflow.errors import EditflowError, Problem
 
 LOCK_FORMAT = 2
@@ -276,16 +276,12 @@ def read_lock(recipe: Path) -> Lock:
     if _FORMAT_1.search(text):
         raise EditflowError("lock format 1, this editflow reads format 2", file=label, hint=REWRITE)
     try:
-        document = tomllib.loads(text)
+        document = parse_bounded(tomllib.loads, text, MAX_LOCK_DEPTH)
     except tomllib.TOMLDecodeError as error:
         message, line = toml_error(error)
         raise EditflowError(message, file=label, line=line) from None
-    except RecursionError:
-        document = None
-    if document is None or nesting_depth(document, MAX_LOCK_DEPTH) > MAX_LOCK_DEPTH:
-        raise EditflowError(
-            f"tables or arrays nested deeper than {MAX_LOCK_DEPTH} levels", file=label
-        )
+    except TooDeep as error:
+        raise EditflowError(str(error), file=label) from None
     try:
         lock = Lock.model_validate(document)
     except ValidationError as error:
