@@ -16,3 +16,20 @@ SD_CONFIG = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+
+
+def modules_imported_by(argv: list[str], modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` an ``editflow`` command imports, run in a fresh interpreter (it
+    must succeed)."""
+    import ast
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom editflow.cli import main\n"
+        f"assert main({argv!r}) == 0\n"
+        f"print(sorted(m for m in {modules!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])

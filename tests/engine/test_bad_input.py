@@ -351,15 +351,7 @@ def test_vae_stages_on_a_pixel_model_and_pixel_stages_on_a_latent_model_are_refu
 
 def test_validating_a_pose_recipe_imports_neither_torch_nor_scikit_image(tmp_path: Path) -> None:
     """Keypoint files are checked and scikit-image's photos found in plain Python."""
-    import subprocess
-    import sys
+    from support import modules_imported_by
 
-    recipe = _pose_recipe(tmp_path)
-    script = (
-        "import sys\nfrom editflow.cli import main\n"
-        f"assert main(['validate', {str(recipe)!r}, '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
-        "print(sorted(m for m in ('torch', 'skimage') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    argv = ["validate", str(_pose_recipe(tmp_path)), "--cache", str(tmp_path / "c")]
+    assert modules_imported_by(argv, ("torch", "skimage")) == []
