@@ -5,28 +5,25 @@ with :func:`resolve_providers` (no weights are read) and gives each running stag
 :class:`RunModels` that loads exactly what it declared.
 """
 
+from editflow.models.loading import Captioner, ModelWithProcessor
 from editflow.models.providers import (
+    PROVIDER_TABLE,
     PROVIDERS,
     TINY_ID,
     ModelSpec,
+    Provider,
     ResolvedModel,
     models_dir,
-    resolve_captioner,
     resolve_model,
     resolve_providers,
 )
-from editflow.models.registry import (
-    Captioner,
-    ModelRegistry,
-    ModelWithProcessor,
-    RunModels,
-    StageModels,
-)
+from editflow.models.registry import ModelRegistry, RunModels, StageModels
 from editflow.models.section import ModelSection, resolve_device
 from editflow.models.specs import ComponentSpec
 
 __all__ = [
     "PROVIDERS",
+    "PROVIDER_TABLE",
     "TINY_ID",
     "Captioner",
     "ComponentSpec",
@@ -34,11 +31,11 @@ __all__ = [
     "ModelSection",
     "ModelSpec",
     "ModelWithProcessor",
+    "Provider",
     "ResolvedModel",
     "RunModels",
     "StageModels",
     "models_dir",
-    "resolve_captioner",
     "resolve_model",
     "resolve_providers",
     "resolve_device",

@@ -278,10 +278,11 @@ TINY_COMPONENTS: Mapping[str, TinyComponent] = MappingProxyType(
         # Later: "pixel_unet".
     }
 )
-# Helper models kept in tiny's folder next to the pipeline (not in its model_index.json).
-_HELPERS = ("captioner", "clip", "controlnet")
 # The parts StableDiffusionPipeline knows; the others are editflow's extras in the folder.
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Helper models kept in tiny's folder next to the pipeline (not in its model_index.json): the
+# tiny parts of the helper providers (editflow.models.providers.PROVIDER_TABLE).
+_HELPERS = tuple(name for name in TINY_COMPONENTS if name not in _PIPELINE_PARTS)
 _ABSENT_PIPELINE_PARTS = ("feature_extractor", "image_encoder", "safety_checker")
 
 

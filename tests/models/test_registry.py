@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from editflow.errors import ModelUnavailableError
-from editflow.models import ModelRegistry, ModelSpec, registry, resolve_model, tiny
+from editflow.models import ModelRegistry, ModelSpec, loading, resolve_model, tiny
 from editflow.models import identity as model_identity
 
 OLD_NS = 1_600_000_000 * 10**9  # an mtime well outside the "racy" window
@@ -286,7 +286,7 @@ def test_registry_refuses_missing_and_unlisted_components(
 def test_allow_listed_classes_exist() -> None:
     import importlib
 
-    for class_name, library in registry.ALLOWED_CLASSES.items():
+    for class_name, library in loading.ALLOWED_CLASSES.items():
         assert isinstance(getattr(importlib.import_module(library), class_name), type)
 
 

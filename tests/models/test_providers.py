@@ -1,0 +1,95 @@
+"""The provider table: every recipe field that provides model parts resolves and loads from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from editflow.models import (
+    PROVIDER_TABLE,
+    ModelSection,
+    RunModels,
+    providers,
+    resolve_providers,
+    specs,
+)
+from editflow.models.providers import CAPTIONER, component_config
+from editflow.models.tiny import tiny_identity
+
+# One declared part per provider: what a stage would ask each of them for.
+PARTS = {
+    spec.provider: spec for spec in (specs.UNET, specs.CAPTIONER, specs.CLIP, specs.CONTROLNET)
+}
+
+
+def test_every_provider_is_a_recipe_field_with_its_default() -> None:
+    schema = ModelSection.model_json_schema()["properties"]
+    for provider in PROVIDER_TABLE:
+        assert provider.field.startswith("model.")
+        assert schema[provider.name]["default"] == provider.default, provider.field
+        assert provider.field in PARTS, f"{provider.field}: add its part to PARTS"
+
+
+def test_every_provider_resolves_on_tiny_to_tinys_identity(tmp_path: Path) -> None:
+    fields = [provider.field for provider in PROVIDER_TABLE]
+    resolved = resolve_providers(ModelSection(), fields, base_dir=tmp_path, models_dir=tmp_path)
+    assert sorted(resolved) == sorted(fields)
+    for field, model in resolved.items():
+        assert model.provider == field
+        assert model.fingerprint()["identity"] == {"tiny": tiny_identity()}, field
+    assert list(tmp_path.iterdir()) == [], "resolving built or wrote nothing"
+
+
+def test_every_provider_loads_its_declared_part_from_tiny(
+    models_dir: Path, tiny_folder: Path
+) -> None:
+    fields = [provider.field for provider in PROVIDER_TABLE]
+    resolved = resolve_providers(ModelSection(), fields, base_dir=models_dir, models_dir=models_dir)
+    view = RunModels(
+        resolved, device=torch.device("cpu"), dtype=torch.float32, models_dir=models_dir
+    ).for_stage(PARTS.values())
+    for spec in PARTS.values():
+        loaded = view.get(spec.name)
+        model = getattr(loaded, "model", loaded)  # helpers come with their processor
+        assert type(model).__name__ == spec.family, spec
+
+
+# The diffusers parts whose built-in config is their config.json (transformers helpers keep
+# a builder's config instead): what ControlNet stages compare, before anything is built.
+DIFFUSERS_CONFIGS = [(providers.MODEL, "unet", "id"), (providers.CONTROLNET, "", "controlnet")]
+
+
+@pytest.mark.parametrize("provider, component, key", DIFFUSERS_CONFIGS, ids=["unet", "controlnet"])
+def test_a_config_reads_the_same_from_the_built_in_table_and_from_the_built_folder(
+    provider: Any, component: str, key: str, tiny_folder: Path, models_dir: Path
+) -> None:
+    folder = tiny_folder / (provider.tiny_part or "")
+    as_tiny, as_folder = (
+        resolve_providers(section, [provider.field], base_dir=models_dir, models_dir=models_dir)[
+            provider.field
+        ]
+        for section in (ModelSection(), ModelSection(**{key: str(folder)}))
+    )
+    built_in, on_disk = component_config(as_tiny, component), component_config(as_folder, component)
+    assert as_folder.folder == folder and built_in is not None and on_disk is not None
+    assert built_in == {name: on_disk[name] for name in built_in}
+
+
+def test_the_captioner_provider_measures_prompts_alike_from_tiny_and_from_its_folder(
+    tiny_folder: Path, models_dir: Path
+) -> None:
+    as_tiny, as_folder = (
+        resolve_providers(
+            ModelSection(captioner=captioner), [CAPTIONER.field],
+            base_dir=models_dir, models_dir=models_dir,
+        )[CAPTIONER.field]
+        for captioner in ("tiny", str(tiny_folder / "captioner"))
+    )  # fmt: skip
+    prompt = "a photo of a cat"
+    assert as_tiny.folder is None and as_folder.folder is not None
+    assert CAPTIONER.text_positions(as_tiny) == CAPTIONER.text_positions(as_folder) > 0
+    assert CAPTIONER.prompt_tokens(as_tiny, prompt) == CAPTIONER.prompt_tokens(as_folder, prompt)
+    assert CAPTIONER.prompt_tokens(as_tiny, prompt) > 1
