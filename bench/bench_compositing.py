@@ -23,8 +23,8 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from support import models_dir
 
 from editflow.models.tiny import ensure_tiny
+from editflow.stages.compositing.local_ilvr import LocalIlvr, local_ilvr_sample, repaint_schedule
 from editflow.stages.diffusion import unet_noise_predictor
-from editflow.stages.local_ilvr import LocalIlvr, local_ilvr_sample, repaint_schedule
 
 
 def main() -> None:

@@ -3,10 +3,11 @@
 On ``tiny-pixel`` at 64 px with tiny's CLIP: two training images inverted to t0 = 400,
 S_gen = 6, the directional CLIP loss times 3.
 
-1. Step time: :func:`editflow.stages.diffusionclip.finetune` against a plain loop written as
-   one writes it with diffusers (``UNet2DModel`` calls, the DDIM update, Adam), doing the
-   same steps on the same data, in ``full`` mode without checkpointing and in ``light``
-   mode (target >= 0.95x the plain loop's steps per second). Medians of alternating runs.
+1. Step time: :func:`editflow.stages.diffusionclip.finetuning.finetune` against a plain loop
+   written as one writes it with diffusers (``UNet2DModel`` calls, the DDIM update, Adam),
+   doing the same steps on the same data, in ``full`` mode without checkpointing and in
+   ``light`` mode (target >= 0.95x the plain loop's steps per second). Medians of alternating
+   runs.
 2. Peak memory of one epoch: ``full`` with checkpointing, ``full`` without, and ``light``
    (CUDA's allocator peak on a GPU; on a CPU the growth of resident memory over the first
    such call in a fresh process, sampled every millisecond).
@@ -34,15 +35,15 @@ from support import RssPeak, models_dir
 from transformers import CLIPModel, CLIPProcessor
 
 from editflow.models.tiny import ensure_tiny
+from editflow.stages.ddim_loops import ddim_invert
 from editflow.stages.diffusion import unet_noise_predictor
-from editflow.stages.diffusionclip import (
+from editflow.stages.diffusionclip.finetuning import (
     directional_clip_loss,
     finetune,
-    grid_invert,
     image_features,
-    t0_grid,
     text_direction,
 )
+from editflow.stages.grid_scheduler import GridScheduler, t0_grid
 
 
 def setup(size: int):
@@ -53,7 +54,8 @@ def setup(size: int):
     clip = CLIPModel.from_pretrained(clip_folder).eval().requires_grad_(False)
     processor = CLIPProcessor.from_pretrained(clip_folder)
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    x_t0, _ = grid_invert(unet_noise_predictor(unet), images, alphas, t0_grid(400, 10))
+    inversion = GridScheduler(alphas, t0_grid(400, 10), inverse=True)
+    x_t0, _ = ddim_invert(unet_noise_predictor(unet), images, inversion, None)
     direction = text_direction(clip, processor, "photo", "sketch")
     sources = image_features(clip, processor, images)
 
@@ -66,8 +68,9 @@ def setup(size: int):
 def editflow_loop(unet, alphas, x_t0, loss, mode: str, checkpointing: bool) -> None:
     tuned = copy.deepcopy(unet).requires_grad_(True)
     finetune(
-        unet_noise_predictor(tuned), list(tuned.parameters()), x_t0, alphas, t0_grid(400, 6),
-        loss, epochs=1, learning_rate=4e-6, mode=mode, checkpointing=checkpointing,
+        unet_noise_predictor(tuned), list(tuned.parameters()), x_t0,
+        GridScheduler(alphas, t0_grid(400, 6)), loss,
+        epochs=1, learning_rate=4e-6, mode=mode, checkpointing=checkpointing,
     )  # fmt: skip
 
 

@@ -34,9 +34,9 @@ from editflow.stages.diffusion import (
     unet_noise_predictor,
     vae_encode,
 )
-from editflow.stages.edit_friendly import edit_friendly_invert, edit_friendly_sample
-from editflow.stages.edit_friendly_statistics import noise_map_statistics
-from editflow.stages.reverse_steps import build_scheduler
+from editflow.stages.edit_friendly.inversion import edit_friendly_invert, edit_friendly_sample
+from editflow.stages.edit_friendly.reverse_steps import build_scheduler
+from editflow.stages.edit_friendly.statistics import noise_map_statistics
 
 SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot"
 CFG_SRC, CFG_TAR, SKIP = 3.5, 15.0, 36

@@ -34,16 +34,15 @@ from support import models_dir
 from editflow.models import ModelSection, RunModels, resolve_providers
 from editflow.models.specs import DENOISER
 from editflow.stages.base import StageContext
-from editflow.stages.guide import GuidePix2PixZeroReference, GuideReferenceParams
-from editflow.stages.invert import InvertEditFriendly, InvertEditFriendlyParams
-from editflow.stages.pix2pix_zero import InMemoryAttentionMaps
-from editflow.stages.sample import (
-    SampleDdim,
-    SampleDdimParams,
+from editflow.stages.ddim.kinds import SampleDdim, SampleDdimParams
+from editflow.stages.edit_friendly.kinds import (
+    InvertEditFriendly,
+    InvertEditFriendlyParams,
     SampleEditFriendly,
     SampleEditFriendlyParams,
 )
-from editflow.stages.sample_pix2pix_zero import SamplePix2PixZero, SamplePix2PixZeroParams
+from editflow.stages.pix2pix_zero.guide import GuidePix2PixZeroReference, GuideReferenceParams
+from editflow.stages.pix2pix_zero.sample import SamplePix2PixZero, SamplePix2PixZeroParams
 
 PROMPT = "a photo of an astronaut riding a horse"
 
@@ -156,7 +155,7 @@ def main() -> None:
         ctx, GuideReferenceParams(num_inference_steps=args.steps),
         {"x_T": x_T, "prompt_embeds": embeds},
     )["attention_maps"]  # fmt: skip
-    assert isinstance(reference, InMemoryAttentionMaps)
+    assert isinstance(reference, list)  # in memory: a context's default steps writer
     direction = 0.1 * torch.randn(embeds.shape, generator=torch.Generator().manual_seed(2))
     inputs = {"x_T": x_T, "prompt_embeds": embeds, "direction": direction.to(embeds)}
     results = {}

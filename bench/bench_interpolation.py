@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.models.tiny import ensure_tiny
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
-from editflow.stages.interpolation import interpolate_frames
+from editflow.stages.interpolation.frames import interpolate_frames
 
 
 def main() -> None:

@@ -47,13 +47,13 @@ from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2D
 from support import models_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from editflow.cache import Cache, StreamedMaps
+from editflow.cache import Cache, CachedSteps
 from editflow.models.tiny import ensure_tiny
-from editflow.stages.attention import install_attention_recorder
-from editflow.stages.ddim import ddim_invert
+from editflow.stages.ddim_loops import ddim_invert
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
-from editflow.stages.direction import bank_mean, edit_direction, sentences_for
-from editflow.stages.pix2pix_zero import guided_edit, reference_pass
+from editflow.stages.pix2pix_zero.attention import install_attention_recorder
+from editflow.stages.pix2pix_zero.direction import bank_mean, edit_direction, sentences_for
+from editflow.stages.pix2pix_zero.edit import guided_edit, reference_pass
 
 CAPTION, SOURCE_WORD, TARGET_WORD = "a photo of an astronaut", "astronaut", "robot"
 MODES = ("unguided", "guided-streamed", "guided-in-ram")
@@ -162,8 +162,8 @@ def worker(mode: str, workdir: Path, folder: Path, steps: int, repeats: int) -> 
     def streamed(i: int) -> dict[str, torch.Tensor]:
         """The engine's reader: one step per call, the next one read in the background."""
         if i == 0:  # a fresh reader per edit, as each engine run makes one
-            streamed.maps = StreamedMaps(Cache(workdir / "cache"), MAPS_KEY, "attention_maps")
-        return streamed.maps.step(i)
+            streamed.maps = CachedSteps(Cache(workdir / "cache"), MAPS_KEY, "attention_maps")
+        return streamed.maps[i]
 
     def run(n_steps: int, reference_maps) -> float:
         scheduler = DDIMScheduler.from_config(config)

@@ -30,32 +30,37 @@ import tempfile
 import time
 from pathlib import Path
 
+import networkx as nx
 import torch
 
 from editflow.cache import Cache
+from editflow.cli.sweeps import base_document, parse_sweep, plan_points, run_sweep
 from editflow.engine.api import plan_recipe
 from editflow.engine.events import CollectEvents
+from editflow.executors.ray import RayExecutor
+from editflow.executors.ray_schedule import stages_to_compute
 from editflow.models import tiny
-from editflow.ray_executor import downstream_stages, merge_stages
-from editflow.sweeps import base_document, parse_sweep, plan_points, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 AXES = ["stages.edit.skip=20,30", "stages.edit.cfg_tar=7.5,15"]
 
 
-def makespan_bound(seconds: dict[str, float], needs: dict[str, set[str]], workers: int) -> float:
+def makespan_bound(seconds: dict[str, float], graph: nx.DiGraph, workers: int) -> float:
     """No schedule of whole stages is shorter: for each stage, the longest chain up to its
     end plus the work that depends on it, shared by ``workers`` (a sweep's shared inversion
     would run alone; stages that follow its streams run alongside it instead)."""
-    below = downstream_stages(needs)
     head: dict[str, float] = {}
 
     def chain(key: str) -> float:
         if key not in head:
-            head[key] = seconds.get(key, 0.0) + max((chain(d) for d in needs[key]), default=0.0)
+            before = (chain(d) for d in graph.predecessors(key))
+            head[key] = seconds.get(key, 0.0) + max(before, default=0.0)
         return head[key]
 
-    return max(chain(key) + sum(seconds.get(d, 0.0) for d in below[key]) / workers for key in needs)
+    return max(
+        chain(key) + sum(seconds.get(d, 0.0) for d in nx.descendants(graph, key)) / workers
+        for key in graph
+    )
 
 
 def main() -> None:
@@ -75,25 +80,26 @@ def main() -> None:
         os.environ["EDITFLOW_MODELS"] = str(Path(folder) / "models")
         tiny.ensure_tiny(Path(folder) / "models")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        timings, stage_seconds, needs = {}, {}, {}
+        timings, stage_seconds, graph = {}, {}, nx.DiGraph()
+        on_ray = RayExecutor(workers=2)  # keeps its workers from the first Ray run for the second
         runs = (
             ("in process, fresh process", None),
-            ("Ray, 2 workers started", {"address": None, "workers": 2}),
+            ("Ray, 2 workers started", on_ray),
             ("in process, imports done", None),
-            ("Ray, 2 workers kept", {"address": None, "workers": 2}),
+            ("Ray, 2 workers kept", on_ray),
         )
-        for name, options in runs:
+        for name, executor in runs:
             cache = Cache(Path(folder) / name.replace(" ", "-").replace(",", ""))
-            if options is None:
+            if executor is None:
                 document = base_document(recipe)
                 plans = [plan_recipe(recipe, point.overrides, cache=cache, document=document)
                          for point in plan_points(recipe, axes, cache)]  # fmt: skip
-                needs = merge_stages(plans, cache)[1]
+                graph = stages_to_compute(plans, cache)
             for run in ("cold", "all-hit"):
                 events = CollectEvents()
                 started = time.perf_counter()
                 result = run_sweep(recipe, axes, cache=cache, out_root=Path(folder) / "out" / name,
-                                   device="cpu", events=events, ray=options)  # fmt: skip
+                                   device="cpu", events=events, ray=executor)  # fmt: skip
                 timings[name, run] = time.perf_counter() - started
                 if run == "cold":
                     stages = [entry.split("/")[1] for entry in result.computed]
@@ -104,12 +110,12 @@ def main() -> None:
                     print(f"{name}: {len(stages)} stages computed, inversion"
                           f" {stages.count('invert')}x, {alongside or 'none'} started while it"
                           f" ran; cold {timings[name, run]:.1f} s")  # fmt: skip
-                    if options is None:
+                    if executor is None:
                         stage_seconds = {e.key: e.seconds for e in events.of("done")}
         ray.shutdown()
     first = timings[runs[0][0], "cold"] / timings[runs[1][0], "cold"]
     kept = timings[runs[2][0], "cold"] / timings[runs[3][0], "cold"]
-    bound = sum(stage_seconds.values()) / makespan_bound(stage_seconds, needs, 2)
+    bound = sum(stage_seconds.values()) / makespan_bound(stage_seconds, graph, 2)
     print(f"4-point sweep at {args.size} px, Ray speed-up (target >= 1.6): x{first:.2f} with"
           f" the workers' start, x{kept:.2f} on kept workers")  # fmt: skip
     print(f"  no schedule of whole stages on 2 ideal workers beats x{bound:.2f}")

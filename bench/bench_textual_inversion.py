@@ -26,7 +26,7 @@ from support import models_dir
 
 from editflow.models.tiny import ensure_tiny
 from editflow.stages.diffusion import unet_noise_predictor
-from editflow.stages.textual_inversion import textual_inversion
+from editflow.stages.interpolation.textual_inversion import textual_inversion
 
 
 def plain_loop(unet, scheduler, latents, prompt, negative, iterations: int, seed: int) -> None:

@@ -53,12 +53,13 @@ from .entry import ArrayInfo, Damage, DamagedEntryError, Entry, ReadStats
 from .live import FollowLost, LiveSteps
 from .maintenance import DiskUsage, EntryInfo, GcReport
 from .store import Cache, default_cache_url
-from .streams import STREAMS_ATTR, StepWriter, StreamedMaps, StreamWriter
+from .streams import STREAMS_ATTR, CachedSteps, StepsWriter
 from .writer import EntryWriter, StreamHandle
 
 __all__ = [
     "ArrayInfo",
     "Cache",
+    "CachedSteps",
     "Damage",
     "DamagedEntryError",
     "DiskUsage",
@@ -70,9 +71,7 @@ __all__ = [
     "LiveSteps",
     "ReadStats",
     "STREAMS_ATTR",
-    "StepWriter",
+    "StepsWriter",
     "StreamHandle",
-    "StreamWriter",
-    "StreamedMaps",
     "default_cache_url",
 ]

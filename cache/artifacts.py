@@ -3,7 +3,8 @@
 The cache knows storage layouts, not artifact types: the engine says how each output is kept.
 
 - ``"text"``: a string, kept in the entry's attributes (covered by the manifest).
-- ``"maps"``: streamed maps (``StreamWriter``/``StreamedMaps``), one chunk per layer-step.
+- ``"maps"``: a step sequence of ``{layer: tensor}`` (:mod:`.streams`), one array per layer
+  with a chunk per step, read back as :class:`CachedSteps`.
 - ``"steps"``: a tensor stored one step per chunk along axis 0, so one step can be read alone.
 - ``"tensors"``: a mapping of names to tensors (model weights), one array per tensor named
   ``OUTPUT.NAME``, each read back bit for bit.
@@ -21,7 +22,7 @@ from editflow.lazy import lazy
 from .background import BackgroundWrites
 from .entry import Entry
 from .store import Cache
-from .streams import STREAMS_ATTR, StepWriter, StreamedMaps, StreamWriter
+from .streams import STREAMS_ATTR, CachedSteps, StepsWriter
 from .writer import EntryWriter
 
 torch = lazy("torch")
@@ -30,8 +31,9 @@ LAYOUTS = ("text", "maps", "steps", "tensors", "whole")
 
 
 class LazyEntry:
-    """An entry opened when first written: a streaming stage opens it while it runs, any
-    other when it returns. ``abandon`` discards what was written; ``publish`` makes it live."""
+    """An entry opened when first written: a stage writing steps to it opens it while it
+    runs, any other when it returns. ``abandon`` discards what was written; ``publish`` makes
+    it live."""
 
     def __init__(
         self, cache: Cache, key: str, attrs: dict[str, Any], object_id: str | None = None
@@ -57,7 +59,7 @@ def write_outputs(
     writer: EntryWriter,
     outputs: Mapping[str, Any],
     layouts: Mapping[str, str],
-    streams: dict[str, StreamWriter | StepWriter],
+    streams: dict[str, StepsWriter],
     seconds: float,
 ) -> None:
     """Write every output into an open entry (outputs already in ``streams`` are there).
@@ -66,13 +68,12 @@ def write_outputs(
         writer: The open entry.
         outputs: Output name -> value.
         layouts: Output name -> one of :data:`LAYOUTS`.
-        streams: Outputs streamed while the stage ran (filled in for maps kept in memory);
-            their values are not written again.
+        streams: Outputs written step by step while the stage ran (filled in for maps given
+            whole); their values are not written again.
         seconds: The stage's compute time, recorded in the attributes.
     """
     for stream in streams.values():
-        if isinstance(stream, StepWriter):
-            stream.finish()
+        stream.finish()
     texts = {}
     for name, layout in layouts.items():
         value = outputs[name]
@@ -84,25 +85,35 @@ def write_outputs(
             for part, tensor in value.items():
                 writer.write(f"{name}.{part}", tensor.detach().cpu())
         elif layout == "maps":
-            # Maps a stage kept in memory: stored whole, one chunk per layer-step.
-            layers = {layer: (value.num_steps, *shape) for layer, shape in value.layers.items()}
-            streams[name] = stream = StreamWriter(writer, name, layers, torch.float16, None)
-            for step in range(value.num_steps):
-                stream.write(step, value.step(step))
+            # Maps given whole (not written through the stage's writer): fp16, one chunk per
+            # layer-step all the same.
+            stream = StepsWriter(lambda: writer, name, len(value), dtype=torch.float16)
+            streams[name] = stream
+            for step in range(len(value)):
+                stream.write(step, value[step])
+        elif layout == "steps":
+            writer.write(name, whole(value).detach().cpu(), stream_axis=0)
         else:
-            axis = 0 if layout == "steps" else None
-            writer.write(name, value.detach().cpu(), stream_axis=axis)
+            writer.write(name, value.detach().cpu())
+    described = {name: stream.description() for name, stream in streams.items()}
     writer.set_attrs(
         texts=texts,
         seconds=seconds,
         **{
             STREAMS_ATTR: {
-                name: stream.description()
-                for name, stream in streams.items()
-                if isinstance(stream, StreamWriter)  # step sequences read as arrays
+                name: description  # maps; a tensor sequence is read as an array
+                for name, description in described.items()
+                if description is not None
             }
         },
     )
+
+
+def whole(steps: Any) -> torch.Tensor:
+    """A tensor step sequence as one tensor (a reader's steps stacked)."""
+    if isinstance(steps, torch.Tensor):
+        return steps
+    return torch.stack([steps[index] for index in range(len(steps))])
 
 
 def read_outputs(cache: Cache, entry: Entry, layouts: Mapping[str, str]) -> dict[str, Any]:
@@ -112,7 +123,7 @@ def read_outputs(cache: Cache, entry: Entry, layouts: Mapping[str, str]) -> dict
         if layout == "text":
             outputs[name] = entry.attrs["texts"][name]
         elif layout == "maps":
-            outputs[name] = StreamedMaps(cache, entry.key, name)
+            outputs[name] = CachedSteps(cache, entry.key, name)
         elif layout == "tensors":
             prefix = f"{name}."
             outputs[name] = {
@@ -129,7 +140,7 @@ def finish_entry(
     entry: LazyEntry,
     outputs: Mapping[str, Any],
     layouts: Mapping[str, str],
-    streams: dict[str, StreamWriter | StepWriter],
+    streams: dict[str, StepsWriter],
     seconds: float,
 ) -> None:
     """Write a stage's outputs into its entry and publish it; on failure nothing is published."""
@@ -144,7 +155,7 @@ def finish_entry(
 class WriteQueue:
     """Entries written on one background thread, so the next stage computes meanwhile.
 
-    ``wait(key)`` blocks until that entry is published (a reader of streamed maps needs it);
+    ``wait(key)`` blocks until that entry is published (a reader of its steps needs it);
     ``finish()`` waits for every write and raises the first failure. Writes leave the GIL
     for file I/O, so the stage thread keeps running (measured in ``bench/bench_core.py``).
     """

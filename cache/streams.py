@@ -1,24 +1,26 @@
-"""Streamed artifacts: attention maps written to the cache step by step and read back the
-same way, so neither the stage that records them nor the one that consumes them ever holds
-the whole sequence in memory.
+"""Step sequences in the cache: written a step at a time into an entry being staged, read a
+step at a time from a published one (docs/steps.md).
 
-The engine offers stages a writer through ``ctx.stream_writer(output, layers={layer:
-(steps, *per_step_shape)}, dtype=...)``: an object with ``write(step, {layer: tensor})`` and
-``close() -> handle``; the handle is the stage's output value. A consumer receives a
-:class:`StreamedMaps` with ``num_steps``, ``layers`` and ``step(i)``. Nothing here knows
-which stage writes or reads.
+A step is a tensor (noise maps, a latent path) or ``{layer: tensor}`` (attention maps). A
+tensor sequence is one array streamed along axis 0; a sequence of maps is one array per
+layer (``OUTPUT.0``, ``OUTPUT.1`` ...) that the entry's ``streams`` attribute names
+(:meth:`StepsWriter.description`). :class:`StepsWriter` writes either; :class:`CachedSteps`
+reads either with ``len(steps)`` and ``steps[i]``. Nothing here knows which stage writes or
+reads, nor which artifact a sequence is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from editflow.lazy import lazy
 
 from .background import BackgroundWrites
+from .entry import Entry
 from .store import Cache
+from .writer import EntryWriter, StreamHandle
 
 torch = lazy("torch")
 
@@ -26,81 +28,75 @@ STREAMS_ATTR = "streams"
 PREFETCH_MIN_BYTES = 4 * 2**20  # steps this big are read ahead (SD 1.x maps: 32 MiB a step)
 
 
-class StreamWriter:
-    """Writes one streamed output of a stage into the stage's open cache entry."""
+class StepsWriter:
+    """Writes one step-sequence output into a stage's entry, a step at a time in order.
+
+    The arrays are created at the first write, from its shapes (attention-map layers are
+    known only after the first UNet call). Without ``live`` each step is written as it is
+    given (steps of a sharded stream wait in memory for their shard). With ``live`` each step
+    is stored as its own chunk, in the staging folder, so another worker can follow it
+    (:mod:`.live`); the copy to the host and the write then run on a thread of their own, so
+    the stage's loop waits for neither (one object store request a step would cost more than a
+    GPU step). The caller must not change a tensor it has written.
+
+    Args:
+        entry: Opens (once) the entry being staged.
+        output: The output's name: the array's, or the prefix of the layers' arrays.
+        length: Steps in the sequence.
+        reader: What :meth:`result` returns: the sequence read back once published.
+        dtype: Stored torch dtype (values are cast to it); ``None`` keeps the first step's.
+        live: Write each step where a follower can read it before the entry is published.
+    """
 
     def __init__(
         self,
-        entry_writer: Any,
+        entry: Callable[[], EntryWriter],
         output: str,
-        layers: Mapping[str, tuple[int, ...]],
-        dtype: torch.dtype,
-        reader: StreamedMaps | None,
-    ) -> None:
-        self.arrays = {layer: f"{output}.{index}" for index, layer in enumerate(layers)}
-        self.num_steps = next(iter(layers.values()))[0] if layers else 0
-        self.handles = {
-            layer: entry_writer.create_stream(self.arrays[layer], tuple(shape), dtype)
-            for layer, shape in layers.items()
-        }
-        self.layers = {layer: tuple(shape[1:]) for layer, shape in layers.items()}
-        self.written = 0
-        self.reader = reader
-
-    def write(self, step: int, maps: Mapping[str, torch.Tensor]) -> None:
-        if step != self.written:
-            raise RuntimeError(
-                f"stream steps must come in order: got {step}, expected {self.written}"
-            )
-        for layer, handle in self.handles.items():
-            handle[step] = maps[layer]
-        self.written += 1
-
-    def close(self) -> StreamedMaps:
-        if self.written != self.num_steps:
-            raise RuntimeError(f"stream closed after {self.written} of {self.num_steps} steps")
-        return self.reader
-
-    def description(self) -> dict[str, Any]:
-        """What the entry's attributes record so a reader can find the arrays again."""
-        return {
-            "num_steps": self.num_steps,
-            "layers": {
-                layer: [self.arrays[layer], list(shape)] for layer, shape in self.layers.items()
-            },
-        }
-
-
-class StepWriter:
-    """Writes one step-sequence output of a stage (noise maps, a latent path) into the
-    stage's open cache entry, a step at a time in order. With ``live`` each step is stored
-    as its own chunk as soon as it is given, so another worker can follow it (:mod:`.live`);
-    the copy to the host and the write run on a thread of their own, so the stage's loop
-    waits for neither (one object store request a step would cost more than a GPU step).
-    The stage must not change a tensor it has written."""
-
-    def __init__(
-        self,
-        entry_writer: Any,
-        output: str,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
+        length: int,
+        reader: Any = None,
+        *,
+        dtype: torch.dtype | None = None,
         live: bool = False,
     ) -> None:
-        self.handle = entry_writer.create_stream(output, tuple(shape), dtype, live=live)
+        self.entry, self.output, self.length = entry, output, length
+        self.reader, self.dtype, self.live = reader, dtype, live
+        self.arrays: dict[str | None, str] = {}  # layer (None for a tensor step) -> array
+        self.shapes: dict[str | None, tuple[int, ...]] = {}  # layer -> per-step shape
+        self.handles: dict[str | None, StreamHandle] = {}
         self.written = 0
         self._writes = BackgroundWrites("editflow-steps") if live else None
 
-    def write(self, step: int, values: torch.Tensor) -> None:
-        if step != self.written:
-            raise RuntimeError(
-                f"stream steps must come in order: got {step}, expected {self.written}"
-            )
-        if self._writes is None:
-            self.handle[step] = values
-        else:
-            self._writes.submit(self.handle.__setitem__, step, values)
+    def write(self, index: int, value: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+        if index != self.written:
+            raise RuntimeError(f"steps must come in order: got {index}, expected {self.written}")
+        parts = dict(value) if isinstance(value, Mapping) else {None: value}
+        if not self.handles:
+            self._create(parts)
+        for layer, handle in self.handles.items():
+            if self._writes is None:
+                handle[index] = parts[layer]
+            else:
+                self._writes.submit(handle.__setitem__, index, parts[layer])
         self.written += 1
+
+    def _create(self, parts: Mapping[str | None, torch.Tensor]) -> None:
+        writer = self.entry()
+        for index, (layer, tensor) in enumerate(parts.items()):
+            array = self.output if layer is None else f"{self.output}.{index}"
+            shape = (self.length, *tensor.shape)
+            dtype = self.dtype if self.dtype is not None else tensor.dtype
+            self.arrays[layer], self.shapes[layer] = array, tuple(tensor.shape)
+            self.handles[layer] = writer.create_stream(array, shape, dtype, live=self.live)
+
+    def result(self) -> Any:
+        """The reader of the sequence (once the entry is published).
+
+        Raises:
+            RuntimeError: Not every step was written.
+        """
+        if self.written != self.length:
+            raise RuntimeError(f"{self.output}: {self.written} of {self.length} steps written")
+        return self.reader
 
     def finish(self, raise_errors: bool = True) -> None:
         """Wait for the steps still being written (before the entry is published or
@@ -108,18 +104,37 @@ class StepWriter:
         if self._writes is not None:
             self._writes.finish(raise_errors)
 
+    def description(self) -> dict[str, Any] | None:
+        """What the entry's ``streams`` attribute records so a reader finds a sequence of maps
+        again (``None`` for a tensor sequence: its array has the output's name)."""
+        if None in self.arrays:
+            return None
+        return {
+            "num_steps": self.length,
+            "layers": {
+                layer: [self.arrays[layer], list(shape)] for layer, shape in self.shapes.items()
+            },
+        }
 
-class StreamedMaps:
-    """Reads a streamed output back from the cache one step at a time.
 
-    Created before the entry is published (the producing stage returns it), so the entry is
-    looked up on first use. With prefetching, reading step ``i`` starts reading step ``i + 1``
-    on a background thread, so a consumer that walks the steps in order overlaps its compute
-    with the next read; a read that fails there fails the ``step`` call that asks for that
+class CachedSteps:
+    """A step sequence of a published entry, read a step at a time: ``len`` and ``[i]``.
+
+    May be made before the entry is published (a producing stage returns it), so the entry
+    is looked up on first use. With prefetching, reading step ``i`` starts reading step
+    ``i + 1`` on a background thread, so a consumer that walks the steps in order overlaps its
+    compute with the next read; a read that fails there fails the ``[i]`` that asks for that
     step, as a plain read would. By default it is on for steps of at least
     :data:`PREFETCH_MIN_BYTES`: a local read of a smaller step (tiny's 0.12 MiB: 0.1 ms)
     costs less than handing it to a thread (the guided edit took 1.17x its in-memory time
     with prefetching and 1.02x without).
+
+    Args:
+        cache: The cache holding the entry.
+        key: The entry's key.
+        output: The sequence's output name.
+        prefetch: Read ahead; ``None`` decides by the size of a step.
+        ready: Called before the first read: waits for the entry's publication.
     """
 
     def __init__(
@@ -129,70 +144,73 @@ class StreamedMaps:
         output: str,
         *,
         prefetch: bool | None = None,
-        ready: Any = None,
+        ready: Callable[[], Any] | None = None,
     ) -> None:
         self.cache, self.key, self.output = cache, key, output
-        self.ready = ready  # called before the first read: waits for the entry's publication
+        self.ready = ready
         self.prefetch = prefetch
-        self._entry: Any = None
+        self._entry: Entry | None = None
+        self._arrays: dict[str | None, str] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._next: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
+        self._next: tuple[int, Future[Any]] | None = None
         self.bytes_read = 0
 
-    def _open(self) -> Any:
+    def _open(self) -> Entry:
         if self._entry is None:
             if self.ready is not None:
                 self.ready()
-            self._entry = self.cache.get(self.key)
-            if self._entry is None:
-                raise RuntimeError(f"streamed output {self.output} of {self.key} is not published")
+            entry = self.cache.get(self.key)
+            if entry is None:
+                raise RuntimeError(f"step sequence {self.output} of {self.key} is not published")
+            maps = entry.attrs.get(STREAMS_ATTR, {}).get(self.output)
+            if maps is None:
+                self._arrays = {None: self.output}
+            else:
+                self._arrays = {layer: array for layer, (array, _) in maps["layers"].items()}
+            self._entry = entry
         return self._entry
 
-    @property
-    def _description(self) -> dict[str, Any]:
-        return self._open().attrs[STREAMS_ATTR][self.output]
-
-    @property
-    def num_steps(self) -> int:
-        return int(self._description["num_steps"])
-
-    @property
-    def layers(self) -> dict[str, tuple[int, ...]]:
-        return {layer: tuple(shape) for layer, (_, shape) in self._description["layers"].items()}
+    def __len__(self) -> int:
+        entry = self._open()
+        return entry.arrays[next(iter(self._arrays.values()))].shape[0] if self._arrays else 0
 
     @property
     def step_bytes(self) -> int:
-        """Bytes of one step of every layer, as stored."""
+        """Bytes of one step (of every layer), as stored."""
         entry = self._open()
         return sum(
             entry.arrays[array].nbytes // entry.arrays[array].shape[0]
-            for array, _ in self._description["layers"].values()
+            for array in self._arrays.values()
         )
 
-    def step(self, index: int) -> dict[str, torch.Tensor]:
-        """The maps of one step, read from one chunk per layer."""
+    def __getitem__(self, index: int) -> Any:
+        """Step ``index``, read from one chunk (per layer)."""
+        steps = len(self)
+        if not -steps <= index < steps:
+            raise IndexError(f"step {index} out of range for {self.output!r} with {steps} steps")
+        index %= steps
         if self.prefetch is None:
             self.prefetch = self.step_bytes >= PREFETCH_MIN_BYTES
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == index:
-            maps = ahead[1].result()
+            step = ahead[1].result()
         else:
             if ahead is not None:
                 ahead[1].cancel()
-            maps = self._read(index)
-        if self.prefetch and index + 1 < self.num_steps:
+            step = self._read(index)
+        if self.prefetch and index + 1 < steps:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="editflow-prefetch")
             self._next = (index + 1, self._pool.submit(self._read, index + 1))
         elif self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        self.bytes_read += sum(tensor.numel() * tensor.element_size() for tensor in maps.values())
-        return maps
+        parts = step.values() if isinstance(step, dict) else [step]
+        self.bytes_read += sum(tensor.numel() * tensor.element_size() for tensor in parts)
+        return step
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
+    def _read(self, index: int) -> Any:
         entry = self._open()
-        return {
-            layer: entry.step(array, index)
-            for layer, (array, _) in self._description["layers"].items()
-        }
+        if None in self._arrays:
+            return entry.step(self._arrays[None], index)
+        return {layer: entry.step(array, index) for layer, array in self._arrays.items()}

@@ -1,9 +1,15 @@
 """editflow: declarative, cached pipelines for diffusion-based image editing.
 
-The code lives in four folders mapped into this package: ``engine/`` (recipes, planning,
-execution), ``stages/`` (the stage kinds and the method math), ``models/`` (model references,
-identity, loading, the built-in tiny model) and ``cache/`` (the content-addressed zarr store).
-The modules here are what they share: errors, recipe documents, input and output files.
+Floors, each importing only the ones below it (an import-linter ``layers`` contract):
+
+- ``editflow.cli`` (``editflow/cli/``): the commands, and what only they use: sweeps,
+  locks, figure checks, reports, progress display.
+- ``editflow.executors`` (``executors/``): running a plan elsewhere (on a Ray cluster).
+- ``editflow.engine`` (``engine/``): recipes, planning, keys, in-process execution, input
+  and output files.
+- ``editflow.stages`` (``stages/``): the stage kinds, one folder per method.
+- ``editflow.models`` (``models/``) and ``editflow.cache`` (``cache/``), side by side.
+- The base, here: errors, lazy imports, recipe documents, the platform fingerprint.
 """
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """One event stream for a run (stage pending, cached, running step i of n, done, failed);
-rendered by :mod:`editflow.progress`, or kept for tests."""
+rendered by :mod:`editflow.cli.progress`, or kept for tests."""
 
 from __future__ import annotations
 

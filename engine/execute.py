@@ -17,27 +17,27 @@ from typing import Any, Protocol
 import editflow
 from editflow.cache import (
     Cache,
+    CachedSteps,
     DamagedEntryError,
     FollowLost,
     LiveSteps,
-    StepWriter,
-    StreamedMaps,
-    StreamWriter,
+    StepsWriter,
 )
 from editflow.cache.artifacts import LazyEntry, WriteQueue, finish_entry, read_outputs
 from editflow.cache.live import ProducerState
 from editflow.documents import document_identity
 from editflow.engine.events import Event, EventSink
 from editflow.engine.graph import producer_of
+from editflow.engine.inputs import load_input
 from editflow.engine.keys import canonical_json, describe_change, key_of
+from editflow.engine.outputs import current_exports, export_images, remove_stale_exports
 from editflow.engine.plan import Plan, PlannedStage
 from editflow.errors import EditflowError, StageFailedError
 from editflow.fingerprint import fingerprint
-from editflow.inputs import load_input
 from editflow.lazy import lazy
 from editflow.models import RunModels, resolve_device
-from editflow.outputs import current_exports, export_images, remove_stale_exports
 from editflow.stages import ArtifactType, StageContext
+from editflow.stages.base import MemorySteps, is_step_sequence
 
 torch = lazy("torch")
 
@@ -130,7 +130,7 @@ class InProcessExecutor:
 
 @dataclass(frozen=True)
 class Follow:
-    """A stage still running elsewhere whose streamed outputs a stage reads as they are
+    """A stage still running elsewhere whose step sequences a stage reads as they are
     written: its staging folder and whether it still runs (see ``editflow.cache.live``)."""
 
     object_id: str
@@ -152,11 +152,11 @@ def compute_stage(
         plan: The stage's plan.
         session: Cache, device, events and models.
         name: The stage.
-        live_id: Stage the entry in this folder and write its streamed outputs step by step
+        live_id: Stage the entry in this folder and write its step sequences step by step
             as they are made, so other workers can follow them.
         following: Producer key -> :class:`Follow`, for inputs to read from producers still
-            running (their streamed outputs into this stage's ``follows`` ports). The stage
-            publishes only once each producer has published what was read.
+            running (their step sequences, read as :class:`~editflow.cache.LiveSteps`). The
+            stage publishes only once each producer has published what was read.
     """
     run = _Run(plan, session, live_id, following)
     try:
@@ -183,6 +183,7 @@ class _Run:
         self.live_id, self.following = live_id, following or {}
         self.cache = session.cache
         self.values: dict[str, dict[str, Any]] = {}
+        self.followed: dict[str, list[LiveSteps]] = {}  # stage -> inputs read from producers
         self.producers = {stage.key: stage.name for stage in plan.stages.values()}
         self.writes = WriteQueue()
         self.result = RunResult(keys={stage.name: stage.key for stage in plan.needed})
@@ -266,12 +267,15 @@ class _Run:
             elif (key := self.plan.stages[producer].key) in self.following:
                 follow = self.following[key]
                 output = ref.split(".", 1)[1]
-                return LiveSteps(self.cache, key, follow.object_id, output, follow.state)
+                live = LiveSteps(self.cache, key, follow.object_id, output, follow.state)
+                self.followed.setdefault(stage.name, []).append(live)
+                return live
             else:
                 value = self.materialize(producer)[ref.split(".", 1)[1]]
             # Consumers get their own copy: a stage must never mutate another's result.
             return value.clone() if isinstance(value, torch.Tensor) else value
 
+        self.followed.pop(stage.name, None)
         return {
             port: [value_of(ref) for ref in refs] if isinstance(refs, list) else value_of(refs)
             for port, refs in stage.references.items()
@@ -286,27 +290,27 @@ class _Run:
         session.events(Event("running", stage.name, kind, stage.key, message=reason))
         attrs = _entry_attrs(plan, stage, session)
         entry = LazyEntry(self.cache, stage.key, attrs, object_id=self.live_id)
-        streams: dict[str, StreamWriter | StepWriter] = {}
+        streams: dict[str, StepsWriter] = {}
         started = time.perf_counter()
         try:
-            outputs = stage.kind().call(self.context(stage, entry, streams), stage.params, inputs)
+            outputs = stage.kind().run_planned(
+                self.context(stage, entry, streams), stage.params, inputs
+            )
             missing = {port.name for port in stage.kind.outputs} - set(outputs)
             if missing:
                 raise RuntimeError(f"{kind} returned no {sorted(missing)}")  # a bug in the stage
-            for value in inputs.values():
-                if isinstance(value, LiveSteps):  # read from a producer still running
-                    value.confirm()
+            for live in self.followed.pop(stage.name, []):  # read from a producer still running
+                live.confirm()
             seconds = time.perf_counter() - started
         except BaseException as error:
             for stream in streams.values():
-                if isinstance(stream, StepWriter):
-                    stream.finish(raise_errors=False)  # no step is written after the discard
+                stream.finish(raise_errors=False)  # no step is written after the discard
             entry.abandon(error)  # discards anything already written
             if isinstance(error, FollowLost):
                 raise  # not this stage's failure: it runs again from the published input
             producer = self.producers.get(getattr(error, "key", None))
             if isinstance(error, DamagedEntryError) and producer and retry:
-                # An input read step by step (streamed maps) was damaged: heal it, retry once.
+                # An input read step by step (from the cache) was damaged: heal it, retry once.
                 self.discard_damaged(producer, error)
                 return self.compute(stage, self.gather_inputs(stage), retry=False)
             session.events(Event("failed", stage.name, kind, stage.key, message=str(error)))
@@ -326,29 +330,32 @@ class _Run:
         return outputs
 
     def context(
-        self,
-        stage: PlannedStage,
-        entry: LazyEntry,
-        streams: dict[str, StreamWriter | StepWriter],
+        self, stage: PlannedStage, entry: LazyEntry, streams: dict[str, StepsWriter]
     ) -> StageContext:
         kind, key = stage.kind.kind, stage.key
 
         def progress(step: int, total: int) -> None:
             self.session.events(Event("step", stage.name, kind, key, step=step, total=total))
 
-        def open_stream(output: str, *, layers: Any, dtype: torch.dtype) -> StreamWriter:
+        def write_steps(output: str, length: int) -> MemorySteps | StepsWriter:
+            """Where a step sequence goes (docs/steps.md): live into the staging folder when
+            other workers may follow it; else maps into the entry as they come (too big to
+            hold) and tensor steps into memory, written whole on the writer thread (a GPU
+            loop never waits to copy a step out; the entry's bytes are a whole write's)."""
             port = stage.kind.output_port(output)
-            if port is None or LAYOUTS.get(port.type) not in ("maps", "steps"):
-                raise RuntimeError(f"{kind} cannot stream output {output!r}")  # a stage bug
-            reader = StreamedMaps(self.cache, key, output, ready=lambda: self.writes.wait(key))
-            streams[output] = StreamWriter(entry.writer(), output, layers, dtype, reader)
-            return streams[output]
-
-        def open_steps(output: str, shape: tuple[int, ...], dtype: torch.dtype) -> StepWriter:
-            port = stage.kind.output_port(output)
-            if port is None or not port.streamed:
-                raise RuntimeError(f"{kind} cannot stream output {output!r}")  # a stage bug
-            streams[output] = StepWriter(entry.writer(), output, shape, dtype, live=True)
+            if port is None or not is_step_sequence(port):
+                raise RuntimeError(f"{kind} cannot write steps of {output!r}")  # a stage bug
+            maps = LAYOUTS[port.type] == "maps"
+            # Maps are not written live: a follower could not tell their layers (their
+            # names are in the entry's attributes, published last); it waits for the entry.
+            live = self.live_id is not None and not maps
+            if not live and not maps:
+                return MemorySteps(length)
+            reader = CachedSteps(self.cache, key, output, ready=lambda: self.writes.wait(key))
+            dtype = torch.float16 if maps else None
+            streams[output] = StepsWriter(
+                entry.writer, output, length, reader, dtype=dtype, live=live
+            )
             return streams[output]
 
         models = self.session.models(self.plan) if stage.components else None
@@ -359,10 +366,7 @@ class _Run:
             dtype=self.plan.loaded.recipe.model.torch_dtype,
             models=models.for_stage(stage.components) if models is not None else None,
             progress=progress,
-            stream_writer=open_stream,
-            # Only where other workers may follow: in process the entry is written whole,
-            # on the writer thread, and a GPU loop never waits to copy a step out.
-            step_writer=open_steps if self.live_id is not None else None,
+            write_steps=write_steps,
             references=stage.references,
         )
 

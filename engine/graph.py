@@ -26,11 +26,14 @@ class StageGraph:
         graph: Stage names, with an edge from each producer to each consumer.
         order: Every valid stage, in a stable topological order (file order where free).
         needed: The stages the targets need (themselves and their ancestors).
+        sizes: Stage -> input port -> the (height, width) in pixels of the image its value
+            derives from, where an input file's size is known (for the kinds' checks).
     """
 
     graph: nx.DiGraph
     order: list[str]
     needed: frozenset[str]
+    sizes: Mapping[str, Mapping[str, tuple[int, int] | None]]
 
 
 def producer_of(ref: str) -> str:
@@ -60,7 +63,8 @@ def check_graph(
         loaded: The recipe; its stages that failed validation still take part, so that a
             reference to them is not reported as dangling.
         targets: Stages asked for on the command line (``--target``), else the recipe's.
-        input_sizes: Input name -> its image's (height, width), for the kinds' checks.
+        input_sizes: Input name -> its image's (height, width), for the kinds' checks
+            (:meth:`StageKind.check`, which the plan runs once the models are resolved).
 
     Returns:
         The graph (``None`` when there are problems) and the problems, located.
@@ -90,11 +94,6 @@ def check_graph(
                     problem(message, key)
                 elif not ref.startswith("inputs."):
                     graph.add_edge(producer_of(ref), name)
-    size_of = _sizes(kinds, wiring, input_sizes)
-    for name, spec in loaded.stages.items():
-        sizes = {port: size_of(refs) for port, refs in spec.references.items()}
-        for field, message in spec.kind.check(spec.params, spec.references, sizes):
-            problem(message, f"stages.{name}" + (f".{field}" if field else ""))
     try:
         cycle = nx.find_cycle(graph)
         names = [edge[0] for edge in cycle] + [cycle[0][0]]
@@ -120,7 +119,12 @@ def check_graph(
         needed |= nx.ancestors(graph, name)
     position = {name: index for index, name in enumerate(kinds)}
     order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
-    return StageGraph(graph, order, frozenset(needed)), []
+    size_of = _sizes(kinds, wiring, input_sizes)
+    sizes = {
+        name: {port: size_of(refs) for port, refs in spec.references.items()}
+        for name, spec in loaded.stages.items()
+    }
+    return StageGraph(graph, order, frozenset(needed), sizes), []
 
 
 def _sizes(

@@ -10,17 +10,20 @@ or a missing file fails with every problem listed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from editflow.engine.graph import check_graph, producer_of
+from editflow.engine.inputs import ResolvedInput, resolve_input
 from editflow.engine.keys import canonical_json, input_key, key_of, stage_preimage
 from editflow.engine.recipe import LoadedRecipe
 from editflow.errors import EditflowError, Problem, RecipeError, sort_problems
-from editflow.inputs import ResolvedInput, resolve_input
 from editflow.models import ComponentSpec, ResolvedModel, resolve_providers
+from editflow.models.providers import component_config
 from editflow.stages import Params, StageKind
+from editflow.stages.base import CheckView
 
 
 @dataclass
@@ -102,16 +105,15 @@ def build_plan(
     if problems or graph is None:
         raise RecipeError(problems=sort_problems(problems))
 
-    stages, problems = _inherit(loaded, graph.order, graph.needed)
-    if problems:
-        raise RecipeError(problems=sort_problems(problems))
+    stages, problems, unresolved = _inherit(loaded, graph.order, graph.needed)
     needed = [stage for stage in stages.values() if stage.needed]
     models = resolve_models(loaded, needed, models_dir)
-    problems = [
-        _located(loaded, stage.name, field, message)
-        for stage in needed
-        for field, message in stage.kind.check_models(stage.params, models)
-    ]
+    for stage in stages.values():
+        if stage.name not in unresolved:
+            view = _check_view(stage, graph.sizes[stage.name], models)
+            problems += [
+                _located(loaded, stage.name, p) for p in stage.kind.check(stage.params, view)
+            ]
     if problems:
         raise RecipeError(problems=sort_problems(problems))
     input_keys = {name: input_key(item.section, item.digest) for name, item in inputs.items()}
@@ -134,10 +136,12 @@ def build_plan(
 
 def _inherit(
     loaded: LoadedRecipe, order: list[str], needed: frozenset[str]
-) -> tuple[dict[str, PlannedStage], list[Problem]]:
-    """The planned stages, producers first, each with what it inherits from its producers."""
+) -> tuple[dict[str, PlannedStage], list[Problem], set[str]]:
+    """The planned stages, producers first, each with what it inherits from its producers;
+    the problems, and the stages whose inherited values could not be resolved."""
     stages: dict[str, PlannedStage] = {}
     problems: list[Problem] = []
+    unresolved: set[str] = set()
     for name in order:
         spec = loaded.stages[name]
         producers = {
@@ -146,17 +150,36 @@ def _inherit(
             if isinstance(ref, str) and (producer := producer_of(ref)) in stages
         }
         params, issues = spec.kind.inherit(spec.params, producers)
-        problems += [_located(loaded, name, field, message) for field, message in issues]
+        problems += [_located(loaded, name, issue) for issue in issues]
+        if issues:
+            unresolved.add(name)
         components = spec.kind.component_specs(params, spec.references)
         stages[name] = PlannedStage(
             name, spec.kind, params, spec.references, components, needed=name in needed
         )
-    return stages, problems
+    return stages, problems, unresolved
 
 
-def _located(loaded: LoadedRecipe, stage: str, field: str | None, message: str) -> Problem:
-    """A kind's (field, message) problem, located at ``stages.STAGE[.FIELD]``."""
-    return loaded.located(Problem(message, key=f"stages.{stage}" + (f".{field}" if field else "")))
+def _check_view(
+    stage: PlannedStage,
+    sizes: Mapping[str, tuple[int, int] | None],
+    models: Mapping[str, ResolvedModel],
+) -> CheckView:
+    """What a stage's check sees: its wiring, sizes and, when needed, its resolved models."""
+    used = {spec.provider for spec in stage.components} if stage.needed else set()
+    mine = {provider: model for provider, model in models.items() if provider in used}
+
+    def configs(component: str, provider: str) -> Mapping[str, Any] | None:
+        return component_config(mine[provider], component) if provider in mine else None
+
+    return CheckView(stage.references, sizes, mine, configs)
+
+
+def _located(loaded: LoadedRecipe, stage: str, problem: Problem) -> Problem:
+    """A kind's problem (``key``: a parameter, an input or None), located at
+    ``stages.STAGE[.KEY]`` in the recipe."""
+    key = f"stages.{stage}" + (f".{problem.key}" if problem.key else "")
+    return loaded.located(Problem(problem.message, key=key, hint=problem.hint))
 
 
 def resolve_models(

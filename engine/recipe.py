@@ -29,9 +29,9 @@ from editflow.documents import (
     migrate,
     read_document,
 )
+from editflow.engine.inputs import InputSection
 from editflow.errors import Problem, RecipeError, sort_problems, unique_problems
 from editflow.imagecheck import CheckSection
-from editflow.inputs import InputSection
 from editflow.models import ModelSection
 from editflow.stages import KINDS_BY_NAME, Params, StageKind
 from editflow.stages.recipe_models import stage_models, stage_union

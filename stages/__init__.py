@@ -1,55 +1,31 @@
 """Stage kinds: the one explicit registry the recipe union, schema and README come from.
 
-Adding a kind means adding it to ``STAGE_KINDS``; a duplicate kind fails at import.
+One folder per method, each holding its math and its kinds and exporting them as ``KINDS``;
+``io`` holds the kinds every method uses. Adding a method is one folder and one line below.
+A duplicate kind fails at import.
 """
 
 from __future__ import annotations
 
-from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
-from editflow.stages.caption import CaptionBlip
-from editflow.stages.compositing import ComposePaste, SampleLocalIlvr
-from editflow.stages.decode import DecodeVae
-from editflow.stages.direction import BankMean, DeriveDirection
-from editflow.stages.edit_friendly_statistics import FigureNoiseStatistics
-from editflow.stages.encode import EncodeVae
-from editflow.stages.figure import FigureAnimation, FigureGrid
-from editflow.stages.finetune import FinetuneDiffusionclip
-from editflow.stages.guide import GuidePix2PixZeroReference
-from editflow.stages.invert import InvertDdim, InvertEditFriendly, InvertTextualInversion
-from editflow.stages.pixels import DecodePixels, EncodePixels
-from editflow.stages.rank import RankClip
-from editflow.stages.sample import (
-    SampleDdim,
-    SampleEditFriendly,
+from editflow.stages import (
+    compositing,
+    ddim,
+    diffusionclip,
+    edit_friendly,
+    interpolation,
+    io,
+    pix2pix_zero,
 )
-from editflow.stages.sample_interpolate import SampleInterpolate
-from editflow.stages.sample_pix2pix_zero import SamplePix2PixZero
-from editflow.stages.sample_unseen_domain import SampleUnseenDomain
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
-    CaptionBlip,
-    ComposePaste,
-    EncodeVae,
-    EncodePixels,
-    InvertDdim,
-    InvertEditFriendly,
-    InvertTextualInversion,
-    BankMean,
-    DeriveDirection,
-    GuidePix2PixZeroReference,
-    SampleDdim,
-    SampleEditFriendly,
-    SamplePix2PixZero,
-    SampleLocalIlvr,
-    SampleInterpolate,
-    SampleUnseenDomain,
-    FinetuneDiffusionclip,
-    DecodeVae,
-    DecodePixels,
-    RankClip,
-    FigureGrid,
-    FigureAnimation,
-    FigureNoiseStatistics,
+    *io.KINDS,
+    *ddim.KINDS,
+    *edit_friendly.KINDS,
+    *pix2pix_zero.KINDS,
+    *compositing.KINDS,
+    *interpolation.KINDS,
+    *diffusionclip.KINDS,
 )
 
 

@@ -11,14 +11,16 @@ import enum
 import hashlib
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 from pydantic import ValidationError
 
 from editflow.documents import Table, error_message
+from editflow.errors import EditflowError, Problem
 from editflow.lazy import lazy
 from editflow.models.specs import ComponentSpec
+from editflow.stages.checks import CheckView
 
 torch = lazy("torch")
 
@@ -55,11 +57,8 @@ class Port:
             in milliseconds; the images are then written as one animated GIF.
         size_of: For an output: the input whose image it has the pixel size of (latents of
             an image, an edit of those latents ...), so sizes are known while planning.
-        streamed: For a step-sequence output: the stage writes it step by step, in order,
-            through ``ctx.step_writer`` while it runs.
-        follows: For a step-sequence input: the stage reads it with ``len()`` and ``[i]``
-            only, in step order, so it may run alongside the stage producing it (a streamed
-            output) and read each step as it is written (the Ray executor does this).
+
+    Whether a port carries a step sequence follows from its type (:func:`is_step_sequence`).
     """
 
     name: str
@@ -70,8 +69,92 @@ class Port:
     export: bool = False
     size_of: str | None = None
     timing: str | None = None
-    streamed: bool = False
-    follows: bool = False
+
+
+STEP_SEQUENCES = frozenset(
+    {ArtifactType.NOISE_SEQUENCE, ArtifactType.LATENT_TRAJECTORY, ArtifactType.ATTENTION_MAPS}
+)
+
+
+def is_step_sequence(port: Port) -> bool:
+    """Whether a port carries a step sequence (docs/steps.md): an output the stage writes
+    through ``ctx.write_steps``, an input it reads as a :class:`StepSequence`, so a consumer
+    may run alongside its producer and read each step as it is written (on Ray)."""
+    return port.type in STEP_SEQUENCES
+
+
+class StepSequence(Protocol):
+    """A step sequence read a step at a time: ``len(steps)`` and ``steps[i]`` (docs/steps.md).
+
+    A step is a tensor (noise maps, latent paths: ``(T, N, C, h, w)`` read as ``(N, C, h, w)``)
+    or ``{layer: tensor}`` (attention maps). A whole tensor is one; so are the engine's
+    readers of the cache, which read only the step asked for, and of a producer still
+    writing, which wait for it. Read in step order: a reader may read the next step ahead.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+class StepSequenceWriter(Protocol):
+    """Where a stage writes a step-sequence output (``ctx.write_steps``): ``write`` each
+    step once, in order; the output's value is ``result()``. A written tensor must not be
+    changed afterwards (it may still be on its way to storage)."""
+
+    def write(self, index: int, value: Any) -> None:
+        """Step ``index``: a tensor, or ``{layer: tensor}`` with the same layers each step."""
+        ...
+
+    def result(self) -> StepSequence:
+        """The whole sequence, once every step is written (the stage returns it)."""
+        ...
+
+
+class MemorySteps:
+    """A :class:`StepSequenceWriter` that keeps the steps in memory (the default of a context
+    made outside the engine, and the engine's choice for tensor steps written whole).
+
+    ``result()`` is the steps stacked into one tensor, or the list of ``{layer: tensor}``.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.steps: list[Any] = []
+
+    def write(self, index: int, value: Any) -> None:
+        if index != len(self.steps):
+            expected = len(self.steps)
+            raise RuntimeError(f"steps must come in order: got {index}, expected {expected}")
+        self.steps.append(value)
+
+    def result(self) -> StepSequence:
+        if len(self.steps) != self.length:
+            raise RuntimeError(f"{len(self.steps)} of {self.length} steps were written")
+        if self.steps and isinstance(self.steps[0], Mapping):
+            return list(self.steps)
+        return torch.stack(self.steps)
+
+
+def memory_steps(output: str, length: int) -> MemorySteps:
+    """``StageContext.write_steps`` outside the engine: the steps stay in memory."""
+    return MemorySteps(length)
+
+
+class StepsOn:
+    """``steps`` with each step's tensors moved to ``device`` and ``dtype`` as it is read."""
+
+    def __init__(self, steps: StepSequence, device: torch.device, dtype: torch.dtype) -> None:
+        self.steps, self.device, self.dtype = steps, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> Any:
+        step = self.steps[index]
+        if isinstance(step, Mapping):
+            return {layer: t.to(self.device, self.dtype) for layer, t in step.items()}
+        return step.to(self.device, self.dtype)
 
 
 class Params(Table):
@@ -114,11 +197,11 @@ class StageContext:
         dtype: The recipe's compute dtype.
         models: Lazily loaded model components (``None`` for stages that need none).
         progress: Called with (step, total) as long work advances.
-        stream_writer: Opens a streamed output (attention maps) that is written step by step
-            instead of returned whole; ``None`` when the engine does not offer one.
-        step_writer: ``step_writer(output, shape, dtype)`` opens a ``streamed`` step-sequence
-            output (``write(step, tensor)``, steps in order); the stage still returns the
-            whole tensor. ``None`` when the engine does not offer one.
+        write_steps: ``write_steps(output, length)`` opens a step-sequence output
+            (:func:`is_step_sequence`) of ``length`` steps: a :class:`StepSequenceWriter`,
+            whose ``result()`` the stage returns as that output. Where the steps go (memory,
+            the cache entry, a staging folder other workers follow) is the engine's choice;
+            outside the engine they stay in memory (:class:`MemorySteps`).
         references: Input port name -> the recipe reference(s) it is connected to (for
             labels; the values come as ``run``'s keyword arguments).
     """
@@ -129,8 +212,7 @@ class StageContext:
     dtype: torch.dtype
     models: ModelComponents | None = None
     progress: Callable[[int, int], None] = lambda step, total: None
-    stream_writer: Callable[..., Any] | None = None
-    step_writer: Callable[..., Any] | None = None
+    write_steps: Callable[[str, int], StepSequenceWriter] = memory_steps
     references: Mapping[str, str | list[str]] = field(default_factory=dict)
 
     def generator(self, item: int = 0) -> torch.Generator:
@@ -187,7 +269,7 @@ class StageKind:
     @classmethod
     def inherit(
         cls, params: Any, producers: Mapping[str, tuple[str, Any]]
-    ) -> tuple[Any, list[tuple[str | None, str]]]:
+    ) -> tuple[Any, list[Problem]]:
         """Fill the parameters of :attr:`inherits` left out (``None``) from their producers.
 
         Args:
@@ -195,11 +277,11 @@ class StageKind:
             producers: Input port -> (producing stage's name, its resolved params).
 
         Returns:
-            The resolved params, and ``(field, message)`` per problem: a value given that
-            disagrees with the producer's, or resolved params that break a rule.
+            The resolved params, and a :class:`Problem` per value given that disagrees with
+            the producer's, or per rule the resolved params break (``key``: the parameter).
         """
         updates: dict[str, Any] = {}
-        problems: list[tuple[str | None, str]] = []
+        problems: list[Problem] = []
         for port, fallbacks in cls.inherits.items():
             stage, theirs = producers.get(port, ("", None))
             for name, fallback in fallbacks.items():
@@ -207,43 +289,30 @@ class StageKind:
                 if own is None:
                     updates[name] = given if given is not None else fallback
                 elif given is not None and own != given:
+                    message = f"is {own!r} but {port} come from {stage!r}, which has {given!r}"
                     problems.append(
-                        (name, f"is {own!r} but {port} come from {stage!r}, which has {given!r}"
-                               " (leave it out to take the producer's)")
-                    )  # fmt: skip
+                        Problem(message, key=name, hint="leave it out to take the producer's")
+                    )
         if not updates:
             return params, problems
         try:
             return cls.params.model_validate({**params.model_dump(), **updates}), problems
         except ValidationError as error:
-            return params, problems + [(None, error_message(item, [])) for item in error.errors()]
+            return params, problems + [Problem(error_message(item, [])) for item in error.errors()]
 
     @classmethod
-    def check_models(cls, params: Any, models: Mapping[str, Any]) -> list[tuple[str | None, str]]:
-        """Rules that need the resolved models (``provider -> ResolvedModel``), checked while
-        planning from their configs; no weight is read."""
-        return []
-
-    @classmethod
-    def check(
-        cls,
-        params: Any,
-        references: Mapping[str, str | list[str]],
-        sizes: Mapping[str, tuple[int, int] | None],
-    ) -> list[tuple[str | None, str]]:
-        """Rules that tie parameters to the inputs the recipe connects.
-
-        Checked while planning, before anything runs.
+    def check(cls, params: Any, view: CheckView) -> list[Problem]:
+        """The rules that tie parameters to the connected inputs, their sizes and the resolved
+        models; checked once, while planning, before anything runs (``run`` never repeats
+        them; :meth:`call` runs them for direct Python use).
 
         Args:
-            params: The stage's validated params.
-            references: Input port name -> the reference (or list of references) connected.
-            sizes: Input port name -> the (height, width) in pixels of the image its value
-                comes from, where the plan knows it.
+            params: The stage's validated params, inherited values filled in.
+            view: What the plan knows: references, sizes, resolved models (no weights).
 
         Returns:
-            ``(field, message)`` per problem; ``field`` is a parameter or input name, or
-            ``None`` for the stage as a whole.
+            One :class:`Problem` per broken rule; its ``key`` is the parameter or input name,
+            or ``None`` for the stage as a whole (the engine locates it in the recipe).
         """
         return []
 
@@ -257,12 +326,31 @@ class StageKind:
         raise NotImplementedError
 
     def call(self, ctx: StageContext, params: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """``run`` with the inputs as a mapping; optional ports left out arrive as ``None``,
-        and inherited parameters left out take their fallbacks.
+        """``run`` for direct Python use: inherited parameters left out take their fallbacks
+        and :meth:`check` runs on what is given, as a plan would, then :meth:`run_planned`.
 
         Raises:
             TypeError: A required input is missing or an unknown one is given.
+            EditflowError: The params break a rule of :meth:`check` (as a recipe would).
         """
+        self._check_ports(inputs)
+        params, problems = self.inherit(params, {})
+        problems += self.check(params, _call_view(self, ctx, inputs))
+        if problems:
+            where = f"stages.{ctx.name}"
+            raise EditflowError(problems=[replace(p, key=f"{where}.{p.key}" if p.key else where)
+                                          for p in problems])  # fmt: skip
+        return self.run_planned(ctx, params, inputs)
+
+    def run_planned(
+        self, ctx: StageContext, params: Any, inputs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``run`` with the inputs as a mapping (optional ports left out arrive as ``None``),
+        for params a plan has inherited and checked: the engine's entry."""
+        self._check_ports(inputs)
+        return self.run(ctx, params, **{port.name: inputs.get(port.name) for port in self.inputs})
+
+    def _check_ports(self, inputs: Mapping[str, Any]) -> None:
         ports = {port.name for port in self.inputs}
         unknown = set(inputs) - ports
         missing = {port.name for port in self.inputs if not port.optional} - set(inputs)
@@ -270,10 +358,28 @@ class StageKind:
             raise TypeError(
                 f"{self.kind}: unknown inputs {sorted(unknown)}, missing {sorted(missing)}"
             )
-        params, problems = self.inherit(params, {})
-        if problems:
-            raise ValueError(f"{self.kind}: {problems[0][1]}")
-        return self.run(ctx, params, **{name: inputs.get(name) for name in ports})
+
+
+def _call_view(kind: StageKind, ctx: StageContext, inputs: Mapping[str, Any]) -> CheckView:
+    """What :meth:`StageKind.call` checks: the inputs given (a list port's items named
+    ``PORT.i``), the sizes of the images among them and the configs of the loaded parts."""
+    many = {port.name for port in kind.inputs if port.many}
+    references = {
+        name: [f"{name}.{i}" for i in range(len(value))] if name in many else name
+        for name, value in inputs.items()
+    }
+    sizes = {
+        name: tuple(value.shape[-2:]) if getattr(value, "ndim", 0) == 4 else None
+        for name, value in inputs.items()
+    }
+
+    def configs(component: str, provider: str) -> Mapping[str, Any] | None:
+        try:
+            return getattr(ctx.models.get(component), "config", None) if ctx.models else None
+        except KeyError:  # not a part this kind declares
+            return None
+
+    return CheckView(references, sizes, configs=configs)
 
 
 def step_reporter(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
+from editflow.errors import Problem
 from editflow.lazy import lazy, no_grad
 
 torch = lazy("torch")
@@ -94,6 +95,15 @@ def eps_to_model_output(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def cpu_randn(
+    shape: Sequence[int], generator: torch.Generator | None, like: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Standard normal float32 noise drawn on the CPU from ``generator``, so the numbers do not
+    depend on the device; moved to ``like``'s device and dtype when given."""
+    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return noise if like is None else noise.to(device=like.device, dtype=like.dtype)
+
+
 def ddim_posterior_variance(abar_t: torch.Tensor, abar_prev: torch.Tensor) -> torch.Tensor:
     """DDIM's sigma_t^2 at eta = 1 (Song et al. 2021, eq. 16), the DDPM posterior variance:
     ``(1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)``."""
@@ -168,15 +178,15 @@ def prompt_pair(
     return encode_prompt_pair(models, prompt, negative_prompt, batch, guided)
 
 
-def check_t0(t0: int | None, models: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+def check_t0(t0: int | None, models: Mapping[str, Any]) -> list[Problem]:
     """``t0`` must be a timestep of the model's schedule (from its config; nothing loads)."""
     model = models.get("model.id")
     if t0 is None or model is None:
         return []
     steps = model.scheduler_config.get("num_train_timesteps")
     if steps is not None and t0 >= steps:
-        return [("t0", f"is {t0} but model '{model.spec.id}' has {steps} training steps"
-                       f" (timesteps 0 to {steps - 1})")]  # fmt: skip
+        return [Problem(f"is {t0} but model '{model.spec.id}' has {steps} training steps"
+                        f" (timesteps 0 to {steps - 1})", key="t0")]  # fmt: skip
     return []
 
 

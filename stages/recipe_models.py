@@ -7,7 +7,6 @@ per input port; the union of them, discriminated on ``kind``, is what a recipe's
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from typing import Annotated, Any, Literal, Union
 
@@ -44,7 +43,7 @@ def stage_model(kind: type[StageKind]) -> type[BaseModel]:
     clash = set(kind.params.model_fields) & {port.name for port in kind.inputs}
     if clash or "kind" in kind.params.model_fields:
         raise TypeError(f"{kind.kind}: parameter names clash with inputs: {sorted(clash)}")
-    name = "Stage_" + re.sub(r"\W", "_", kind.kind)
+    name = kind.__name__
     return create_model(name, __base__=kind.params, __doc__=kind.description, **fields)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from editflow.errors import Problem
 from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType, Params, Port
 from editflow.stages.diffusion import NoisePredictor, unet_noise_predictor
@@ -137,24 +138,25 @@ def mixing_predictor(
     return predict
 
 
-def check_ratio(ratio: Ratio, weights: Sequence[str]) -> list[tuple[str | None, str]]:
+def check_ratio(ratio: Ratio, weights: Sequence[str]) -> list[Problem]:
     """``ratio`` against the tuned weights connected: one float for one model, a table of
     one weight per model otherwise."""
     if not weights:
         if ratio != 1.0:  # the default: nothing to mix
-            return [("ratio", "mixes tuned weights with the original, but no weights are"
-                              " connected: connect weights or remove ratio")]  # fmt: skip
+            return [Problem("mixes tuned weights with the original, but no weights are"
+                            " connected: connect weights or remove ratio", key="ratio")]  # fmt: skip
         return []
     if isinstance(ratio, int | float):
         if len(weights) > 1:
-            return [("ratio", f"a single ratio mixes one tuned model with the original, but"
-                              f" weights has {len(weights)}: give a table of weight vectors")]  # fmt: skip
+            return [Problem(f"a single ratio mixes one tuned model with the original, but"
+                            f" weights has {len(weights)}: give a table of weight vectors",
+                            key="ratio")]  # fmt: skip
         return []
     return [
-        (
-            "ratio",
+        Problem(
             f"threshold {key} has {len(vector)} weights but weights has {len(weights)} references",
-        )  # fmt: skip
+            key="ratio",
+        )
         for key, vector in ratio.items()
         if len(vector) != len(weights)
     ]

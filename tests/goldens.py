@@ -131,8 +131,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
         return [value]
     if isinstance(value, Mapping):  # tuned weights
         return [value[key] for key in sorted(value)]
-    if hasattr(value, "num_steps"):  # streamed attention maps: the first and the last step
-        steps = (value.step(0), value.step(value.num_steps - 1))
+    if hasattr(value, "__getitem__"):  # attention maps, step by step: the first and the last
+        steps = (value[0], value[len(value) - 1])
         return [step[layer] for step in steps for layer in sorted(step)]
     raise TypeError(f"cannot summarise {type(value).__name__}")
 

@@ -14,7 +14,7 @@ import torch
 from support import MANIFESTS
 
 from editflow.cli import main
-from editflow.lock import baseline_dir, lock_path
+from editflow.cli.lock import baseline_dir, lock_path
 
 
 @pytest.fixture(autouse=True)

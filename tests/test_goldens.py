@@ -10,7 +10,7 @@ from goldens import MANIFESTS, REGENERATE, compare, sources, stage_outputs
 
 from editflow.cache import Cache
 from editflow.stages import STAGE_KINDS
-from editflow.stages.decode import DecodeVae
+from editflow.stages.io.decode import DecodeVae
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,16 @@ def test_changed_numbers_under_the_same_version_fail_with_the_command(
 
 
 class _Maps:
-    """Streamed attention maps with every value moved (as the stage's output would be)."""
+    """Attention maps with every value moved (as the stage's output would be)."""
 
     def __init__(self, maps, move) -> None:
-        self.maps, self.move, self.num_steps = maps, move, maps.num_steps
+        self.maps, self.move = maps, move
 
-    def step(self, index: int) -> dict[str, torch.Tensor]:
-        return {layer: self.move(value) for layer, value in self.maps.step(index).items()}
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {layer: self.move(value) for layer, value in self.maps[index].items()}
 
 
 def _moved(outputs: dict, kind, fraction: float, alternating: bool = False) -> dict:
@@ -90,8 +93,8 @@ def _moved(outputs: dict, kind, fraction: float, alternating: bool = False) -> d
         elif isinstance(value, dict):
             scale = max(v.float().abs().max().item() for v in value.values())
             moved[name] = {key: mover(name, scale)(v) for key, v in value.items()}
-        elif hasattr(value, "num_steps"):
-            first = value.step(0)
+        elif hasattr(value, "__getitem__"):  # attention maps, step by step
+            first = value[0]
             scale = max(v.float().abs().max().item() for v in first.values())
             moved[name] = _Maps(value, mover(name, scale))
         else:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from editflow.engine.inputs import skimage_photos
 from editflow.imagecheck import CheckSection, compare_images, difference_image, pixel_digest
-from editflow.inputs import skimage_photos
 
 DEFAULT = CheckSection()
 

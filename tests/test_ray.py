@@ -1,14 +1,17 @@
 """The Ray executor on a local instance with 2 CPU workers: byte-identical outputs to the
-in-process executor (also when a worker dies mid-stage), sweeps, and two runs at once."""
+in-process executor (also when a worker dies mid-stage), sweeps, two runs at once, workers
+kept between an executor's runs, and the schedule's order."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import pytest
 from support import MANIFESTS
 
@@ -16,7 +19,8 @@ from editflow.cache import Cache
 from editflow.engine.api import run_recipe
 from editflow.engine.events import CollectEvents
 from editflow.errors import EditflowError
-from editflow.ray_executor import FAIL_ONCE, Job, run_jobs
+from editflow.executors.ray import Job, RayExecutor
+from editflow.executors.ray_workers import StageWorker
 
 ray = pytest.importorskip("ray")
 QUICKSTART = MANIFESTS / "quickstart.toml"
@@ -58,15 +62,43 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory, s3_bucket: str | None):
-    marker = tmp_path_factory.mktemp("ray") / "worker-died"
-    # Workers inherit this: the first worker to start the stage 'edit' dies in it, once; the
-    # first to reach step 5 of a stage 'inversion' dies there, once.
-    os.environ[FAIL_ONCE] = f"{marker}:edit,{marker.with_name('inversion-died')}:inversion:5"
+def local_ray(s3_bucket: str | None):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield marker
+    yield
     ray.shutdown()
-    os.environ.pop(FAIL_ONCE, None)
+
+
+@pytest.fixture(scope="module")
+def on_ray(local_ray: None) -> Iterator[RayExecutor]:
+    """One executor for the module's runs: the workers it keeps between runs are warm for the
+    next test, as a long-lived driver's are for its next sweep."""
+    executor = RayExecutor(workers=2)
+    yield executor
+    executor.release_workers()
+
+
+def dying_worker(marker: Path, stage: str, step: int = 0) -> type[StageWorker]:
+    """A worker class whose process dies once, as a lost machine's would: in ``stage`` as it
+    starts (``step`` 0) or at its step ``step``. ``marker`` records the death, so the worker
+    that runs the stage again lives. (Defined in a function, Ray sends the class by value.)"""
+
+    def die_once(name: str, at: int | None) -> None:
+        if name == stage and at == step and not marker.exists():
+            marker.write_text("died once")
+            os._exit(1)
+
+    class DyingWorker(StageWorker):
+        def run(self, plan: Any, name: str, cache_url: str, live_id: Any = None,
+                following: Any = None) -> list[str]:  # fmt: skip
+            die_once(name, 0)
+            return StageWorker.run(self, plan, name, cache_url, live_id, following)
+
+        def send(self, event: Any) -> None:
+            if event.type == "step":
+                die_once(event.stage, event.step)
+            StageWorker.send(self, event)
+
+    return DyingWorker
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -77,14 +109,15 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_the_quick_start_on_ray_is_byte_identical_even_when_a_worker_dies(
-    local_ray: Path, tmp_path: Path
+    local_ray: None, tmp_path: Path
 ) -> None:
-    events = CollectEvents()
-    (result,) = run_jobs(
+    events, died = CollectEvents(), tmp_path / "edit-died"
+    executor = RayExecutor(worker_class=dying_worker(died, "edit"))
+    (result,) = executor.run_jobs(
         [Job(QUICKSTART, [], tmp_path / "ray")], cache=Cache(tmp_path / "c1"), device="cpu",
         events=events,
     )  # fmt: skip
-    assert local_ray.exists(), "the worker running 'edit' was to die once"
+    assert died.exists(), "the worker running 'edit' was to die once"
     # The workers' progress reaches the driver: every step of the inversion, then done.
     steps = [(e.step, e.total) for e in events.of("step") if e.stage == "invert"]
     assert steps[0] == (1, 20) and steps[-1] == (20, 20) and steps == sorted(steps)
@@ -98,13 +131,13 @@ def test_the_quick_start_on_ray_is_byte_identical_even_when_a_worker_dies(
 
 
 def test_a_sweep_on_ray_is_byte_identical_and_computes_its_shared_stages_once(
-    local_ray: Path, tmp_path: Path
+    on_ray: RayExecutor, tmp_path: Path
 ) -> None:
-    from editflow.sweeps import parse_sweep, run_sweep
+    from editflow.cli.sweeps import parse_sweep, run_sweep
 
     axes = [parse_sweep("stages.edit.guidance_scale=3.0,5.0")]
     on_ray = run_sweep(QUICKSTART, axes, cache=Cache(tmp_path / "c1"), out_root=tmp_path / "ray",
-                       device="cpu", ray={"address": None, "workers": 2})  # fmt: skip
+                       device="cpu", ray=on_ray)  # fmt: skip
     here = run_sweep(QUICKSTART, axes, cache=Cache(tmp_path / "c2"), out_root=tmp_path / "here",
                      device="cpu")  # fmt: skip
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
@@ -124,8 +157,10 @@ def _edit_friendly_recipe(folder: Path, inversion: str = "invert") -> Path:
     return recipe
 
 
-def _follow_sweep(recipe: Path, cache: Cache, out: Path, events: Any, ray: Any) -> Any:
-    from editflow.sweeps import parse_sweep, run_sweep
+def _follow_sweep(
+    recipe: Path, cache: Cache, out: Path, events: Any, ray: RayExecutor | None
+) -> Any:
+    from editflow.cli.sweeps import parse_sweep, run_sweep
 
     axes = [parse_sweep("stages.edit.skip=5,10")]
     return run_sweep(recipe, axes, cache=cache, out_root=out, device="cpu", events=events,
@@ -133,12 +168,11 @@ def _follow_sweep(recipe: Path, cache: Cache, out: Path, events: Any, ray: Any) 
 
 
 def test_edits_follow_the_inversion_they_share_and_match_in_process(
-    local_ray: Path, tmp_path: Path
+    on_ray: RayExecutor, tmp_path: Path
 ) -> None:
     recipe = _edit_friendly_recipe(tmp_path)
     events = CollectEvents()
-    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events,
-                  {"address": None, "workers": 2})  # fmt: skip
+    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events, on_ray)
     _follow_sweep(recipe, Cache(tmp_path / "c2"), tmp_path / "here", None, None)
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
     assert len(_digests(tmp_path / "here")) == 2 * 4 + 1  # 4 images a point, and the grid
@@ -150,13 +184,13 @@ def test_edits_follow_the_inversion_they_share_and_match_in_process(
 
 
 def test_a_stage_following_one_whose_worker_dies_runs_again(
-    local_ray: Path, tmp_path: Path
+    local_ray: None, tmp_path: Path
 ) -> None:
     recipe = _edit_friendly_recipe(tmp_path, inversion="inversion")
-    events = CollectEvents()
-    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events,
-                  {"address": None, "workers": 2})  # fmt: skip
-    assert local_ray.with_name("inversion-died").exists(), "the inversion's worker was to die"
+    events, died = CollectEvents(), tmp_path / "inversion-died"
+    executor = RayExecutor(workers=2, worker_class=dying_worker(died, "inversion", step=5))
+    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events, executor)
+    assert died.exists(), "the inversion's worker was to die at its step 5"
     started = [e.stage for e in events.of("running")]
     # The reconstruction (skip 0) had followed the inversion from its start: it ran again.
     assert started.count("inversion") == 2 and started.count("reconstruct") >= 2
@@ -167,7 +201,7 @@ def test_a_stage_following_one_whose_worker_dies_runs_again(
 
 
 def test_a_sweep_on_ray_over_an_object_store_cache_matches_in_process(
-    local_ray: Path, s3_bucket: str | None, tmp_path: Path
+    on_ray: RayExecutor, s3_bucket: str | None, tmp_path: Path
 ) -> None:
     if s3_bucket is None:
         pytest.skip("needs moto[server] and s3fs (the test extra)")
@@ -175,7 +209,7 @@ def test_a_sweep_on_ray_over_an_object_store_cache_matches_in_process(
     cache = Cache(f"s3://{s3_bucket}/{tmp_path.name}")
     assert not cache.is_local
     events = CollectEvents()
-    _follow_sweep(recipe, cache, tmp_path / "ray", events, {"address": None, "workers": 2})
+    _follow_sweep(recipe, cache, tmp_path / "ray", events, on_ray)
     _follow_sweep(recipe, Cache(tmp_path / "here"), tmp_path / "here", None, None)
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here") != {}
     order = [(e.type, e.stage, e.step) for e in events.events if e.type in ("step", "done")]
@@ -184,13 +218,13 @@ def test_a_sweep_on_ray_over_an_object_store_cache_matches_in_process(
 
 
 def test_two_ray_runs_at_once_on_one_cache_give_the_same_outputs(
-    local_ray: Path, tmp_path: Path
+    on_ray: RayExecutor, tmp_path: Path
 ) -> None:
     cache, errors = Cache(tmp_path / "c"), []
 
-    def run(name: str) -> None:
+    def run(name: str) -> None:  # on one executor: one run takes its kept workers, one new
         try:
-            run_jobs([Job(QUICKSTART, [], tmp_path / name)], cache=cache, device="cpu")
+            on_ray.run_jobs([Job(QUICKSTART, [], tmp_path / name)], cache=cache, device="cpu")
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -202,11 +236,14 @@ def test_two_ray_runs_at_once_on_one_cache_give_the_same_outputs(
     assert errors == []
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b") != {}
     assert cache.verify() == []
+    assert len(on_ray.pool.kept) == 2, "one run's workers are kept, the other's shut down"
 
 
 def test_a_memory_cache_with_ray_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EditflowError) as error:
-        run_jobs([Job(QUICKSTART, [], None)], cache=Cache("memory://ray-test"), device="cpu")
+        RayExecutor().run_jobs(
+            [Job(QUICKSTART, [], None)], cache=Cache("memory://ray-test"), device="cpu"
+        )
     assert error.value.render() == (
         "--cache: a memory:// cache lives in one process; Ray workers cannot see it (use a"
         " folder (one machine) or an object store URL such as s3:// (a cluster))"
@@ -214,33 +251,48 @@ def test_a_memory_cache_with_ray_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_later_run_reuses_the_workers_and_their_loaded_models(
-    local_ray: Path, tmp_path: Path
+    local_ray: None, tmp_path: Path
 ) -> None:
-    from editflow import ray_executor
-
-    ray_executor.release_workers()  # an earlier test's workers would have the models already
     cache, first_events, second_events = Cache(tmp_path / "c"), CollectEvents(), CollectEvents()
-    run_jobs([Job(QUICKSTART, [], tmp_path / "a")], cache=cache, device="cpu",
-             events=first_events)  # fmt: skip
-    kept = {worker._actor_id for worker in ray_executor._POOL.workers}
-    (result,) = run_jobs(
+    executor = RayExecutor()
+    executor.run_jobs([Job(QUICKSTART, [], tmp_path / "a")], cache=cache, device="cpu",
+                      events=first_events)  # fmt: skip
+    kept = {worker._actor_id for worker in executor.pool.kept}
+    (result,) = executor.run_jobs(
         [Job(QUICKSTART, ["stages.edit.guidance_scale=4.0"], tmp_path / "b")], cache=cache,
         device="cpu", events=second_events,
     )  # fmt: skip
     assert "edit" in result.computed
-    assert {worker._actor_id for worker in ray_executor._POOL.workers} == kept
+    workers = executor.pool.kept
+    assert {worker._actor_id for worker in workers} == kept
     assert len(kept) == 2 and first_events.of("loaded")
     assert second_events.of("loaded") == [], "the kept workers load no model again"
+    executor.release_workers()
+    assert executor.pool.kept == []
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(workers[0].__ray_ready__.remote())
 
 
-def test_stages_with_more_work_after_them_go_first() -> None:
-    from editflow.ray_executor import downstream_counts
+def test_ready_stages_with_whole_inputs_and_more_work_after_them_go_first(tmp_path: Path) -> None:
+    from editflow.executors.ray_schedule import Scheduler
 
-    needs = {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b"}, "e": {"b", "c"}}
-    assert downstream_counts(needs) == {"a": 4, "b": 2, "c": 1, "d": 0, "e": 0}
+    a, b, c, d, e, f = (f"key-{name}" for name in "abcdef")  # stage keys, none in the cache
+    graph = nx.DiGraph()
+    graph.add_edges_from([(a, b), (a, c), (b, d), (b, e), (c, e)], follow=False)
+    graph.add_edge(a, f, follow=True)  # f reads step sequences of a only
+    # Asking what is ready needs no worker (no crew).
+    scheduler = Scheduler(graph, Cache(tmp_path / "c"), crew=None, events=CollectEvents())
+    assert scheduler.work_after == {a: 5, b: 2, c: 1, d: 0, e: 0, f: 0}
+    assert scheduler.next_ready() == (a, set())
+    scheduler.waiting.remove(a)
+    scheduler.live[a] = ("staging-folder", None)  # a runs: f may follow it, and only f
+    assert scheduler.next_ready() == (f, {a})
+    scheduler.live.clear()
+    scheduler.done.add(a)
+    assert scheduler.next_ready() == (b, set())  # more after b than after c or f
 
 
-def test_target_on_ray_runs_only_what_the_target_needs(local_ray: Path, tmp_path: Path) -> None:
+def test_target_on_ray_runs_only_what_the_target_needs(local_ray: None, tmp_path: Path) -> None:
     from editflow.cli import main
 
     recipe = str(QUICKSTART)
@@ -257,7 +309,7 @@ def test_target_on_ray_runs_only_what_the_target_needs(local_ray: Path, tmp_path
 
 
 def test_workers_reserve_gpus_where_the_cluster_has_them() -> None:
-    from editflow.ray_executor import pool_size, worker_options
+    from editflow.executors.ray_workers import pool_size, worker_options
 
     gpus, cpus = {"CPU": 64.0, "GPU": 8.0}, {"CPU": 2.0}
     assert pool_size(None, "auto", gpus) == 8 and pool_size(None, "auto", cpus) == 2
@@ -273,18 +325,20 @@ def test_workers_reserve_gpus_where_the_cluster_has_them() -> None:
         }
 
 
-def test_only_step_by_step_readers_of_streamed_outputs_follow(tmp_path: Path) -> None:
+def test_only_readers_of_step_sequences_follow(tmp_path: Path) -> None:
     from editflow.engine.api import plan_recipe
-    from editflow.ray_executor import follow_edges, merge_stages
+    from editflow.executors.ray_schedule import stages_to_compute
 
     cache = Cache(tmp_path / "c")
-    plan = plan_recipe(_edit_friendly_recipe(tmp_path), cache=cache)
-    units, _ = merge_stages([plan], cache)
-    names = {key: name for key, (_, name) in units.items()}
-    follows = {names[key]: sorted(names[dep] for dep in deps)
-               for key, deps in follow_edges(units).items() if deps}  # fmt: skip
-    # figure_noise reads the noise maps whole; the decoders read latents, which are not streamed.
-    assert follows == {"edit": ["invert"], "reconstruct": ["invert"]}
+    graph = stages_to_compute([plan_recipe(_edit_friendly_recipe(tmp_path), cache=cache)], cache)
+    names = dict(graph.nodes(data="name"))
+    follows = {}
+    for producer, consumer, follow in graph.edges(data="follow"):
+        if follow:
+            follows.setdefault(names[consumer], []).append(names[producer])
+    # Readers of the inversion's step sequences (noise maps, auxiliary path) follow it; the
+    # decoders read latents, which are not step sequences, and the figure a list of images.
+    assert follows == {"edit": ["invert"], "reconstruct": ["invert"], "figure_noise": ["invert"]}
 
 
 def _marked_processes(token: str) -> list[int]:
@@ -301,7 +355,7 @@ def _marked_processes(token: str) -> list[int]:
 
 def _reaper_token(driver: int) -> str:
     """The token of the driver's cluster: the last but one argument of its reaper, the child
-    of the driver that runs editflow.ray_reaper's script."""
+    of the driver that runs editflow.executors.ray_reaper's script."""
     for name in os.listdir("/proc"):
         try:
             with open(f"/proc/{name}/stat") as handle:
@@ -331,7 +385,7 @@ def test_a_driver_killed_mid_run_takes_its_local_cluster_with_it(
     argv = [sys.executable, "-m", "editflow", "run", str(QUICKSTART), "--executor", "ray",
             "--workers", "1", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
             "--log-json", *[a for s in steps for a in ("--set", s)]]  # fmt: skip
-    environment = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE, "RAY_ADDRESS")}
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**environment, "HF_HUB_OFFLINE": "1"},

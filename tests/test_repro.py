@@ -17,10 +17,10 @@ from support import modules_imported_by
 
 from editflow import fingerprint
 from editflow.cli import main
-from editflow.inputs import skimage_photos
-from editflow.lock import baseline_dir, lock_path
-from editflow.stages.decode import DecodeVae
-from editflow.stages.sample import SampleEditFriendly
+from editflow.cli.lock import baseline_dir, lock_path
+from editflow.engine.inputs import skimage_photos
+from editflow.stages.edit_friendly.kinds import SampleEditFriendly
+from editflow.stages.io.decode import DecodeVae
 
 RECIPE = """schema_version = 1
 seed = 0

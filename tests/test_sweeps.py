@@ -12,7 +12,7 @@ from PIL import Image
 from test_repro import RECIPE
 
 from editflow.cli import main
-from editflow.inputs import skimage_photos
+from editflow.engine.inputs import skimage_photos
 
 SWEEP = ["--sweep", "stages.edit.skip=1,2", "--sweep", "stages.edit.cfg_tar=3.5,7.5"]
 POINTS = [
@@ -32,9 +32,9 @@ def _recipe(folder: Path, text: str = RECIPE) -> Path:
 
 def _run(recipe: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
     from editflow.cache import Cache
+    from editflow.cli.sweeps import combine, parse_sweep, run_sweep, table_axes
     from editflow.documents import read_document
     from editflow.engine.events import CollectEvents
-    from editflow.sweeps import combine, parse_sweep, run_sweep, table_axes
 
     axes = combine(table_axes(read_document(recipe)[0]), [parse_sweep(a) for a in extra[1::2]])
     result = run_sweep(recipe, axes, cache=Cache(tmp_path / "cache"), out_root=tmp_path / out,
@@ -124,7 +124,7 @@ def test_point_folders_are_unique_by_construction_for_any_strings() -> None:
     beside 1) never share a folder, and a folder is its readable name when that is exact."""
     import random
 
-    from editflow.sweeps import Axis, points
+    from editflow.cli.sweeps import Axis, points
 
     rng = random.Random(0)
     alphabet = 'ab _/.\\:*?"<>|~é1'
@@ -143,7 +143,7 @@ def test_point_folders_are_unique_by_construction_for_any_strings() -> None:
 
 
 def test_lossy_names_get_a_digest_and_the_index_maps_folders_to_values(tmp_path: Path) -> None:
-    from editflow.sweeps import Axis, points
+    from editflow.cli.sweeps import Axis, points
 
     axis = Axis("stages.edit.target_prompt", ("a photo of a dog", "a_photo_of_a_dog"), "--sweep")
     names = [point.name for point in points([axis])]

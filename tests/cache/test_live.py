@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from editflow.cache import Cache, FollowLost, LiveSteps, StepWriter
+from editflow.cache import Cache, FollowLost, LiveSteps, StepsWriter
 
 KEY = "ab" * 32
 
@@ -28,7 +28,7 @@ class Producer:
     def _run(self) -> None:
         try:
             with self.cache.writer(KEY, {}, object_id=self.object_id) as writer:
-                stream = StepWriter(writer, "noise", self.steps.shape, self.steps.dtype, live=True)
+                stream = StepsWriter(lambda: writer, "noise", len(self.steps), live=True)
                 for index, step in enumerate(self.steps):
                     self.go.acquire()
                     stream.write(index, step)
@@ -56,7 +56,7 @@ def test_steps_are_read_as_they_are_written_before_the_entry_is_published(tmp_pa
     producer = Producer(cache, steps)
     live = LiveSteps(cache, KEY, "live1", "noise", producer.state)
     producer.advance(2)
-    assert len(live) == 4 and live.shape == (4, 2, 3)
+    assert len(live) == 4
     first, second = live[0], live[1]
     assert cache.get(KEY) is None, "read while the entry is unpublished"
     assert first.dtype == torch.bfloat16 and torch.equal(first, steps[0])
@@ -124,8 +124,40 @@ def test_a_live_write_that_fails_fails_finish_and_leaves_nothing(tmp_path: Path)
     cache = Cache(tmp_path)
     with pytest.raises(ValueError, match=r"step must have shape \(2,\), got \(3,\)"):
         with cache.writer(KEY, {}, object_id="live1") as writer:
-            stream = StepWriter(writer, "noise", (2, 2), torch.float32, live=True)
+            stream = StepsWriter(lambda: writer, "noise", 2, live=True)
             stream.write(0, torch.zeros(2))
             stream.write(1, torch.zeros(3))  # fails on the writing thread...
             stream.finish()  # ...and here
     assert cache.get(KEY) is None and not (tmp_path / "objects" / KEY / "live1").exists()
+
+
+def test_a_sequence_written_whole_is_followed_from_its_published_entry(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    steps = torch.arange(6.0).reshape(3, 2)
+    state: list[bool | None] = [None]
+    live = LiveSteps(cache, KEY, "live1", "noise", lambda: state[0])
+    with cache.writer(KEY, {}, object_id="live1") as writer:
+        writer.write("noise", steps, stream_axis=0)  # not live: as a stage's returned tensor
+        assert live._read_metadata() is None  # staged, but not to be read before publishing
+    state[0] = True
+    assert len(live) == 3 and torch.equal(live[2], steps[2]) and torch.equal(live[-3], steps[0])
+    live.confirm()  # nothing was read live: nothing to check
+
+
+def test_maps_are_followed_from_the_published_entry(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    maps = [{"down": torch.rand(2, 3).half(), "up": torch.rand(1, 3).half()} for _ in range(3)]
+    state: list[bool | None] = [None]
+    live = LiveSteps(cache, KEY, "live1", "attention_maps", lambda: state[0])
+    with cache.writer(KEY, {}, object_id="live1") as writer:
+        stream = StepsWriter(lambda: writer, "attention_maps", 3)
+        for index, step in enumerate(maps):
+            stream.write(index, step)
+        writer.set_attrs(streams={"attention_maps": stream.description()})
+    state[0] = True
+    assert len(live) == 3
+    for index, step in enumerate(maps):
+        got = live[index]
+        assert got.keys() == step.keys()
+        assert all(torch.equal(got[layer], step[layer]) for layer in step)
+    live.confirm()

@@ -149,7 +149,7 @@ def test_key_changes_when_any_component_changes(
             keys_module.library_versions.cache_clear()
         return
     elif component == "kind_version":
-        from editflow.stages.sample import SampleDdim
+        from editflow.stages.ddim.kinds import SampleDdim
 
         before = _keys(tmp_path, [])[stage]
         monkeypatch.setattr(SampleDdim, "version", "999")

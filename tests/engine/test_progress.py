@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 
+from editflow.cli.progress import ProgressDisplay
 from editflow.engine.events import Event
-from editflow.progress import ProgressDisplay
 
 
 def test_two_runs_of_one_stage_name_at_once_each_finish_their_own_bar() -> None:

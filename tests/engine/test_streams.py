@@ -1,4 +1,5 @@
-"""Attention maps are streamed: written to the cache step by step, read back one step at a time."""
+"""Attention maps are a step sequence: written to the cache step by step, read back one step at
+a time."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 from support import MANIFESTS
 
-from editflow.cache import Cache, StreamedMaps
+from editflow.cache import Cache, CachedSteps, LiveSteps
 from editflow.cache.writer import MIN_CHUNK_BYTES
-from editflow.engine.api import run_recipe
+from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
+from editflow.engine.events import CollectEvents
+from editflow.engine.execute import Follow, Session, compute_stage
 
 RECIPE = MANIFESTS / "pix2pix_zero" / "custom_sentences.toml"
 STEPS = 4
@@ -22,16 +25,16 @@ FAST = [
 
 @pytest.fixture
 def step_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """(step index, bytes returned) for every streamed read."""
+    """(step index, bytes returned) for every read of a step from the cache."""
     reads: list[tuple[int, int]] = []
-    original = StreamedMaps.step
+    original = CachedSteps.__getitem__
 
-    def counting_step(self: StreamedMaps, index: int) -> dict[str, torch.Tensor]:
+    def counting_step(self: CachedSteps, index: int) -> dict[str, torch.Tensor]:
         maps = original(self, index)
         reads.append((index, sum(t.numel() * t.element_size() for t in maps.values())))
         return maps
 
-    monkeypatch.setattr(StreamedMaps, "step", counting_step)
+    monkeypatch.setattr(CachedSteps, "__getitem__", counting_step)
     return reads
 
 
@@ -112,3 +115,79 @@ def test_a_damaged_map_chunk_is_recomputed_once_and_the_edit_still_runs(tmp_path
         else:
             assert result.computed == [] and events.of("damaged") == []
     assert cache.verify() == []
+
+
+EDIT_FRIENDLY = MANIFESTS / "edit_friendly" / "text_edit.toml"
+EDIT_FRIENDLY_FAST = ["stages.invert.num_inference_steps=4", "stages.edit.skip=1"]
+
+
+def _session(cache: Cache) -> Session:
+    return Session(cache, None, "cpu", CollectEvents(), models_dir_for(cache))
+
+
+def test_where_steps_go_is_the_executors_choice_and_changes_no_checksum(tmp_path: Path) -> None:
+    """In process the noise maps are written whole (chunks grouped, as any returned tensor);
+    where others may follow (a live id) each step is its own chunk; the values are the same."""
+    whole_cache, live_cache = Cache(tmp_path / "whole"), Cache(tmp_path / "live")
+    result = run_recipe(
+        EDIT_FRIENDLY, EDIT_FRIENDLY_FAST, cache=whole_cache, out_dir=None, device="cpu",
+        targets=["invert"],
+    )  # fmt: skip
+    run_recipe(
+        EDIT_FRIENDLY, EDIT_FRIENDLY_FAST, cache=live_cache, out_dir=None, device="cpu",
+        targets=["encode"],
+    )  # fmt: skip
+    plan = plan_recipe(EDIT_FRIENDLY, EDIT_FRIENDLY_FAST, cache=live_cache)
+    compute_stage(plan, _session(live_cache), "invert", live_id="live1")  # as a Ray worker
+    key = plan.stages["invert"].key
+    assert key == result.keys["invert"]
+    whole, live = whole_cache.get(key), live_cache.get(key)
+    for name, steps in (("noise_maps", 4), ("auxiliary_path", 5)):
+        assert whole.arrays[name].chunks[0] == steps  # 1 KiB steps share a chunk
+        assert live.arrays[name].chunks[0] == 1 and live.arrays[name].shards is None
+        assert whole.arrays[name].checksum == live.arrays[name].checksum
+        assert whole.arrays[name].step_checksums == live.arrays[name].step_checksums
+    assert live.attrs["streams"] == whole.attrs["streams"] == {}
+
+
+def test_a_follower_reads_its_step_inputs_from_the_producer_and_confirms_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit computed as a Ray worker following its inversion (noise maps) or reference
+    pass (attention maps) reads them through the live reader and makes the entry an
+    in-process run makes."""
+    from editflow.engine.graph import producer_of
+
+    confirmed: list[str] = []
+    original = LiveSteps.confirm
+
+    def confirm(self: LiveSteps) -> None:
+        confirmed.append(self.array)
+        original(self)
+
+    monkeypatch.setattr(LiveSteps, "confirm", confirm)
+    cases = (
+        (EDIT_FRIENDLY, EDIT_FRIENDLY_FAST, "invert", "edit"),
+        (RECIPE, FAST, "reference", "guided"),
+    )
+    for recipe, overrides, producer, consumer in cases:
+        whole_cache = Cache(tmp_path / consumer / "whole")
+        expected = run_recipe(
+            recipe, overrides, cache=whole_cache, out_dir=None, device="cpu", targets=[consumer]
+        )
+        cache = Cache(tmp_path / consumer / "followed")
+        plan = plan_recipe(recipe, overrides, cache=cache)
+        inputs: set[str] = set()
+        for refs in plan.stages[consumer].references.values():
+            inputs |= {producer_of(ref) for ref in ([refs] if isinstance(refs, str) else refs)}
+        run_recipe(
+            recipe, overrides, cache=cache, out_dir=None, device="cpu", targets=sorted(inputs)
+        )
+        # The producer has returned: the follower finds no live step and reads its entry.
+        following = {plan.stages[producer].key: Follow("live1", lambda: True)}
+        compute_stage(plan, _session(cache), consumer, following=following)
+        key = expected.keys[consumer]
+        assert plan.stages[consumer].key == key
+        latents = [c.get(key).arrays["latents"].checksum for c in (whole_cache, cache)]
+        assert latents[0] == latents[1]
+    assert confirmed == ["noise_maps", "auxiliary_path", "attention_maps"]

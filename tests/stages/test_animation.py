@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from editflow.outputs import current_exports, export_images
+from editflow.engine.outputs import current_exports, export_images
 from editflow.stages.base import StageContext
-from editflow.stages.figure import AnimationParams, FigureAnimation
+from editflow.stages.io.figure import AnimationParams, FigureAnimation
 
 
 def _animate(frames: torch.Tensor, **params) -> dict:

@@ -11,8 +11,8 @@ from diffusers.pipelines.deprecated.stable_diffusion_variants import (
     pipeline_stable_diffusion_pix2pix_zero as peer,
 )
 
-from editflow.stages.attention import attention_loss, install_attention_recorder
 from editflow.stages.diffusion import unet_noise_predictor
+from editflow.stages.pix2pix_zero.attention import attention_loss, install_attention_recorder
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from editflow.cache import Cache
 from editflow.engine.api import plan_recipe, run_recipe
+from editflow.engine.inputs import load_input
 from editflow.errors import EditflowError
-from editflow.inputs import load_input
 from editflow.models import Captioner, ModelRegistry
 from editflow.models.tiny import ensure_tiny
 from editflow.stages import StageContext
-from editflow.stages.caption import CaptionBlip, caption_images
 from editflow.stages.diffusion import encode_prompts
+from editflow.stages.io.caption import CaptionBlip, caption_images
 
 RECIPE = MANIFESTS / "pix2pix_zero" / "cat2dog.toml"
 

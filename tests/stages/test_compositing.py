@@ -11,21 +11,21 @@ from diffusers import DDIMScheduler
 from support import SD_CONFIG
 
 from editflow.stages.base import StageContext
-from editflow.stages.compositing import (
+from editflow.stages.compositing.kinds import (
     ComposePaste,
     LocalIlvrParams,
     PasteParams,
     SampleLocalIlvr,
     paste,
 )
-from editflow.stages.ddim import ddim_sample
-from editflow.stages.local_ilvr import (
+from editflow.stages.compositing.local_ilvr import (
     LocalIlvr,
     grow_mask,
     local_ilvr_sample,
     low_pass,
     repaint_schedule,
 )
+from editflow.stages.ddim_loops import ddim_sample
 
 STEPS = 10
 

@@ -11,10 +11,10 @@ import torch
 from editflow.models import PROVIDERS, RunModels, resolve_providers
 from editflow.models.section import ModelSection
 from editflow.stages import STAGE_KINDS, StageContext, StageKind
-from editflow.stages.ddim import ddim_invert, ddim_sample
+from editflow.stages.ddim_loops import ddim_invert, ddim_sample
 from editflow.stages.diffusion import Callback, StepInfo
-from editflow.stages.edit_friendly import edit_friendly_invert, edit_friendly_sample
-from editflow.stages.pix2pix_zero import guided_edit, reference_pass
+from editflow.stages.edit_friendly.inversion import edit_friendly_invert, edit_friendly_sample
+from editflow.stages.pix2pix_zero.edit import guided_edit, reference_pass
 
 
 @pytest.mark.parametrize("kind", STAGE_KINDS, ids=[kind.kind for kind in STAGE_KINDS])
@@ -49,7 +49,7 @@ def test_every_component_spec_names_a_known_provider(kind: type[StageKind]) -> N
 
 
 def test_a_stage_gets_only_the_components_it_declared(models_dir) -> None:
-    from editflow.stages.encode import EncodeVae
+    from editflow.stages.io.encode import EncodeVae
 
     resolved = resolve_providers(
         ModelSection(), ["model.id"], base_dir=models_dir, models_dir=models_dir
@@ -65,7 +65,7 @@ def test_a_stage_gets_only_the_components_it_declared(models_dir) -> None:
 
 
 def test_call_fills_unconnected_optional_inputs_and_refuses_unknown_ones() -> None:
-    from editflow.stages.figure import FigureGrid, FigureParams
+    from editflow.stages.io.figure import FigureGrid, FigureParams
 
     ctx = StageContext("figure", 0, torch.device("cpu"), torch.float32)
     image = torch.rand(1, 3, 16, 16)

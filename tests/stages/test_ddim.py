@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from support import SD_CONFIG
 
-from editflow.stages.ddim import ddim_invert, ddim_sample
+from editflow.stages.ddim_loops import ddim_invert, ddim_sample
 
 
 def schedulers(steps: int) -> tuple[DDIMScheduler, DDIMInverseScheduler]:

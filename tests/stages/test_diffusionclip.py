@@ -18,17 +18,16 @@ from editflow.cli import main
 from editflow.engine.api import plan_recipe, run_recipe
 from editflow.models.registry import ModelWithProcessor
 from editflow.models.tiny import ensure_tiny
+from editflow.stages.ddim_loops import ddim_invert, ddim_sample
 from editflow.stages.diffusion import unet_noise_predictor
-from editflow.stages.diffusionclip import (
+from editflow.stages.diffusionclip.finetuning import (
     clip_pixels,
     directional_clip_loss,
     finetune,
-    grid_invert,
-    grid_sample,
     image_features,
-    t0_grid,
     text_direction,
 )
+from editflow.stages.grid_scheduler import GridScheduler, t0_grid
 from editflow.stages.tuned import mix_coefficients, mixing_predictor
 
 FINETUNE = MANIFESTS / "diffusionclip" / "finetune.toml"
@@ -62,16 +61,11 @@ def _tuned_state(unet: UNet2DModel, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_the_time_grid_is_linspace_times_t0_truncated() -> None:
-    assert t0_grid(400, 41) == list(range(0, 401, 10))
-    grid = t0_grid(400, 40)
-    assert grid[:4] == [0, 10, 20, 30] and grid[-1] == 400 and grid[13] == 133  # 133.33
-
-
 def test_generation_on_the_grid_equals_a_diffusers_ddim_loop(pixel) -> None:
     unet, scheduler, images = pixel
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    ours = grid_sample(unet_noise_predictor(unet), x, scheduler.alphas_cumprod, t0_grid(400, 41))
+    grid = GridScheduler.from_scheduler(scheduler, t0_grid(400, 41))
+    ours = ddim_sample(unet_noise_predictor(unet), x, grid, None)
     # diffusers' DDIM with 100 of 1000 steps walks the same 10-step grid; from 400 to 0 and
     # then to the clean image (set_alpha_to_one).
     peer = DDIMScheduler.from_config(scheduler.config)
@@ -85,13 +79,15 @@ def test_generation_on_the_grid_equals_a_diffusers_ddim_loop(pixel) -> None:
 
 def test_inversion_to_t0_and_back_reconstructs_better_with_more_steps(pixel) -> None:
     unet, scheduler, images = pixel
-    predict, alphas = unet_noise_predictor(unet), scheduler.alphas_cumprod
+    predict = unet_noise_predictor(unet)
     errors = []
     for steps in (4, 12, 40):
         grid = t0_grid(400, steps)
-        x_t0, trajectory = grid_invert(predict, images, alphas, grid)
-        assert trajectory.shape == (steps - 1, *images.shape)
-        errors.append(float((grid_sample(predict, x_t0, alphas, grid) - images).abs().mean()))
+        up = GridScheduler.from_scheduler(scheduler, grid, inverse=True)
+        x_t0, trajectory = ddim_invert(predict, images, up, None)
+        assert trajectory.shape == (steps, *images.shape)  # x0 and x after each step
+        generated = ddim_sample(predict, x_t0, GridScheduler.from_scheduler(scheduler, grid), None)
+        errors.append(float((generated - images).abs().mean()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.05  # of a [-1, 1] range
 
@@ -149,8 +145,9 @@ def test_fine_tuning_lowers_the_directional_clip_loss(pixel, clip, mode: str) ->
     unet, scheduler, images = pixel
     tuned = UNet2DModel.from_config(unet.config)
     tuned.load_state_dict(unet.state_dict())
-    alphas, grid = scheduler.alphas_cumprod, t0_grid(400, 6)
-    x_t0, _ = grid_invert(unet_noise_predictor(unet), images, alphas, t0_grid(400, 10))
+    generation = GridScheduler.from_scheduler(scheduler, t0_grid(400, 6))
+    inversion = GridScheduler.from_scheduler(scheduler, t0_grid(400, 10), inverse=True)
+    x_t0, _ = ddim_invert(unet_noise_predictor(unet), images, inversion, None)
     direction = text_direction(clip.model, clip.processor, "photo", "sketch")
     sources = image_features(clip.model, clip.processor, images)
 
@@ -161,19 +158,42 @@ def test_fine_tuning_lowers_the_directional_clip_loss(pixel, clip, mode: str) ->
 
     def clip_loss() -> float:
         with torch.no_grad():
-            generated = grid_sample(unet_noise_predictor(tuned), x_t0, alphas, grid)
+            generated = ddim_sample(unet_noise_predictor(tuned), x_t0, generation, None)
             return float(
                 directional_clip_loss(clip.model, clip.processor, generated, sources, direction)
             )
 
     before = clip_loss()
     losses = finetune(
-        unet_noise_predictor(tuned), list(tuned.parameters()), x_t0, alphas, grid, loss,
+        unet_noise_predictor(tuned), list(tuned.parameters()), x_t0, generation, loss,
         epochs=3, learning_rate=2e-4, mode=mode,
     )  # fmt: skip
     assert len(losses) == 3 * 2 * (1 if mode == "full" else 6)
     assert clip_loss() < before - 0.05
     assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), unet.parameters(), strict=True))
+
+
+def test_checkpointed_fine_tuning_recomputes_the_same_chain(pixel) -> None:
+    unet, scheduler, images = pixel
+    # A v-prediction reading of the model and a grid that repeats a timestep: each step is
+    # recomputed by its index, whatever its timestep.
+    generation = GridScheduler(
+        scheduler.alphas_cumprod, [0, 0, 200, 400], prediction_type="v_prediction"
+    )
+    tuned = []
+    for checkpointing in (True, False):
+        model = UNet2DModel.from_config(unet.config)
+        model.load_state_dict(unet.state_dict())
+        losses = finetune(
+            unet_noise_predictor(model), list(model.parameters()), images, generation,
+            lambda x0, index: x0.square().mean(), epochs=2, learning_rate=1e-3,
+            checkpointing=checkpointing,
+        )  # fmt: skip
+        tuned.append((losses, list(model.parameters())))
+    (losses, checkpointed), (plain_losses, plain) = tuned
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-6, atol=0.0)
+    for a, b in zip(checkpointed, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_weights_round_trip_through_the_cache_bit_for_bit(tmp_path: Path) -> None:

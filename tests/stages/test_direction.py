@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from editflow.errors import EditflowError
 from editflow.stages.base import StageContext
 from editflow.stages.diffusion import encode_prompts
-from editflow.stages.direction import (
+from editflow.stages.pix2pix_zero.direction import (
     DeriveDirection,
     DeriveDirectionParams,
     bank_mean,

@@ -24,26 +24,30 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from editflow.errors import EditflowError
 from editflow.stages.base import StageContext
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
-from editflow.stages.edit_friendly import (
+from editflow.stages.edit_friendly.inversion import (
     ColourGuidance,
     edit_friendly_invert,
     edit_friendly_sample,
 )
-from editflow.stages.edit_friendly_statistics import (
+from editflow.stages.edit_friendly.kinds import (
+    InvertEditFriendly,
+    InvertEditFriendlyParams,
+    SampleEditFriendly,
+    SampleEditFriendlyParams,
+)
+from editflow.stages.edit_friendly.reverse_steps import (
+    build_scheduler,
+    ddim_posterior,
+    level_scales,
+    sde_dpmsolver_noise_scale,
+)
+from editflow.stages.edit_friendly.statistics import (
     FigureNoiseStatistics,
     FigureNoiseStatisticsParams,
     native_ddpm_forward_noise,
     noise_map_statistics,
     plot_noise_statistics,
 )
-from editflow.stages.invert import InvertEditFriendly, InvertEditFriendlyParams
-from editflow.stages.reverse_steps import (
-    build_scheduler,
-    ddim_posterior,
-    level_scales,
-    sde_dpmsolver_noise_scale,
-)
-from editflow.stages.sample import SampleEditFriendly, SampleEditFriendlyParams
 
 SCHEDULERS = ["ddim", "dpmsolver++"]
 
@@ -495,7 +499,7 @@ def test_colour_stage_encodes_the_colour_and_masks_at_latent_resolution(tiny, x0
     assert torch.equal(off, plain)
     assert torch.equal(last[..., 4:], plain[..., 4:])
     assert (last[..., :4] - plain[..., :4]).abs().min() > 0
-    with pytest.raises(EditflowError, match="colour_mask and colour_image must be given together"):
+    with pytest.raises(EditflowError, match="colour_mask and colour_image go together: colour_image is missing"):
         run_sample(tiny, inverted, colour_strength=1.0, inputs={"colour_mask": mask}, **common)
     with pytest.raises(EditflowError, match="colour_strength > 0 needs the colour_mask"):
         run_sample(tiny, inverted, colour_strength=1.0, **common)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editflow.stages.interpolation import (
+from editflow.stages.interpolation.frames import (
     candidate_counts,
     controlnet_strength,
     frame_tree,

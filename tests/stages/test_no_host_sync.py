@@ -11,14 +11,14 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 
-from editflow.stages.attention import install_attention_recorder
 from editflow.stages.base import step_reporter
-from editflow.stages.ddim import ddim_invert, ddim_sample
+from editflow.stages.compositing.local_ilvr import LocalIlvr, local_ilvr_sample
+from editflow.stages.ddim_loops import ddim_invert, ddim_sample
 from editflow.stages.diffusion import unet_noise_predictor
-from editflow.stages.edit_friendly import edit_friendly_invert, edit_friendly_sample
-from editflow.stages.local_ilvr import LocalIlvr, local_ilvr_sample
-from editflow.stages.pix2pix_zero import guided_edit
-from editflow.stages.reverse_steps import build_scheduler
+from editflow.stages.edit_friendly.inversion import edit_friendly_invert, edit_friendly_sample
+from editflow.stages.edit_friendly.reverse_steps import build_scheduler
+from editflow.stages.pix2pix_zero.attention import install_attention_recorder
+from editflow.stages.pix2pix_zero.edit import guided_edit
 
 META = torch.device("meta")
 STEPS = 4

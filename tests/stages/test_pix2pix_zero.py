@@ -13,7 +13,7 @@ the tiny model (with its own UNet copy: the pipeline swaps processors in place).
   documented factor 2 (16 on the loss), checked on the loss itself.
 - The edit with ``cross_attention_guidance_amount = 0`` equals :func:`guided_edit` with
   ``xa_guidance = 0`` (same CFG with the caption as the negative prompt). With guidance on
-  the two differ by design (see the module docstring of ``editflow.stages.pix2pix_zero``);
+  the two differ by design (see the module docstring of ``editflow.stages.pix2pix_zero.edit``);
   their loss functions agree (``tests/stages/test_attention.py``).
 """
 
@@ -40,13 +40,13 @@ from diffusers.models.attention_processor import AttnProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.errors import EditflowError
-from editflow.stages.attention import attention_loss, install_attention_recorder
-from editflow.stages.base import StageContext
-from editflow.stages.ddim import auto_correlation_loss, ddim_invert, kl_loss, regularize_noise
+from editflow.stages.base import MemorySteps, StageContext
+from editflow.stages.ddim_loops import auto_correlation_loss, ddim_invert, kl_loss, regularize_noise
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor, vae_encode
-from editflow.stages.guide import GuidePix2PixZeroReference
-from editflow.stages.pix2pix_zero import InMemoryAttentionMaps, guided_edit, reference_pass
-from editflow.stages.sample_pix2pix_zero import SamplePix2PixZero, SamplePix2PixZeroParams
+from editflow.stages.pix2pix_zero.attention import attention_loss, install_attention_recorder
+from editflow.stages.pix2pix_zero.edit import guided_edit, reference_pass
+from editflow.stages.pix2pix_zero.guide import GuidePix2PixZeroReference
+from editflow.stages.pix2pix_zero.sample import SamplePix2PixZero, SamplePix2PixZeroParams
 
 STEPS = 6
 Peer = StableDiffusionPix2PixZeroPipeline
@@ -489,62 +489,56 @@ def test_unguided_edit_equals_diffusers_pipeline_with_zero_guidance_amount(
 # Stages
 
 
-def context(tiny: Tiny, stream_writer=None, name: str = "edit") -> StageContext:
-    return StageContext(
-        name=name,
-        seed=0,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        models=tiny,
-        stream_writer=stream_writer,
+def context(tiny: Tiny, write_steps=None, name: str = "edit") -> StageContext:
+    ctx = StageContext(
+        name=name, seed=0, device=torch.device("cpu"), dtype=torch.float32, models=tiny
     )
+    if write_steps is not None:
+        ctx.write_steps = write_steps
+    return ctx
 
 
-class RecordingWriter:
-    """A stream writer as the engine would provide, recording how the stage uses it."""
+class RecordingWriter(MemorySteps):
+    """A steps writer as the engine would provide, recording how the stage uses it."""
 
-    def __init__(self, port: str, layers: dict, dtype: torch.dtype) -> None:
-        self.port, self.layers, self.dtype = port, layers, dtype
-        self.steps: list[int] = []
-        self.store = InMemoryAttentionMaps(layers, dtype)
-        self.closed = False
+    def __init__(self, output: str, length: int) -> None:
+        super().__init__(length)
+        self.output, self.indices, self.finished = output, [], False
 
-    def write(self, step: int, maps: dict[str, torch.Tensor]) -> None:
-        for name, m in maps.items():
+    def write(self, index: int, maps: dict[str, torch.Tensor]) -> None:
+        for m in maps.values():
             assert m.dtype == torch.float16 and m.device.type == "cpu"
-            assert tuple(m.shape) == self.layers[name][1:]
-        self.steps.append(step)
-        self.store.write(step, maps)
+        self.indices.append(index)
+        super().write(index, maps)
 
-    def close(self):
-        self.closed = True
-        return self.store.close()
+    def result(self):
+        self.finished = True
+        return super().result()
 
 
-def test_reference_stage_streams_fp16_maps_step_by_step_through_the_writer(tiny, x_T, caption):
+def test_reference_stage_writes_fp16_maps_step_by_step_through_the_writer(tiny, x_T, caption):
     writers: list[RecordingWriter] = []
 
-    def stream_writer(port, **kwargs):
-        writers.append(RecordingWriter(port, **kwargs))
+    def write_steps(output: str, length: int) -> RecordingWriter:
+        writers.append(RecordingWriter(output, length))
         return writers[-1]
 
     stage = GuidePix2PixZeroReference()
     params = stage.params(num_inference_steps=STEPS)
-    out = stage.call(context(tiny, stream_writer), params, {"x_T": x_T, "prompt_embeds": caption})
+    out = stage.call(context(tiny, write_steps), params, {"x_T": x_T, "prompt_embeds": caption})
 
     (writer,) = writers
-    assert writer.port == "attention_maps" and writer.dtype == torch.float16
-    assert writer.steps == list(range(STEPS)) and writer.closed
-    assert all(
-        shape[0] == STEPS and shape[1:3] in {(4, 64), (4, 16)} for shape in writer.layers.values()
-    )
-    assert out["attention_maps"] is writer.store
-    # Without a writer the stage keeps the same maps in memory.
-    fallback = stage.call(context(tiny), params, {"x_T": x_T, "prompt_embeds": caption})
-    assert torch.equal(fallback["latents"], out["latents"])
+    assert writer.output == "attention_maps" and writer.length == STEPS
+    assert writer.indices == list(range(STEPS)) and writer.finished
+    maps = out["attention_maps"]
+    assert len(maps) == STEPS
+    assert all(m.shape[:2] in {(4, 64), (4, 16)} for m in maps[0].values())
+    # The default writer of a context made outside the engine keeps the same maps in memory.
+    default = stage.call(context(tiny), params, {"x_T": x_T, "prompt_embeds": caption})
+    assert torch.equal(default["latents"], out["latents"])
     for i in range(STEPS):
-        for name, m in out["attention_maps"].step(i).items():
-            assert torch.equal(fallback["attention_maps"].step(i)[name], m)
+        for name, m in maps[i].items():
+            assert torch.equal(default["attention_maps"][i][name], m)
 
 
 def test_stages_with_zero_direction_and_no_guidance_reproduce_the_reference(tiny, x_T, caption):
@@ -574,8 +568,8 @@ def test_sample_stage_explains_missing_or_mismatched_reference_maps(tiny, x_T, c
     inputs = {"x_T": x_T, "prompt_embeds": caption, "direction": torch.zeros(1, 77, 32)}
     with pytest.raises(EditflowError, match="stages.edit.attention_maps: xa_guidance is 0.1"):
         stage.call(context(tiny), SamplePix2PixZeroParams(num_inference_steps=STEPS), inputs)
-    maps = InMemoryAttentionMaps({"layer": (3, 4, 64, 77)})
-    with pytest.raises(EditflowError, match="attention_maps hold 0 steps but num_inference"):
+    maps = [{"layer": torch.zeros(4, 64, 77)}] * 3
+    with pytest.raises(EditflowError, match="attention_maps hold 3 steps but num_inference"):
         stage.call(
             context(tiny),
             SamplePix2PixZeroParams(num_inference_steps=STEPS),

@@ -10,7 +10,7 @@ from transformers import CLIPModel, CLIPProcessor
 from editflow.models import ModelRegistry, ModelSection, resolve_providers
 from editflow.models.specs import CLIP
 from editflow.stages.base import StageContext
-from editflow.stages.rank import RankClip, RankClipParams
+from editflow.stages.io.rank import RankClip, RankClipParams
 
 
 def test_clip_scores_equal_a_hand_computation_and_the_best_is_the_arg_max(

@@ -16,17 +16,17 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from editflow.cache import Cache
 from editflow.engine.api import run_recipe
 from editflow.engine.events import CollectEvents
-from editflow.stages.ddim import ddim_sample
+from editflow.stages.ddim_loops import ddim_sample
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
-from editflow.stages.interpolation import (
+from editflow.stages.interpolation.frames import (
     denoise,
     interpolate_frames,
     interpolate_keypoints,
     level_steps,
     slerp,
 )
-from editflow.stages.pose import draw_pose, read_openpose
-from editflow.stages.sample_interpolate import controlled_predictor
+from editflow.stages.interpolation.pose import draw_pose, read_openpose
+from editflow.stages.interpolation.sample import controlled_predictor
 
 PHOTOS = MANIFESTS / "interpolation" / "photos.toml"
 POSE = MANIFESTS / "interpolation" / "pose.toml"

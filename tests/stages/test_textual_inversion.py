@@ -15,7 +15,7 @@ from editflow.engine.api import run_recipe
 from editflow.engine.events import CollectEvents
 from editflow.stages.base import derive_seed
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
-from editflow.stages.textual_inversion import shift_latents, textual_inversion
+from editflow.stages.interpolation.textual_inversion import shift_latents, textual_inversion
 
 
 @pytest.fixture(scope="module")

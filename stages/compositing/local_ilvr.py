@@ -1,0 +1,234 @@
+"""Cross-domain compositing (Hachnochi et al. 2023): local ILVR guidance with RePaint.
+
+The user pastes an object into a background (a photo into a painting, scribbles into a
+photo); sampling is pulled towards that reference composite ``y`` with its own low-pass
+filter and its own time window inside and outside the object mask ``M`` (METHODS.md §3):
+
+- After every denoising step (the last included), the reference is brought to the level the
+  latent is now at (fresh seeded noise; the clean reference after the last step), and
+  ``diff = y_t - x_t`` is low-passed twice, by ``n_in`` and by ``n_out`` (down-sample by
+  area averaging, up-sample bicubically; 1 = no filtering). The two are blended by ``M``
+  and added where the pixel's guidance window is still open: a pixel is guided while the
+  transition index is below ``t_out + (t_in - t_out) * M`` times the number of transitions.
+- ``space = "x0"``: the difference is taken between the clean reference and the model's
+  ``x0_hat``; the corrected ``x0_hat`` is re-noised to the current level (no filtering of
+  noise).
+- ``blend_pix > 0`` grows a linear ramp outward from the mask by repeated 3x3 dilation (in
+  latent pixels), so the two regions meet without a seam; the guidance window is ramped the
+  same way.
+- RePaint (Lugmayr et al. 2022): from the last ``repaint_start`` fraction of the schedule
+  on, every ``jump`` levels the sampler goes back up ``jump`` levels (re-noising the latest
+  ``x0_hat``, fresh noise per transition) and denoises again, ``resamples - 1`` times. The
+  guidance windows count these extra transitions. (Implemented from the paper's description;
+  the authors' scheduler file is under a non-commercial licence and was not used.)
+
+Differences from the released code, on purpose: the reference is noised to the level the
+latent has AFTER the step (the released code uses the level before it, one step noisier),
+and the last step's guidance uses the clean reference, so with no filtering and full
+windows the result is the reference's latent exactly.
+
+The loop follows the contract of :mod:`editflow.stages.diffusion`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editflow.lazy import lazy, no_grad
+from editflow.stages.diffusion import Callback, NoisePredictor, cpu_randn, guided_noise
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+
+
+def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """ILVR's low-pass filter (Choi et al. 2021): down-sample by ``factor``, up-sample back.
+
+    Args:
+        x: (N, C, h, w) with ``h`` and ``w`` divisible by ``factor``.
+        factor: 1 returns ``x`` itself.
+    """
+    if factor == 1:
+        return x
+    height, width = x.shape[-2:]
+    down = F.interpolate(x, size=(height // factor, width // factor), mode="area")
+    return F.interpolate(down, size=(height, width), mode="bicubic", align_corners=False)
+
+
+def grow_mask(mask: torch.Tensor, blend_pix: int) -> torch.Tensor:
+    """A linear ramp grown outward from a mask by repeated 3x3 dilation (mask smoothing).
+
+    ``sum_{i < n} dilate^i(mask) / n``: 1 inside the mask, ``(n - d) / n`` at chessboard
+    distance ``d < n`` outside it, 0 beyond.
+
+    Args:
+        mask: (N, 1, h, w) in [0, 1].
+        blend_pix: Ramp width ``n`` in pixels; 0 returns the mask unchanged (hard).
+    """
+    if blend_pix == 0:
+        return mask
+    ramp = torch.zeros_like(mask)
+    grown = mask
+    for _ in range(blend_pix):
+        ramp = ramp + grown / blend_pix
+        grown = F.max_pool2d(grown, kernel_size=3, stride=1, padding=1)
+    return ramp
+
+
+def repaint_schedule(num_steps: int, start: float, jump: int, resamples: int) -> list[int]:
+    """The levels RePaint visits (Lugmayr et al. 2022, the jump schedule), in order.
+
+    Levels are positions in the scheduler's timesteps: 0 is the noisiest, ``num_steps`` the
+    clean latent. Without resampling this is ``0, 1, ..., num_steps``. With it, arriving at
+    a level ``p`` in the last ``start`` fraction of the schedule with ``p`` a multiple of
+    ``jump`` (and ``p >= jump``) goes back up to ``p - jump`` and down again, ``resamples - 1``
+    times.
+
+    Args:
+        num_steps: Denoising steps of the plain schedule.
+        start: Fraction of the schedule, counted from its clean end, where jumps happen
+            (0 = never).
+        jump: Levels per jump.
+        resamples: Passes through each jumped section (1 = no resampling).
+    """
+    if start <= 0 or resamples <= 1:
+        return list(range(num_steps + 1))
+    first = num_steps - int(start * num_steps)
+    remaining = {
+        level: resamples - 1
+        for level in range(jump, num_steps)
+        if level % jump == 0 and level >= first
+    }
+    levels, level = [0], 0
+    while level < num_steps:
+        level += 1
+        levels.append(level)
+        if remaining.get(level, 0) > 0:
+            remaining[level] -= 1
+            for _ in range(jump):
+                level -= 1
+                levels.append(level)
+    return levels
+
+
+@dataclass(frozen=True)
+class LocalIlvr:
+    """The guidance of one sampling run (see the module docstring).
+
+    Attributes:
+        reference: (N, C, h, w) the composite's clean latent ``y``.
+        mask: (N, 1, h, w) 1 inside the object, hard (0 or 1), at latent resolution.
+        n_in: Low-pass factor inside the mask.
+        n_out: Low-pass factor outside.
+        t_in: Fraction of the transitions with guidance inside.
+        t_out: Fraction outside.
+        space: ``"xt"`` or ``"x0"``.
+        blend_pix: Mask smoothing ramp in latent pixels (0 = hard).
+    """
+
+    reference: torch.Tensor
+    mask: torch.Tensor
+    n_in: int = 1
+    n_out: int = 1
+    t_in: float = 0.0
+    t_out: float = 1.0
+    space: str = "xt"
+    blend_pix: int = 0
+
+    def correction(self, target: torch.Tensor, current: torch.Tensor, active: torch.Tensor):
+        """``active * (M_b LP_in(target - current) + (1 - M_b) LP_out(target - current))``."""
+        diff = target - current
+        soft = grow_mask(self.mask, self.blend_pix)
+        blended = soft * low_pass(diff, self.n_in) + (1 - soft) * low_pass(diff, self.n_out)
+        return active * blended
+
+    def active(self, transition: int, transitions: int) -> torch.Tensor:
+        """(N, 1, h, w) where guidance is on at this transition (ramped like the mask)."""
+        thresholds = (self.t_out + (self.t_in - self.t_out) * self.mask) * transitions
+        return grow_mask((transition < thresholds).to(self.mask.dtype), self.blend_pix)
+
+
+def noise_to(
+    x0: torch.Tensor, abar: torch.Tensor | float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """DDPM forward marginal (Ho et al. 2020, eq. 4): ``sqrt(abar) x0 + sqrt(1 - abar) eps``,
+    with ``eps`` drawn on the CPU from ``generator`` (device-independent numbers)."""
+    noise = cpu_randn(x0.shape, generator, like=x0)
+    return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+@no_grad
+def local_ilvr_sample(
+    predict: NoisePredictor,
+    x: torch.Tensor,
+    scheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    *,
+    guidance: LocalIlvr | None,
+    guidance_scale: float = 5.0,
+    eta: float = 0.0,
+    start: int = 0,
+    repaint_start: float = 0.0,
+    repaint_jump: int = 10,
+    repaint_resamples: int = 10,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DDIM sampling with local ILVR guidance and RePaint resampling (Hachnochi et al. 2023).
+
+    Args:
+        predict: Noise predictor (an inpainting UNet wrapped with its extra channels).
+        x: (N, C, h, w) the latent at level ``start``.
+        scheduler: A ``DDIMScheduler`` from the model's config, ``set_timesteps`` called.
+        cond: (N, tokens, D) prompt embeddings.
+        uncond: (N, tokens, D) negative embeddings, or ``None`` for no CFG.
+        guidance: The local ILVR guidance, or ``None`` for plain DDIM.
+        guidance_scale: CFG scale.
+        eta: DDIM eta (noise drawn from ``generator``).
+        start: Level the sampling starts at (``strength`` < 1 skips the noisiest levels).
+        repaint_start: Fraction of the schedule, from its clean end, with RePaint jumps.
+        repaint_jump: Levels per jump.
+        repaint_resamples: Passes through each jumped section.
+        generator: CPU generator for every draw (reference noise, re-noising, eta).
+        callback: Called after every denoising transition with a ``StepInfo``.
+
+    Returns:
+        (N, C, h, w) the sampled clean latents.
+    """
+    from editflow.stages.ddim_loops import ddim_step
+
+    timesteps = scheduler.timesteps
+    num_steps = len(timesteps)
+    levels = repaint_schedule(num_steps - start, repaint_start, repaint_jump, repaint_resamples)
+    levels = [start + level for level in levels]
+    transitions = len(levels) - 1
+    alphas = scheduler.alphas_cumprod.to(x.device)
+
+    def abar(level: int) -> torch.Tensor:
+        return alphas[int(timesteps[level])].to(x.dtype)
+
+    denoised = x
+    for index, (level, after) in enumerate(zip(levels[:-1], levels[1:], strict=True)):
+        if after < level:  # RePaint: back up one level from the latest clean estimate
+            x = noise_to(denoised, abar(after), generator)
+            continue
+        t = timesteps[level]
+        model_input = scheduler.scale_model_input(x, t)
+        eps = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)
+        step = ddim_step(scheduler, eps, t, x, eta, generator)
+        x, denoised = step.prev_sample, step.pred_original_sample
+        if guidance is not None:
+            active = guidance.active(index, transitions)
+            clean = after == num_steps
+            if guidance.space == "x0":
+                corrected = denoised + guidance.correction(guidance.reference, denoised, active)
+                x = corrected if clean else noise_to(corrected, abar(after), generator)
+            else:
+                target = guidance.reference
+                if not clean:
+                    target = noise_to(guidance.reference, abar(after), generator)
+                x = x + guidance.correction(target, x, active)
+        if callback is not None:
+            callback({"i": index, "t": t, "x": x, "denoised": denoised, "eps": eps})
+    return x

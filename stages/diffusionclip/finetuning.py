@@ -1,0 +1,191 @@
+"""DiffusionCLIP (Kim, Kwon, Ye 2022) as plain functions: the directional CLIP loss and the
+two fine-tuning loops.
+
+The time grid (METHODS.md's ``linspace(0, 1, n) * t0`` truncated to integers, as the released
+code builds it) and DDIM along it are :mod:`editflow.stages.grid_scheduler`: inversion and
+generation run it through the common loops of :mod:`editflow.stages.ddim_loops`, and
+fine-tuning steps its generation chain with :meth:`GridScheduler.transition`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from editflow.lazy import lazy, no_grad
+from editflow.stages.clip import projected
+from editflow.stages.diffusion import NoisePredictor
+from editflow.stages.grid_scheduler import GridScheduler
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+checkpoint = lazy("torch.utils.checkpoint")
+
+# CLIP's ImageNet prompt templates (Radford et al. 2021), a subset: the directional loss
+# averages the text features of each text over them, as the released code does.
+TEMPLATES = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "a close-up photo of a {}.",
+)
+
+Mode = Literal["full", "light"]
+
+
+# ------------------------------------------------------------------------------------------
+# The directional CLIP loss
+
+
+def clip_pixels(processor: Any, images: torch.Tensor) -> torch.Tensor:
+    """CLIP's preprocessing, differentiable: images in [-1, 1] resized (bicubic) so the
+    shorter side is CLIP's size, centre-cropped, and normalised with CLIP's mean and std."""
+    image_processor = processor.image_processor
+    size = image_processor.size.get("shortest_edge") or image_processor.size["height"]
+    crop = image_processor.crop_size
+    x = (images + 1) / 2
+    height, width = x.shape[-2:]
+    scale = size / min(height, width)
+    x = F.interpolate(
+        x, size=(round(height * scale), round(width * scale)), mode="bicubic",
+        align_corners=False, antialias=True,
+    )  # fmt: skip
+    top, left = (x.shape[-2] - crop["height"]) // 2, (x.shape[-1] - crop["width"]) // 2
+    x = x[..., top : top + crop["height"], left : left + crop["width"]]
+    mean = x.new_tensor(image_processor.image_mean).view(1, -1, 1, 1)
+    std = x.new_tensor(image_processor.image_std).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+@no_grad
+def text_direction(model: Any, processor: Any, source: str, target: str) -> torch.Tensor:
+    """The unit CLIP text direction target - source, each text's features averaged over
+    :data:`TEMPLATES` (normalised per template, then the mean normalised)."""
+
+    def embed(text: str) -> torch.Tensor:
+        prompts = [template.format(text) for template in TEMPLATES]
+        tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+        device = next(model.parameters()).device
+        features = projected(
+            model.get_text_features(
+                input_ids=tokens.input_ids.to(device),
+                attention_mask=tokens.attention_mask.to(device),
+            )
+        )
+        return F.normalize(F.normalize(features.float(), dim=-1).mean(0), dim=0)
+
+    return F.normalize(embed(target) - embed(source), dim=0)
+
+
+def image_features(model: Any, processor: Any, images: torch.Tensor) -> torch.Tensor:
+    """CLIP image features of images in [-1, 1], differentiable, unit length."""
+    pixels = clip_pixels(processor, images.float()).to(model.dtype)
+    return F.normalize(projected(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+
+def directional_clip_loss(
+    model: Any,
+    processor: Any,
+    generated: torch.Tensor,
+    source_features: torch.Tensor,
+    direction: torch.Tensor,
+) -> torch.Tensor:
+    """``1 - cos(E(generated) - E(source), direction)``, averaged over the batch."""
+    change = F.normalize(image_features(model, processor, generated) - source_features, dim=-1)
+    return (1 - change @ direction).mean()
+
+
+# ------------------------------------------------------------------------------------------
+# Fine-tuning
+
+Loss = Callable[..., "torch.Tensor"]  # (x0 estimate, image index) -> loss
+
+
+def finetune(
+    predict: NoisePredictor,
+    parameters: Sequence[torch.nn.Parameter],
+    inverted: torch.Tensor,
+    scheduler: GridScheduler,
+    loss: Loss,
+    *,
+    epochs: int,
+    learning_rate: float,
+    lr_growth: float = 1.3,
+    mode: Mode = "full",
+    checkpointing: bool = True,
+    progress: Callable[[int, int], None] = lambda step, total: None,
+) -> torch.Tensor:
+    """DiffusionCLIP's fine-tuning of the parameters ``predict`` runs with (Adam, weight
+    decay 0, the learning rate times ``lr_growth`` after each epoch).
+
+    - ``full``: each training image's ``x_t0`` is generated down the grid WITH gradients
+      through the chain (each step checkpointed, so only one step's activations are held),
+      the loss is taken on the result, and the optimiser steps once per image.
+    - ``light``: at every step of the chain the loss is taken on that step's ``x0_hat``
+      and the optimiser steps at once; the chain itself carries no gradient.
+
+    Args:
+        predict: The noise predictor of the model being tuned (it uses ``parameters``).
+        parameters: What is optimised.
+        inverted: (N, C, H, W) the training images' ``x_t0``.
+        scheduler: Generation down the time grid (``t0_grid(t0, S_gen)``), any prediction
+            type; its steps are taken by index (:meth:`GridScheduler.transition`), so a
+            checkpointed step recomputes exactly what it computed.
+        loss: (x0 estimate (1, C, H, W), image index) -> scalar loss.
+        epochs: Passes over the training images.
+        learning_rate: Adam's learning rate in the first epoch.
+        lr_growth: Factor applied to the learning rate after each epoch.
+        mode: ``full`` or ``light``.
+        checkpointing: Checkpoint each step of the ``full`` chain.
+        progress: Called with (optimiser steps done, in all).
+
+    Returns:
+        The loss of every optimiser step, in order.
+    """
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, weight_decay=0.0)
+    steps = range(scheduler.num_inference_steps)
+    per_image = 1 if mode == "full" else len(steps)
+    total, losses = epochs * len(inverted) * per_image, []
+
+    def step(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A pure function of (x, i): the timestep is a CPU scalar, as schedulers hand out.
+        return scheduler.transition(i, predict(x, scheduler.timesteps[i], None), x)
+
+    for _ in range(epochs):
+        for index in range(len(inverted)):
+            x = inverted[index : index + 1].detach()
+            if mode == "full":
+                for i in steps:
+                    if checkpointing:
+                        x, _ = checkpoint.checkpoint(step, x, i, use_reentrant=False)
+                    else:
+                        x, _ = step(x, i)
+                losses.append(_optimise(optimizer, loss(x, index)))
+            else:
+                for i in steps:
+                    x_next, x0_hat = step(x, i)
+                    losses.append(_optimise(optimizer, loss(x0_hat, index)))
+                    x = x_next.detach()
+            progress(len(losses), total)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_growth
+    return torch.stack(losses) if losses else torch.zeros(0)
+
+
+def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().float().cpu()
