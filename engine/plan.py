@@ -166,8 +166,7 @@ def _check_view(
     models: Mapping[str, ResolvedModel],
 ) -> CheckView:
     """What a stage's check sees: its wiring, sizes and, when needed, its resolved models."""
-    used = {spec.provider for spec in stage.components} if stage.needed else set()
-    mine = {provider: model for provider, model in models.items() if provider in used}
+    mine = models if stage.needed else {}
 
     def configs(component: str, provider: str) -> Mapping[str, Any] | None:
         return component_config(mine[provider], component) if provider in mine else None

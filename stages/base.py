@@ -368,10 +368,10 @@ def _call_view(kind: StageKind, ctx: StageContext, inputs: Mapping[str, Any]) ->
         name: [f"{name}.{i}" for i in range(len(value))] if name in many else name
         for name, value in inputs.items()
     }
-    sizes = {
-        name: tuple(value.shape[-2:]) if getattr(value, "ndim", 0) == 4 else None
-        for name, value in inputs.items()
+    images = {
+        port.name for port in kind.inputs if port.type in (ArtifactType.IMAGE, ArtifactType.MASK)
     }
+    sizes = {name: tuple(inputs[name].shape[-2:]) for name in images & set(inputs)}
 
     def configs(component: str, provider: str) -> Mapping[str, Any] | None:
         try:

@@ -313,9 +313,9 @@ def test_the_background_preset_on_a_4_channel_model_is_one_line_and_exit_2(
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
+    # Refused while planning, from the UNet's config: nothing ran.
     assert err.strip().splitlines()[-1] == (
-        f"{recipe}: stages.generate: stage 'generate' (sample.local_ilvr) failed: "
-        "stages.generate.preset: preset 'background' needs an inpainting UNet (9 input "
+        f"{recipe}:45: stages.generate.preset: preset 'background' needs an inpainting UNet (9 input "
         "channels); this model's UNet takes 4 (set model.id to an inpainting model such as "
         "'tiny-inpaint')"
     )

@@ -89,6 +89,22 @@ def test_schema_is_json_schema_with_every_stage_kind(capsys) -> None:
         if "kind" in definition.get("properties", {})
     }
     assert {"encode.vae", "invert.ddim", "sample.ddim", "decode.vae", "figure.grid"} <= kinds
+    # Each stage's title is its kind's class name; one vocabulary field reads the same in all.
+    titles = {d["properties"]["kind"]["const"]: d["title"] for d in schema["$defs"].values()
+              if "kind" in d.get("properties", {})}  # fmt: skip
+    assert (
+        titles["invert.ddim"] == "InvertDdim" and titles["sample.local_ilvr"] == "SampleLocalIlvr"
+    )
+    steps = {
+        kind: schema["$defs"][title]["properties"]["num_inference_steps"]
+        for kind, title in titles.items()
+        if "num_inference_steps" in schema["$defs"][title]["properties"]
+    }
+    assert len(steps) >= 6
+    described = {
+        json.dumps(field.get("anyOf", [field])[0].get("description")) for field in steps.values()
+    }
+    assert described == {json.dumps("Denoising steps of the schedule (DDIM steps)")}
 
 
 def test_cache_commands_list_measure_verify_and_remove(tmp_path: Path, capsys) -> None:

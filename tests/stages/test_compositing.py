@@ -199,7 +199,13 @@ def test_background_preset_on_a_4_channel_unet_is_refused(tiny_folder: Path):
     params = LocalIlvrParams(preset="background", num_inference_steps=2)
     with pytest.raises(EditflowError) as error:
         SampleLocalIlvr().call(
-            ctx, params, {"reference": torch.zeros(1, 4, 8, 8), "mask": torch.zeros(1, 1, 64, 64)}
+            ctx,
+            params,
+            {
+                "reference": torch.zeros(1, 4, 8, 8),
+                "mask": torch.zeros(1, 1, 64, 64),
+                "masked_reference": torch.zeros(1, 4, 8, 8),
+            },  # fmt: skip
         )
     assert str(error.value) == (
         "stages.generate.preset: preset 'background' needs an inpainting UNet (9 input "

@@ -1,0 +1,80 @@
+"""The one check hook: the plan runs each kind's ``check`` once, with what it knows, and a
+run never checks again (docs/checks.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import ROOT
+
+from editflow.cache import Cache
+from editflow.engine.api import plan_recipe, run_recipe
+from editflow.errors import Problem
+from editflow.stages import STAGE_KINDS, StageKind
+from editflow.stages.checks import CheckView
+from editflow.stages.compositing.kinds import LocalIlvrParams, SampleLocalIlvr
+
+QUICKSTART = ROOT / "manifests" / "quickstart.toml"
+FAST = ["stages.invert.num_inference_steps=2", "stages.edit.num_inference_steps=2",
+        "stages.reconstruct.num_inference_steps=2"]  # fmt: skip
+
+
+def _vae(down_blocks: int) -> CheckView:
+    """A view of a 64x64 reference and mask on a model whose VAE has ``down_blocks`` blocks."""
+    configs = {"vae": {"block_out_channels": [32] * down_blocks}, "unet": {"in_channels": 4}}
+    return CheckView(
+        references={"reference": "encode.latents", "mask": "inputs.mask"},
+        sizes={"reference": (64, 64), "mask": (64, 64)},
+        configs=lambda component, provider: configs.get(component),
+    )
+
+
+def test_latent_sizes_come_from_the_models_vae_config_not_a_constant() -> None:
+    params = LocalIlvrParams(n_in=16)
+    # Three down blocks halve twice: 64 px is 16 latent pixels, which 16 divides.
+    assert _vae(3).vae_factor == 4 and _vae(3).latent_size("reference") == (16, 16)
+    assert SampleLocalIlvr.check(params, _vae(3)) == []
+    # Four halve three times (Stable Diffusion, tiny): 8 latent pixels.
+    assert SampleLocalIlvr.check(params, _vae(4)) == [
+        Problem("n_in = 16 does not divide the latent size 8x8", key="n_in")
+    ]
+    # A view that does not know the VAE (a pixel model, a model not on disk) skips the rule.
+    assert SampleLocalIlvr.check(params, CheckView(sizes={"reference": (64, 64)})) == []
+
+
+def test_the_plan_checks_each_stage_once_and_a_run_never_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    for kind in STAGE_KINDS:
+        original = kind.check.__func__
+
+        def counted(cls: type[StageKind], params, view, original=original):  # noqa: ANN001
+            calls.append(cls.kind)
+            return original(cls, params, view)
+
+        monkeypatch.setattr(kind, "check", classmethod(counted))
+    cache = Cache(tmp_path / "cache")
+    plan = plan_recipe(QUICKSTART, FAST, cache=cache)
+    planned = sorted(stage.kind.kind for stage in plan.stages.values())
+    assert sorted(calls) == planned
+    calls.clear()
+    result = run_recipe(QUICKSTART, FAST, cache=cache, out_dir=tmp_path / "out")
+    assert len(result.computed) == len(plan.stages)
+    assert sorted(calls) == planned  # the run's own plan, and nothing while running
+
+
+def test_a_check_problem_is_located_at_the_stage_key_and_reported_with_the_others(
+    tmp_path: Path,
+) -> None:
+    from editflow.errors import RecipeError
+
+    overrides = [*FAST, 'stages.figure.labels=["one"]', "stages.edit.ratio=0.5"]
+    with pytest.raises(RecipeError) as error:
+        plan_recipe(QUICKSTART, overrides, cache=Cache(tmp_path / "cache"))
+    assert str(error.value).splitlines() == [
+        f"{QUICKSTART}:45: stages.figure: labels has 1 entries but images has 3",
+        "--set stages.edit.ratio=0.5: stages.edit.ratio: mixes tuned weights with the original,"
+        " but no weights are connected: connect weights or remove ratio",
+    ]
