@@ -23,7 +23,8 @@ class StageGraph:
     """The checked graph of a recipe.
 
     Attributes:
-        graph: Stage names, with an edge from each producer to each consumer.
+        graph: Stage names, with an edge from each producer to each consumer whose ``reads``
+            lists the (input port, output) pairs it connects.
         order: Every valid stage, in a stable topological order (file order where free).
         needed: The stages the targets need (themselves and their ancestors).
         sizes: Stage -> input port -> the (height, width) in pixels of the image its value
@@ -93,7 +94,10 @@ def check_graph(
                 if message:
                     problem(message, key)
                 elif not ref.startswith("inputs."):
-                    graph.add_edge(producer_of(ref), name)
+                    producer = producer_of(ref)
+                    if not graph.has_edge(producer, name):
+                        graph.add_edge(producer, name, reads=[])
+                    graph.edges[producer, name]["reads"].append((port.name, ref.split(".", 1)[1]))
     try:
         cycle = nx.find_cycle(graph)
         names = [edge[0] for edge in cycle] + [cycle[0][0]]

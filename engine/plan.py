@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+
 from editflow.engine.graph import check_graph, producer_of
 from editflow.engine.inputs import ResolvedInput, resolve_input
 from editflow.engine.keys import canonical_json, input_key, key_of, stage_preimage
@@ -63,6 +65,8 @@ class Plan:
             needed stages declare.
         recipe_hash: sha256 of the recipe after overrides.
         input_keys: Input name -> its key.
+        graph: The stage graph: an edge from each producer to each consumer, with the
+            (input port, output) pairs it ``reads`` (what executors schedule by).
     """
 
     loaded: LoadedRecipe
@@ -71,6 +75,7 @@ class Plan:
     models: dict[str, ResolvedModel]
     recipe_hash: str
     input_keys: dict[str, str]
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
 
     @property
     def needed(self) -> list[PlannedStage]:
@@ -131,7 +136,7 @@ def build_plan(
         )
         stage.key = keys[stage.name] = key_of(stage.preimage)
     recipe_hash = hashlib.sha256(canonical_json(loaded.raw).encode()).hexdigest()
-    return Plan(loaded, inputs, stages, models, recipe_hash, input_keys)
+    return Plan(loaded, inputs, stages, models, recipe_hash, input_keys, graph.graph)
 
 
 def _inherit(

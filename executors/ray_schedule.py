@@ -39,8 +39,6 @@ def stages_to_compute(plans: Sequence[Plan], cache: Cache) -> nx.DiGraph:
         that has it), and an edge from each stage to each stage that reads it, with
         ``follow``: whether the reader may start while the stage still runs.
     """
-    from editflow.engine.graph import producer_of, references_of
-
     graph = nx.DiGraph()
     for plan in plans:
         for stage in plan.needed:
@@ -48,17 +46,14 @@ def stages_to_compute(plans: Sequence[Plan], cache: Cache) -> nx.DiGraph:
                 graph.add_node(stage.key, plan=plan, name=stage.name)
     for key, plan, name in _stages(graph):
         stage = plan.stages[name]
-        follow: dict[str, bool] = {}  # producer key -> whether every read of it may follow
-        for port, refs in stage.references.items():
-            for ref in references_of(refs):
-                if (producer := producer_of(ref)).startswith("inputs."):
-                    continue
-                source = plan.stages[producer]
-                step_by_step = _follows(stage, port) and _streams(source, ref.split(".", 1)[1])
-                follow[source.key] = follow.get(source.key, True) and step_by_step
-        for producer_key, followed in follow.items():
-            if producer_key in graph:  # else in the cache already
-                graph.add_edge(producer_key, key, follow=followed)
+        for producer in plan.graph.predecessors(name):
+            source = plan.stages[producer]
+            if source.key not in graph:
+                continue  # in the cache already
+            reads = plan.graph.edges[producer, name]["reads"]
+            # The reader may start while its producer runs when every read is step by step.
+            followed = all(_follows(stage, port) and _streams(source, out) for port, out in reads)
+            graph.add_edge(source.key, key, follow=followed)
     return graph
 
 
