@@ -37,7 +37,7 @@ from editflow.fingerprint import fingerprint
 from editflow.lazy import lazy
 from editflow.models import RunModels, resolve_device
 from editflow.stages import ArtifactType, StageContext
-from editflow.stages.base import MemorySteps, is_step_sequence
+from editflow.stages.base import MemorySteps, Port, is_step_sequence
 
 torch = lazy("torch")
 
@@ -50,6 +50,13 @@ LAYOUTS = {
     ArtifactType.LATENT_TRAJECTORY: "steps",
     ArtifactType.WEIGHTS: "tensors",
 }
+
+
+def written_live(port: Port) -> bool:
+    """Whether a worker writes this output a step at a time into its staging folder, so that
+    readers on other workers may follow it (tensor step sequences). Maps are not: a follower
+    could not tell their layers (their names are in the entry's attributes, published last)."""
+    return is_step_sequence(port) and LAYOUTS.get(port.type) == "steps"
 
 
 def last_run_record(plan: Plan, stage: str) -> str:
@@ -346,9 +353,7 @@ class _Run:
             if port is None or not is_step_sequence(port):
                 raise RuntimeError(f"{kind} cannot write steps of {output!r}")  # a stage bug
             maps = LAYOUTS[port.type] == "maps"
-            # Maps are not written live: a follower could not tell their layers (their
-            # names are in the entry's attributes, published last); it waits for the entry.
-            live = self.live_id is not None and not maps
+            live = self.live_id is not None and written_live(port)
             if not live and not maps:
                 return MemorySteps(length)
             reader = CachedSteps(self.cache, key, output, ready=lambda: self.writes.wait(key))

@@ -20,10 +20,10 @@ dropped; a local cluster the driver started ends with the driver, even when the 
 killed (:mod:`editflow.executors.ray_reaper`). What runs when is
 :mod:`editflow.executors.ray_schedule`'s.
 
-A stage need not wait for the end of a stage it reads only streamed outputs of, through its
-``follows`` ports: it starts once the producer runs and reads each step as the producer
-writes it into its staging folder (``editflow.cache.live``), so a sweep's edits run
-alongside the inversion they share. It publishes only after checking what it read against
+A stage need not wait for the end of a stage it reads only step sequences of (docs/steps.md):
+it starts once the producer runs and reads each step as the producer writes it into its
+staging folder (``editflow.cache.live``), so a sweep's edits run alongside the inversion
+they share. It publishes only after checking what it read against
 the producer's published entry; when the producer fails it stops and runs again later.
 
 No scheduler or RPC of our own: Ray places the workers (one machine or a cluster, given

@@ -1,6 +1,6 @@
 """What the Ray executor computes, and in what order: the graph of stages to compute, merged
 by key across plans, and the scheduler that starts each stage on an idle worker once the
-stages it reads are in (or, for streamed outputs it may follow, running).
+stages it reads are in (or, for step sequences it may follow, running).
 
 Among the stages that are ready, one whose inputs are all in goes before one that would
 follow a running stage, then the one with the most stages after it, so a sweep's shared
@@ -64,10 +64,10 @@ def _stages(graph: nx.DiGraph) -> list[tuple[str, Plan, str]]:
 def _streams(stage: PlannedStage, output: str | None = None) -> bool:
     """Whether a stage writes ``output`` (without one: any output) step by step as it runs,
     so that others may follow it."""
-    from editflow.stages.base import is_step_sequence
+    from editflow.engine.execute import written_live
 
     ports = stage.kind.outputs if output is None else [stage.kind.output_port(output)]
-    return any(port is not None and is_step_sequence(port) for port in ports)
+    return any(port is not None and written_live(port) for port in ports)
 
 
 def _follows(stage: PlannedStage, port: str) -> bool:

@@ -69,9 +69,7 @@ def kind_reference(kind: type[StageKind]) -> str:
         parts = ", ".join(spec.describe() for spec in kind.components)
         lines += [f"Model parts: {parts}.", ""]
     for title, ports in (("Inputs", kind.inputs), ("Outputs", kind.outputs)):
-        steps = "step sequence: on Ray, may start while its producer runs"  # docs/steps.md
-        if title == "Outputs":
-            steps = "step sequence: read a step at a time"
+        steps = "step sequence: written and read a step at a time, docs/steps.md"
         if ports:
             lines.append(f"{title}:")
             for port in ports:

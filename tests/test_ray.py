@@ -339,6 +339,13 @@ def test_only_readers_of_step_sequences_follow(tmp_path: Path) -> None:
     # Readers of the inversion's step sequences (noise maps, auxiliary path) follow it; the
     # decoders read latents, which are not step sequences, and the figure a list of images.
     assert follows == {"edit": ["invert"], "reconstruct": ["invert"], "figure_noise": ["invert"]}
+    # Attention maps are not written live (a follower could not tell their layers), so the
+    # guided edit waits for the reference pass instead of holding a worker while it runs.
+    plan = plan_recipe(MANIFESTS / "pix2pix_zero" / "cat2dog.toml", cache=cache)
+    graph = stages_to_compute([plan], cache)
+    names = dict(graph.nodes(data="name"))
+    edges = {(names[a], names[b]): follow for a, b, follow in graph.edges(data="follow")}
+    assert edges[("reference", "guided")] is False and not any(edges.values())
 
 
 def _marked_processes(token: str) -> list[int]:

@@ -77,7 +77,9 @@ class SamplePix2PixZero(StageKind):
     def check(cls, params: SamplePix2PixZeroParams, view: CheckView) -> list[Problem]:
         problems = check_ratio(params.ratio, view.references.get("weights") or [])
         if params.xa_guidance > 0 and "attention_maps" not in view.references:
-            problems.append(Problem(_NO_MAPS.format(params.xa_guidance), key="attention_maps"))
+            message = f"xa_guidance is {params.xa_guidance} but no attention_maps are connected"
+            hint = "connect a guide.attention_reference stage or set xa_guidance = 0"
+            problems.append(Problem(message, key="attention_maps", hint=hint))
         return problems
 
     def run(
@@ -99,13 +101,8 @@ class SamplePix2PixZero(StageKind):
         direction = direction.to(ctx.device, ctx.dtype)
         edit_embeds = caption + params.direction_multiplier * direction
         reference = attention_maps
-        if params.xa_guidance > 0:
-            if reference is None:
-                raise EditflowError(
-                    _NO_MAPS.format(params.xa_guidance),
-                    key=f"stages.{ctx.name}.attention_maps",
-                    hint="connect a guide.attention_reference stage or set xa_guidance = 0",
-                )
+        # check() refused guidance without maps; the maps' length is the data's to tell.
+        if reference is not None and params.xa_guidance > 0:
             if len(reference) != params.num_inference_steps:
                 raise EditflowError(
                     f"attention_maps hold {len(reference)} steps but"
@@ -133,9 +130,6 @@ class SamplePix2PixZero(StageKind):
                 callback=step_reporter(ctx.progress, params.num_inference_steps),
             )
         return {"latents": latents}
-
-
-_NO_MAPS = "xa_guidance is {} but no attention_maps are connected"
 
 
 def _no_reference(step: int) -> AttentionMaps:

@@ -78,3 +78,21 @@ def test_a_check_problem_is_located_at_the_stage_key_and_reported_with_the_other
         "--set stages.edit.ratio=0.5: stages.edit.ratio: mixes tuned weights with the original,"
         " but no weights are connected: connect weights or remove ratio",
     ]
+
+
+def test_call_checks_like_a_plan_before_anything_loads() -> None:
+    import torch
+
+    from editflow.errors import EditflowError
+    from editflow.stages.base import StageContext
+    from editflow.stages.pix2pix_zero.sample import SamplePix2PixZero, SamplePix2PixZeroParams
+
+    ctx = StageContext("guided", 0, torch.device("cpu"), torch.float32, models=None)
+    inputs = {"x_T": torch.zeros(1, 4, 8, 8), "prompt_embeds": torch.zeros(1, 77, 32),
+              "direction": torch.zeros(1, 77, 32)}  # fmt: skip
+    with pytest.raises(EditflowError) as error:
+        SamplePix2PixZero().call(ctx, SamplePix2PixZeroParams(xa_guidance=0.1), inputs)
+    assert str(error.value) == (
+        "stages.guided.attention_maps: xa_guidance is 0.1 but no attention_maps are connected"
+        " (connect a guide.attention_reference stage or set xa_guidance = 0)"
+    )
