@@ -53,9 +53,8 @@ LAYOUTS = {
 
 
 def written_live(port: Port) -> bool:
-    """Whether a worker writes this output a step at a time into its staging folder, so that
-    readers on other workers may follow it (tensor step sequences). Maps are not: a follower
-    could not tell their layers (their names are in the entry's attributes, published last)."""
+    """Whether a worker writes this output's steps live to its staging folder for readers
+    elsewhere to follow: tensor sequences, not maps (their layers are named on publication)."""
     return is_step_sequence(port) and LAYOUTS.get(port.type) == "steps"
 
 

@@ -259,4 +259,3 @@ def has_component(model: ResolvedModel, component: str) -> bool:
     if model.spec.id in TINY_VARIANTS:
         return component in TINY_VARIANTS[model.spec.id].components
     return any(path.startswith(f"{component}/") for path in model.identity.get("files", {}))
-

@@ -371,7 +371,13 @@ def _call_view(kind: StageKind, ctx: StageContext, inputs: Mapping[str, Any]) ->
     images = {
         port.name for port in kind.inputs if port.type in (ArtifactType.IMAGE, ArtifactType.MASK)
     }
-    sizes = {name: tuple(inputs[name].shape[-2:]) for name in images & set(inputs)}
+    first = {
+        name: value[0] if isinstance(value, list | tuple) else value
+        for name, value in inputs.items()
+    }
+    sizes = {
+        name: tuple(first[name].shape[-2:]) for name in images & set(inputs) if len(first[name])
+    }
 
     def configs(component: str, provider: str) -> Mapping[str, Any] | None:
         try:

@@ -20,6 +20,7 @@ from editflow.stages.base import ArtifactType, CheckView, Params, Port, StageCon
 from editflow.stages.ddim_loops import ddim_sample
 from editflow.stages.diffusion import (
     check_t0,
+    cpu_randn,
     encode_prompt_pair,
     is_unconditional,
     unet_noise_predictor,
@@ -71,8 +72,8 @@ class SampleUnseenDomain(StageKind):
         if not is_unconditional(unet):
             cond, uncond = encode_prompt_pair(ctx.models, "", "", len(x), guided=False)
         for round_index in range(params.repeats):
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-            x = alpha.sqrt() * x + (1 - alpha).sqrt() * noise.to(x.device, x.dtype)
+            noise = cpu_randn(x.shape, generator, like=x)
+            x = alpha.sqrt() * x + (1 - alpha).sqrt() * noise
             x = ddim_sample(unet_noise_predictor(unet), x, scheduler, cond, uncond)
             ctx.progress(round_index + 1, params.repeats)
         return {"latents": x}

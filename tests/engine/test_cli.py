@@ -196,6 +196,7 @@ def test_guidance_without_reference_maps_is_refused_before_anything_runs(
     assert err.strip() == (
         f"{edited}:{line}: stages.guided.attention_maps: xa_guidance is 0.1 but no "
         "attention_maps are connected"
+        " (connect a guide.attention_reference stage or set xa_guidance = 0)"
     )
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
 

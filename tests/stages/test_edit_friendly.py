@@ -499,7 +499,9 @@ def test_colour_stage_encodes_the_colour_and_masks_at_latent_resolution(tiny, x0
     assert torch.equal(off, plain)
     assert torch.equal(last[..., 4:], plain[..., 4:])
     assert (last[..., :4] - plain[..., :4]).abs().min() > 0
-    with pytest.raises(EditflowError, match="colour_mask and colour_image go together: colour_image is missing"):
+    with pytest.raises(
+        EditflowError, match="colour_mask and colour_image go together: colour_image is missing"
+    ):
         run_sample(tiny, inverted, colour_strength=1.0, inputs={"colour_mask": mask}, **common)
     with pytest.raises(EditflowError, match="colour_strength > 0 needs the colour_mask"):
         run_sample(tiny, inverted, colour_strength=1.0, **common)
