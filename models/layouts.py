@@ -120,7 +120,7 @@ class PipelineLayout(Layout):
                 spec=spec,
                 folder=built if (built / "model_index.json").is_file() else None,
                 identity={"tiny": tiny_identity(spec.id)},
-                scheduler_config=tiny_scheduler_config(),
+                scheduler_config=tiny_scheduler_config(spec.id),
                 provider=provider.field,
             )
         local = local_path(spec.id, Path(base_dir))

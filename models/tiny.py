@@ -462,9 +462,11 @@ def tiny_folder_name(variant: str = "tiny") -> str:
     return f"{variant}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
-def tiny_scheduler_config() -> dict[str, Any]:
-    """The tiny scheduler's config as its ``scheduler_config.json`` holds it (with the class)."""
-    scheduler = TINY_COMPONENTS["scheduler"]
+def tiny_scheduler_config(variant: str = "tiny") -> dict[str, Any]:
+    """A built-in variant's own scheduler config, as its ``scheduler/scheduler_config.json``
+    holds it (with the class): ``tiny-pixel`` has DDPM's linear betas, the others Stable
+    Diffusion's scaled-linear ones."""
+    scheduler = TINY_VARIANTS[variant].components["scheduler"]
     return {"_class_name": scheduler.class_name, **jsonable(scheduler.config)}
 
 

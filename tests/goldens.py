@@ -4,9 +4,10 @@ Each kind's golden comes from the first example recipe with a stage of that kind
 start, then manifests/ in sorted order): a summary of every output (the first 1,024 values of its flattened tensors,
 their sum and absolute sum in float64; texts as they are), stored as safetensors under
 tests/goldens/ with the kind's version. A kind whose numbers change while its version does
-not fails ``tests/test_goldens.py``; bump the kind's ``version`` and regenerate with
+not fails ``tests/test_goldens.py``; bump the kind's ``version`` and regenerate its golden
+(every kind's without arguments) with
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/goldens.py
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/goldens.py KIND ...
 
 The comparison must hold on any CPU and thread count, whose float32 rounding differs, and
 must catch a change of method. So each value may move by ``RELATIVE`` (1e-4) of its tensor's
@@ -141,7 +142,7 @@ def compare(kind: Any, outputs: Mapping[str, Any]) -> str | None:
     """Why a kind's outputs break its golden (``None`` when they keep it)."""
     path = GOLDENS / f"{kind.kind}.safetensors"
     if not path.is_file():
-        return f"{kind.kind} has no golden: regenerate them with `{REGENERATE}`"
+        return f"{kind.kind} has no golden: make it with `{REGENERATE} {kind.kind}`"
     from safetensors import safe_open
 
     with safe_open(path, "pt") as handle:
@@ -149,12 +150,12 @@ def compare(kind: Any, outputs: Mapping[str, Any]) -> str | None:
     golden = load_file(path)
     if metadata.get("version") != kind.version:
         return (f"{kind.kind} is at version {kind.version} but its golden at "
-                f"{metadata.get('version')}: regenerate them with `{REGENERATE}`")  # fmt: skip
+                f"{metadata.get('version')}: regenerate it with `{REGENERATE} {kind.kind}`")  # fmt: skip
     _, texts = summary(outputs)
     used = allowance_used(kind, outputs, golden)
     if used > 1 or json.loads(metadata.get("texts", "{}")) != texts:
         return (f"{kind.kind} computes other numbers than its golden at version {kind.version}:"
-                f" bump {kind.__name__}.version and regenerate the goldens with `{REGENERATE}`")  # fmt: skip
+                f" bump {kind.__name__}.version and regenerate its golden with `{REGENERATE} {kind.kind}`")  # fmt: skip
     return None
 
 
@@ -170,14 +171,20 @@ def stage_outputs(cache: Any, recipe: Path, stage: str) -> tuple[Any, dict[str, 
     return planned.kind, read_outputs(cache, entry, layouts(planned))
 
 
-def regenerate() -> None:
+def regenerate(kinds: list[str]) -> None:
+    """Write the goldens of ``kinds`` (every kind when empty)."""
     from editflow.cache import Cache
 
     torch.set_num_threads(1)
     GOLDENS.mkdir(exist_ok=True)
+    unknown = set(kinds) - set(sources())
+    if unknown:
+        raise SystemExit(f"no example recipe has a stage of kind {sorted(unknown)}")
     with tempfile.TemporaryDirectory() as folder:
         cache = Cache(Path(folder) / "cache")
         for kind_name, (recipe, stage) in sorted(sources().items()):
+            if kinds and kind_name not in kinds:
+                continue
             kind, outputs = stage_outputs(cache, recipe, stage)
             tensors, texts = summary(outputs)
             metadata = {
@@ -212,4 +219,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--measure"]:
         measure(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     else:
-        regenerate()
+        regenerate(sys.argv[1:])

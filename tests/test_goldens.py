@@ -46,11 +46,11 @@ def test_changed_numbers_under_the_same_version_fail_with_the_command(
     )
     assert compare(kind, outputs) == (
         "decode.vae computes other numbers than its golden at version 1: bump DecodeVae.version"
-        f" and regenerate the goldens with `{REGENERATE}`"
+        f" and regenerate its golden with `{REGENERATE} decode.vae`"
     )
     monkeypatch.setattr(DecodeVae, "version", "2")
     assert compare(kind, outputs) == (
-        f"decode.vae is at version 2 but its golden at 1: regenerate them with `{REGENERATE}`"
+        f"decode.vae is at version 2 but its golden at 1: regenerate it with `{REGENERATE} decode.vae`"
     )
 
 

@@ -68,7 +68,7 @@ class InvertDdimParams(Params):
 
 class InvertDdim(StageKind):
     kind = "invert.ddim"
-    version = "2"
+    version = "3"  # 3: tiny-pixel runs on its own DDPM schedule (was tiny's SD one)
     description = "DDIM inversion x0 -> x_T with the model's scheduler config"
     params = InvertDdimParams
     inputs = (
@@ -156,7 +156,7 @@ class SampleDdimParams(TunedParams):
 
 class SampleDdim(StageKind):
     kind = "sample.ddim"
-    version = "2"
+    version = "3"  # 3: tiny-pixel runs on its own DDPM schedule (was tiny's SD one)
     description = "DDIM sampling with CFG from x_T (e.g. inverted latents) to x0"
     params = SampleDdimParams
     inputs = (

@@ -61,7 +61,7 @@ class FinetuneDiffusionclip(StageKind):
     """Fine-tune a pixel-space denoiser with the directional CLIP loss (DiffusionCLIP)."""
 
     kind = "finetune.diffusionclip"
-    version = "2"
+    version = "3"  # 3: tiny-pixel runs on its own DDPM schedule (was tiny's SD one)
     description = "Tuned denoiser weights that move its outputs along a CLIP text direction"
     params = FinetuneDiffusionclipParams
     inputs = (

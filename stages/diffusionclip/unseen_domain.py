@@ -42,7 +42,7 @@ class SampleUnseenDomain(StageKind):
     """Pull an image onto the model's domain: (noise to t0, DDIM back) ``repeats`` times."""
 
     kind = "sample.unseen_domain"
-    version = "2"
+    version = "3"  # 3: tiny-pixel runs on its own DDPM schedule (was tiny's SD one)
     description = (
         "Unseen-domain translation (DiffusionCLIP): repeated stochastic forward to t0 and"
         " DDIM generation with the original model"

@@ -225,6 +225,58 @@ def test_tiny_scheduler_config_matches_the_built_folder(tiny_folder: Path, tmp_p
     assert as_tiny.scheduler_config == as_folder.scheduler_config
 
 
+# What each built-in model's folder, the README and METHODS.md say its schedule is.
+DECLARED_SCHEDULES = {
+    "tiny": ("scaled_linear", 0.00085, 0.012, False, 1),
+    "tiny-inpaint": ("scaled_linear", 0.00085, 0.012, False, 1),
+    "sd15-shaped": ("scaled_linear", 0.00085, 0.012, False, 1),
+    "tiny-pixel": ("linear", 0.0001, 0.02, True, 0),  # DDPM's betas, landing on the clean image
+}
+
+
+@pytest.mark.parametrize("variant", sorted(DECLARED_SCHEDULES))
+def test_each_built_in_model_runs_on_the_schedule_its_folder_declares(
+    variant: str, models_dir: Path, tmp_path: Path
+) -> None:
+    from editflow.models.tiny import TINY_VARIANTS, ensure_tiny
+
+    assert set(DECLARED_SCHEDULES) == set(TINY_VARIANTS)
+    resolved = resolve_model(
+        ModelSpec(variant), base_dir=tmp_path, models_dir=tmp_path, hash_memo=None
+    )
+    folder = ensure_tiny(models_dir, variant)
+    on_disk = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: v for k, v in on_disk.items() if not k.startswith("_diffusers")} == {
+        k: v for k, v in resolved.scheduler_config.items() if not k.startswith("_diffusers")
+    }
+    config = resolved.scheduler_config
+    declared = (config["beta_schedule"], config["beta_start"], config["beta_end"],
+                config["set_alpha_to_one"], config["steps_offset"])  # fmt: skip
+    assert declared == DECLARED_SCHEDULES[variant]
+
+
+def test_the_t0_grid_of_tiny_pixel_has_ddpms_alpha_bars() -> None:
+    """DiffusionCLIP's t0 = 400 on tiny-pixel: alpha_bar from DDPM's formula in float64,
+    prod(1 - beta_i) with beta linear from 1e-4 to 0.02 over 1,000 steps (Ho et al. 2020)."""
+    import numpy as np
+    from diffusers import DDIMScheduler
+
+    from editflow.stages.grid_scheduler import GridScheduler, t0_grid
+
+    resolved = resolve_model(
+        ModelSpec("tiny-pixel"), base_dir=Path("."), models_dir=Path("."), hash_memo=None
+    )
+    grid = t0_grid(400, 41)
+    scheduler = GridScheduler.from_scheduler(
+        DDIMScheduler.from_config(resolved.scheduler_config), grid, inverse=True
+    )
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    reference = np.cumprod(1 - betas)[grid]
+    ours = scheduler.alphas_cumprod.double().numpy()[grid]
+    np.testing.assert_allclose(ours, reference, rtol=1e-5)
+    assert abs(reference[-1] - 0.1936) < 5e-4  # not Stable Diffusion's 0.4245
+
+
 def test_schedulers_are_built_from_the_read_only_config(tiny_registry: ModelRegistry) -> None:
     from diffusers import DDIMScheduler
 
