@@ -151,8 +151,8 @@ def _inherit(
         spec = loaded.stages[name]
         producers = {
             port: (producer, stages[producer].params)
-            for port, ref in spec.references.items()
-            if isinstance(ref, str) and (producer := producer_of(ref)) in stages
+            for port, refs in spec.references.items()
+            if (producer := _first_stage(refs, stages)) is not None
         }
         params, issues = spec.kind.inherit(spec.params, producers)
         problems += [_located(loaded, name, issue) for issue in issues]
@@ -165,11 +165,12 @@ def _inherit(
     return stages, problems, unresolved
 
 
-def _check_view(
-    stage: PlannedStage,
-    sizes: Mapping[str, tuple[int, int] | None],
-    models: Mapping[str, ResolvedModel],
-) -> CheckView:
+def _first_stage(refs: str | list[str], stages: Mapping[str, PlannedStage]) -> str | None:
+    listed = refs if isinstance(refs, list) else [refs]
+    return next((p for r in listed if isinstance(r, str) and (p := producer_of(r)) in stages), None)
+
+
+def _check_view(stage: PlannedStage, sizes: Mapping[str, Any], models: Mapping[str, Any]) -> Any:
     """What a stage's check sees: its wiring, sizes and, when needed, its resolved models."""
     mine = models if stage.needed else {}
 
@@ -180,8 +181,7 @@ def _check_view(
 
 
 def _located(loaded: LoadedRecipe, stage: str, problem: Problem) -> Problem:
-    """A kind's problem (``key``: a parameter, an input or None), located at
-    ``stages.STAGE[.KEY]`` in the recipe."""
+    """A kind's problem (``key``: a parameter, an input or None) at ``stages.STAGE[.KEY]``."""
     key = f"stages.{stage}" + (f".{problem.key}" if problem.key else "")
     return loaded.located(Problem(problem.message, key=key, hint=problem.hint))
 

@@ -146,6 +146,11 @@ def check_ratio(ratio: Ratio, weights: Sequence[str]) -> list[Problem]:
             return [Problem("mixes tuned weights with the original, but no weights are"
                             " connected: connect weights or remove ratio", key="ratio")]  # fmt: skip
         return []
+    if not isinstance(ratio, int | float) and len(weights) == 1:
+        return [Problem("is a table, but with one tuned model each threshold's weights are"
+                        " normalised to 1: the original model is never mixed in", key="ratio",
+                        hint="give one number, such as ratio = 0.3, to mix one tuned model"
+                        " with the original")]  # fmt: skip
     if isinstance(ratio, int | float):
         if len(weights) > 1:
             return [Problem(f"a single ratio mixes one tuned model with the original, but"

@@ -26,7 +26,12 @@ from editflow.stages.base import (
     StageKind,
     step_reporter,
 )
-from editflow.stages.compositing.local_ilvr import LocalIlvr, local_ilvr_sample, noise_to
+from editflow.stages.compositing.local_ilvr import (
+    LocalIlvr,
+    local_ilvr_sample,
+    noise_to,
+    repaint_schedule,
+)
 from editflow.stages.diffusion import (
     NoisePredictor,
     cpu_randn,
@@ -231,7 +236,7 @@ class SampleLocalIlvr(StageKind):
         if params.preset == "background" and "masked_reference" not in view.references:
             message = "preset 'background' needs the latent of compose.paste's masked image"
             problems.append(Problem(message, key="masked_reference"))
-        return problems + _unet_problems(params, view)
+        return problems + _repaint_problems(params) + _unet_problems(params, view)
 
     def run(
         self,
@@ -308,6 +313,23 @@ def inpainting_predictor(
     return predict
 
 
+def _repaint_problems(params: LocalIlvrParams) -> list[Problem]:
+    """RePaint asked for (``repaint_start``, a preset) but with no level to jump from."""
+    if params.repaint_start <= 0 or params.repaint_resamples <= 1:
+        return []
+    steps = params.num_inference_steps
+    plain = repaint_schedule(steps, 0.0, params.repaint_jump, params.repaint_resamples)
+    if repaint_schedule(steps, params.repaint_start, params.repaint_jump,
+                        params.repaint_resamples) != plain:  # fmt: skip
+        return []
+    return [
+        Problem(f"is {params.repaint_start} but the last {params.repaint_start:.0%} of"
+                f" {steps} steps hold no multiple of repaint_jump = {params.repaint_jump}:"
+                " RePaint would never resample", key="repaint_start",
+                hint="use more steps or a shorter repaint_jump")
+    ]  # fmt: skip
+
+
 def _unet_problems(params: LocalIlvrParams, view: CheckView) -> list[Problem]:
     """A plain (4 channels) or an inpainting (9) UNet; the latter needs the masked image."""
     unet = view.config("unet")
@@ -320,6 +342,12 @@ def _unet_problems(params: LocalIlvrParams, view: CheckView) -> list[Problem]:
         ]  # fmt: skip
     if channels not in (None, 4, 9):
         return [Problem(f"needs a UNet with 4 or 9 input channels; this model's takes {channels}")]
+    if channels == 9 and params.preset in ("immersion", "scribble"):
+        return [
+            Problem(f"preset '{params.preset}' guides a plain UNet; this model's is an inpainting"
+                    " UNet (9 input channels), which would regenerate everything but the object",
+                    key="preset", hint="use preset 'background', or a plain model")
+        ]  # fmt: skip
     if channels == 9 and "masked_reference" not in view.references:
         return [
             Problem("an inpainting UNet needs the masked_reference input", key="masked_reference",

@@ -252,6 +252,13 @@ class SampleEditFriendly(StageKind):
             missing = "colour_image" if not image else "colour_mask"
             return [Problem(f"colour_mask and colour_image go together: {missing} is missing")]
         problems = check_ratio(params.ratio, view.references.get("weights") or [])
+        maps, path = view.references.get("noise_maps"), view.references.get("auxiliary_path")
+        if isinstance(maps, str) and isinstance(path, str):
+            maps, path = maps.split(".")[0], path.split(".")[0]
+            if maps != path:
+                problems.append(Problem(f"comes from {path!r} but noise_maps from {maps!r}: the"
+                                        " edit retraces one inversion", key="auxiliary_path",
+                                        hint="connect both to the same invert.edit_friendly stage"))  # fmt: skip
         if params.colour_strength > 0 and not mask:
             problems.append(
                 Problem("colour_strength > 0 needs the colour_mask and colour_image inputs")

@@ -96,3 +96,61 @@ def test_call_checks_like_a_plan_before_anything_loads() -> None:
         "stages.guided.attention_maps: xa_guidance is 0.1 but no attention_maps are connected"
         " (connect a guide.attention_reference stage or set xa_guidance = 0)"
     )
+
+
+MANIFESTS = ROOT / "manifests"
+
+
+def _two_inversions(folder: Path) -> Path:
+    """text_edit.toml with a second inversion that the edit takes its path from."""
+    recipe = MANIFESTS / "edit_friendly" / "text_edit.toml"
+    text = recipe.read_text().replace(
+        '[stages.edit]\n', '[stages.invert2]\nkind = "invert.edit_friendly"\nlatents = "encode.latents"\n\n[stages.edit]\n'
+    ).replace('auxiliary_path = "invert.auxiliary_path"', 'auxiliary_path = "invert2.auxiliary_path"', 1)  # fmt: skip
+    for item in recipe.parent.iterdir():
+        if not item.name.startswith("text_edit"):
+            (folder / item.name).symlink_to(item)
+    (folder / "edit.toml").write_text(text)
+    return folder / "edit.toml"
+
+
+# Each misuse that used to run and give a wrong result: refused by validate, one located line.
+MISUSES = [
+    ("RePaint without a jump", lambda d: MANIFESTS / "compositing" / "immersion.toml",
+     ["--set", "stages.immerse.repaint_jump=10"],
+     "{f}:35: stages.immerse.repaint_start: is 0.2 but the last 20% of 20 steps hold no multiple"
+     " of repaint_jump = 10: RePaint would never resample (use more steps or a shorter"
+     " repaint_jump)"),
+    ("immersion on an inpainting UNet", lambda d: MANIFESTS / "compositing" / "immersion.toml",
+     ["--set", 'model.id="tiny-inpaint"'],
+     "{f}:40: stages.immerse.preset: preset 'immersion' guides a plain UNet; this model's is an"
+     " inpainting UNet (9 input channels), which would regenerate everything but the object (use"
+     " preset 'background', or a plain model)"),
+    ("t0 against the inversions", lambda d: MANIFESTS / "diffusionclip" / "finetune.toml",
+     ["--set", "stages.finetune.t0=600"],
+     "--set stages.finetune.t0=600: stages.finetune.t0: is 600 but inverted come from"
+     " 'invert_cat', which has 400 (leave it out to take the producer's)"),
+    ("one-model ratio table", lambda d: MANIFESTS / "diffusionclip" / "mix.toml",
+     ["--set", "stages.edit_half.ratio={0=[0.3]}"],
+     "--set stages.edit_half.ratio={{0=[0.3]}}: stages.edit_half.ratio: is a table, but with one"
+     " tuned model each threshold's weights are normalised to 1: the original model is never"
+     " mixed in (give one number, such as ratio = 0.3, to mix one tuned model with the"
+     " original)"),
+    ("maps and path of two inversions", _two_inversions, [],
+     "{f}:32: stages.edit.auxiliary_path: comes from 'invert2' but noise_maps from 'invert': the"
+     " edit retraces one inversion (connect both to the same invert.edit_friendly stage)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe, args, expected", [case[1:] for case in MISUSES],
+                         ids=[case[0] for case in MISUSES])  # fmt: skip
+def test_silent_misuses_are_refused_by_validate_in_one_located_line(
+    recipe, args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from editflow.cli import main
+
+    path = recipe(tmp_path)
+    code = main(["validate", str(path), "--cache", str(tmp_path / "c"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [expected.format(f=path)]
