@@ -200,7 +200,7 @@ class SampleLocalIlvr(StageKind):
     """Cross-domain compositing: sample towards a composite with local ILVR guidance."""
 
     kind = "sample.local_ilvr"
-    version = "1"
+    version = "2"  # 2: RePaint jumps counted from the clean end, as RePaint's schedule
     description = "DDIM sampling guided towards a reference composite inside and outside a mask"
     params = LocalIlvrParams
     inputs = (

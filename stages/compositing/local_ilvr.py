@@ -16,11 +16,14 @@ filter and its own time window inside and outside the object mask ``M`` (METHODS
 - ``blend_pix > 0`` grows a linear ramp outward from the mask by repeated 3x3 dilation (in
   latent pixels), so the two regions meet without a seam; the guidance window is ramped the
   same way.
-- RePaint (Lugmayr et al. 2022): from the last ``repaint_start`` fraction of the schedule
-  on, every ``jump`` levels the sampler goes back up ``jump`` levels (re-noising the latest
-  ``x0_hat``, fresh noise per transition) and denoises again, ``resamples - 1`` times. The
-  guidance windows count these extra transitions. (Implemented from the paper's description;
-  the authors' scheduler file is under a non-commercial licence and was not used.)
+- RePaint (Lugmayr et al. 2022): in the last ``repaint_start`` fraction of the schedule,
+  at the jump points of RePaint's schedule (every ``jump`` levels counted from the CLEAN
+  end, the last one just before the final step) the sampler goes back up ``jump`` levels
+  (re-noising the latest ``x0_hat``, fresh noise per transition) and denoises again,
+  ``resamples - 1`` times, so ``repaint_start = 0.2`` resamples the last 20 % of the steps.
+  The guidance windows count these extra transitions. (Implemented from RePaint's published
+  schedule; the compositing authors' scheduler file is under a non-commercial licence and was
+  not used.)
 
 Differences from the released code, on purpose: the reference is noised to the level the
 latent has AFTER the step (the released code uses the level before it, one step noisier),
@@ -79,10 +82,12 @@ def repaint_schedule(num_steps: int, start: float, jump: int, resamples: int) ->
     """The levels RePaint visits (Lugmayr et al. 2022, the jump schedule), in order.
 
     Levels are positions in the scheduler's timesteps: 0 is the noisiest, ``num_steps`` the
-    clean latent. Without resampling this is ``0, 1, ..., num_steps``. With it, arriving at
-    a level ``p`` in the last ``start`` fraction of the schedule with ``p`` a multiple of
-    ``jump`` (and ``p >= jump``) goes back up to ``p - jump`` and down again, ``resamples - 1``
-    times.
+    clean latent. Without resampling this is ``0, 1, ..., num_steps``. With it, RePaint's
+    schedule counts from the clean end: with ``r = num_steps - 1 - p`` the steps left after
+    level ``p``, arriving at a level with ``r`` a multiple of ``jump`` (``r = 0`` is the level
+    just before the final step), ``r + jump < num_steps`` and ``r + jump`` within the last
+    ``int(start * num_steps)`` steps goes back up ``jump`` levels and down again,
+    ``resamples - 1`` times.
 
     Args:
         num_steps: Denoising steps of the plain schedule.
@@ -93,21 +98,21 @@ def repaint_schedule(num_steps: int, start: float, jump: int, resamples: int) ->
     """
     if start <= 0 or resamples <= 1:
         return list(range(num_steps + 1))
-    first = num_steps - int(start * num_steps)
+    window = int(start * num_steps)
     remaining = {
-        level: resamples - 1
-        for level in range(jump, num_steps)
-        if level % jump == 0 and level >= first
+        num_steps - 1 - left: resamples - 1
+        for left in range(0, num_steps - jump, jump)
+        if left + jump <= window
     }
     levels, level = [0], 0
     while level < num_steps:
-        level += 1
-        levels.append(level)
         if remaining.get(level, 0) > 0:
             remaining[level] -= 1
             for _ in range(jump):
                 level -= 1
                 levels.append(level)
+        level += 1
+        levels.append(level)
     return levels
 
 

@@ -220,3 +220,37 @@ def test_presets_fill_what_the_recipe_leaves_out():
         0.5, 1.0, 4, 0.2,
     )  # fmt: skip
     assert LocalIlvrParams(preset="background").t_out == 0.5
+
+
+def _repaint_reference(steps: int, start: float, jump: int, resamples: int) -> list[int]:
+    """RePaint's jump schedule as its paper's code writes it (Lugmayr et al. 2022): ``t`` is
+    the number of steps left, ``-1`` the clean image; jumps at every ``jump``-th ``t`` from
+    the clean end, only where ``t <= start_resampling - jump``. Returned as our levels
+    (``steps - 1 - t``)."""
+    jumps = {t: resamples - 1 for t in range(0, steps - jump, jump)}
+    start_resampling = int(start * steps)
+    t, ts = steps, []
+    while t >= 1:
+        t -= 1
+        ts.append(t)
+        if jumps.get(t, 0) > 0 and t <= start_resampling - jump:
+            jumps[t] -= 1
+            for _ in range(jump):
+                t += 1
+                ts.append(t)
+    ts.append(-1)
+    return [steps - 1 - t for t in ts]
+
+
+@pytest.mark.parametrize(
+    "steps, start, jump, resamples",
+    [(50, 0.2, 10, 10), (20, 0.2, 2, 2), (10, 0.6, 2, 3), (50, 0.8, 10, 3), (30, 1.0, 5, 4),
+     (50, 0.1, 10, 10), (7, 0.5, 3, 2)],
+)  # fmt: skip
+def test_repaint_jumps_follow_repaints_schedule_from_the_clean_end(steps, start, jump, resamples):
+    ours = repaint_schedule(steps, start, jump, resamples)
+    assert ours == _repaint_reference(steps, start, jump, resamples)
+    if (steps, start, jump) == (50, 0.2, 10):
+        # The immersion preset resamples the last 20 % of the steps: levels 40 to 50.
+        resampled = {level for level, after in pairwise(ours) if after < level}
+        assert min(resampled) == 40 and max(resampled) == 49 and ours[-2:] == [49, 50]
