@@ -253,7 +253,7 @@ class SampleEditFriendly(StageKind):
             return [Problem(f"colour_mask and colour_image go together: {missing} is missing")]
         problems = check_ratio(params.ratio, view.references.get("weights") or [])
         maps, path = view.references.get("noise_maps"), view.references.get("auxiliary_path")
-        if isinstance(maps, str) and isinstance(path, str):
+        if isinstance(maps, str) and isinstance(path, str) and "." in maps and "." in path:
             maps, path = maps.split(".")[0], path.split(".")[0]
             if maps != path:
                 problems.append(Problem(f"comes from {path!r} but noise_maps from {maps!r}: the"

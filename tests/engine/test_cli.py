@@ -151,30 +151,25 @@ def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Pat
     from editflow.cache import Cache
     from editflow.engine.api import plan_recipe
 
-    # The edit reads its noise maps from one inversion and its auxiliary path from another
-    # with more steps: the plan cannot see the arrays' lengths, the stage can.
-    text = (ROOT / "manifests" / "edit_friendly" / "text_edit.toml").read_text()
-    text = text.replace(
-        'auxiliary_path = "invert.auxiliary_path"\ntarget_prompt = "a photo of a dog"',
-        'auxiliary_path = "other.auxiliary_path"\ntarget_prompt = "a photo of a dog"',
-    )
-    text += '\n[stages.other]\nkind = "invert.edit_friendly"\nlatents = "encode.latents"\nnum_inference_steps = 4\n'
-    recipe = tmp_path / "mixed.toml"
-    recipe.write_text(text)
+    # Interpolation between one image: the reference count could hold a batch of two, so the
+    # plan cannot tell; the stage can, once its inputs are computed.
+    recipe = ROOT / "manifests" / "interpolation" / "photos.toml"
     cache = tmp_path / "cache"
-    overrides = ["stages.invert.num_inference_steps=3", "stages.edit.skip=0"]
+    overrides = [
+        'stages.interpolate.latents=["encode_left.latents"]',
+        "stages.embeddings.iterations=1",
+    ]
     sets = [arg for o in overrides for arg in ("--set", o)]
     argv = ["run", str(recipe), "--cache", str(cache), "--out", str(tmp_path / "o")]
-    code, _, err = _run(capsys, *argv, "--target", "edit", *sets)
+    code, _, err = _run(capsys, *argv, "--target", "interpolate", *sets)
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        f"{recipe}: stages.edit: stage 'edit' (sample.edit_friendly) failed: "
-        "stages.edit.auxiliary_path: auxiliary_path has 5 levels, expected 4 "
-        "(connect noise_maps and auxiliary_path of the same inversion stage)"
+        f"{recipe}: stages.interpolate: stage 'interpolate' (sample.interpolate) failed: "
+        "stages.interpolate.latents: latents needs exactly two images, got 1"
     )
     plan = plan_recipe(recipe, overrides, cache=Cache(cache))
-    assert not Cache(cache).has(plan.stages["edit"].key)
-    assert Cache(cache).has(plan.stages["invert"].key)  # finished stages stay cached
+    assert not Cache(cache).has(plan.stages["interpolate"].key)
+    assert Cache(cache).has(plan.stages["encode_left"].key)  # finished stages stay cached
     assert not (tmp_path / "o").exists()
 
 
