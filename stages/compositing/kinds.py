@@ -28,6 +28,7 @@ from editflow.stages.base import (
 )
 from editflow.stages.compositing.local_ilvr import (
     LocalIlvr,
+    LowPass,
     local_ilvr_sample,
     noise_to,
     repaint_schedule,
@@ -175,6 +176,11 @@ class LocalIlvrParams(TunedParams):
     t_out: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of transitions guided outside")
     space: Literal["xt", "x0"] = Field("xt", description="Compare with x_t, or with x0_hat")
     blend_pix: int = Field(0, ge=0, le=64, description="Mask smoothing ramp, latent px (0 = hard)")
+    lowpass: LowPass = Field(
+        "area-bicubic",
+        description="Low-pass resampling, down then up: area-bicubic (editflow), bilinear (the"
+        " paper), antialiased-cubic (the released code)",
+    )
     repaint_start: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of the schedule, from its end, with RePaint"
     )
@@ -277,7 +283,7 @@ class SampleLocalIlvr(StageKind):
         guided = params.t_in > 0 or params.t_out > 0
         guidance = LocalIlvr(
             reference, latent_mask, params.n_in, params.n_out, params.t_in, params.t_out,
-            params.space, params.blend_pix,
+            params.space, params.blend_pix, params.lowpass,
         ) if guided else None  # fmt: skip
         latents = local_ilvr_sample(
             predict,

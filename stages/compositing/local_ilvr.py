@@ -36,6 +36,7 @@ The loop follows the contract of :mod:`editflow.stages.diffusion`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from editflow.lazy import lazy, no_grad
 from editflow.stages.diffusion import Callback, NoisePredictor, cpu_randn, guided_noise
@@ -44,17 +45,36 @@ torch = lazy("torch")
 F = lazy("torch.nn.functional")
 
 
-def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
+# How the low-pass filter resamples, down then up (``lowpass``):
+# - "area-bicubic" (editflow's default): the mean of each factor x factor block, then bicubic
+#   (a = -0.75) back; the block mean is the exact low-pass of the down-sampling step.
+# - "bilinear": bilinear both ways (half-pixel centres), as the paper describes it.
+# - "antialiased-cubic": cubic (a = -0.5) with its kernel widened by the factor both ways,
+#   antialiased like PIL and ResizeRight, as the authors' released code resamples.
+LowPass = Literal["area-bicubic", "bilinear", "antialiased-cubic"]
+
+
+def low_pass(x: torch.Tensor, factor: int, kind: LowPass = "area-bicubic") -> torch.Tensor:
     """ILVR's low-pass filter (Choi et al. 2021): down-sample by ``factor``, up-sample back.
 
     Args:
         x: (N, C, h, w) with ``h`` and ``w`` divisible by ``factor``.
         factor: 1 returns ``x`` itself.
+        kind: The resampling, down and up (:data:`LowPass`).
     """
     if factor == 1:
         return x
     height, width = x.shape[-2:]
-    down = F.interpolate(x, size=(height // factor, width // factor), mode="area")
+    small = (height // factor, width // factor)
+    if kind == "bilinear":
+        down = F.interpolate(x, size=small, mode="bilinear", align_corners=False)
+        return F.interpolate(down, size=(height, width), mode="bilinear", align_corners=False)
+    if kind == "antialiased-cubic":
+        down = F.interpolate(x, size=small, mode="bicubic", align_corners=False, antialias=True)
+        return F.interpolate(
+            down, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+        )
+    down = F.interpolate(x, size=small, mode="area")
     return F.interpolate(down, size=(height, width), mode="bicubic", align_corners=False)
 
 
@@ -139,12 +159,17 @@ class LocalIlvr:
     t_out: float = 1.0
     space: str = "xt"
     blend_pix: int = 0
+    lowpass: LowPass = "area-bicubic"
 
     def correction(self, target: torch.Tensor, current: torch.Tensor, active: torch.Tensor):
         """``active * (M_b LP_in(target - current) + (1 - M_b) LP_out(target - current))``."""
         diff = target - current
         soft = grow_mask(self.mask, self.blend_pix)
-        blended = soft * low_pass(diff, self.n_in) + (1 - soft) * low_pass(diff, self.n_out)
+        inside, outside = (
+            low_pass(diff, self.n_in, self.lowpass),
+            low_pass(diff, self.n_out, self.lowpass),
+        )
+        blended = soft * inside + (1 - soft) * outside
         return active * blended
 
     def active(self, transition: int, transitions: int) -> torch.Tensor:

@@ -254,3 +254,63 @@ def test_repaint_jumps_follow_repaints_schedule_from_the_clean_end(steps, start,
         # The immersion preset resamples the last 20 % of the steps: levels 40 to 50.
         resampled = {level for level, after in pairwise(ours) if after < level}
         assert min(resampled) == 40 and max(resampled) == 49 and ours[-2:] == [49, 50]
+
+
+def _resample_1d(x, size: int, kernel: str, axis: int):
+    """float64 resampling along ``axis`` with half-pixel centres (what each method's formula
+    says): ``linear`` interpolation (source index clamped at 0), or cubic convolution
+    (Keys 1981, a = -0.75) with edge samples repeated."""
+    import numpy as np
+
+    x = np.moveaxis(x, axis, -1)
+    length = x.shape[-1]
+    out = np.empty((*x.shape[:-1], size))
+    for j in range(size):
+        src = (j + 0.5) * length / size - 0.5
+        if kernel == "linear":
+            src = max(src, 0.0)
+            i0 = int(np.floor(src))
+            i1, w = min(i0 + 1, length - 1), src - i0
+            out[..., j] = (1 - w) * x[..., i0] + w * x[..., i1]
+        else:
+            a, i0 = -0.75, int(np.floor(src))
+            t = src - i0
+            total = 0.0
+            for k in range(-1, 3):
+                d = abs(k - t)
+                weight = ((a + 2) * d**3 - (a + 3) * d**2 + 1 if d <= 1
+                          else a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a)  # fmt: skip
+                total = total + weight * x[..., min(max(i0 + k, 0), length - 1)]
+            out[..., j] = total
+    return np.moveaxis(out, -1, axis)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_the_low_pass_filters_follow_their_formulas(factor):
+    import numpy as np
+    from PIL import Image
+
+    x = torch.randn(1, 2, 16, 24, generator=torch.Generator().manual_seed(3))
+    values = x.double().numpy()
+    h, w = 16 // factor, 24 // factor
+    scale = float(x.abs().max())
+    # bilinear both ways (the paper)
+    down = _resample_1d(_resample_1d(values, h, "linear", 2), w, "linear", 3)
+    bilinear = _resample_1d(_resample_1d(down, 16, "linear", 2), 24, "linear", 3)
+    assert np.abs(low_pass(x, factor, "bilinear").double().numpy() - bilinear).max() < 1e-5 * scale
+    # editflow's default: block means, then cubic convolution back
+    blocks = values.reshape(1, 2, h, factor, w, factor).mean(axis=(3, 5))
+    area_bicubic = _resample_1d(_resample_1d(blocks, 16, "cubic", 2), 24, "cubic", 3)
+    ours = low_pass(x, factor, "area-bicubic").double().numpy()
+    assert np.abs(ours - area_bicubic).max() < 1e-5 * scale
+    # the released code's antialiased cubic, against PIL's (the same a = -0.5 kernel, widened)
+    peer = np.stack([
+        np.asarray(Image.fromarray(channel.astype(np.float32), "F")
+                   .resize((w, h), Image.BICUBIC).resize((24, 16), Image.BICUBIC))
+        for channel in values[0]
+    ])[None]  # fmt: skip
+    antialiased = low_pass(x, factor, "antialiased-cubic").double().numpy()
+    assert np.abs(antialiased - peer).max() < 1e-4 * scale
+    # Three different filters: the choice matters.
+    assert np.abs(bilinear - area_bicubic).max() > 1e-2 * scale
+    assert np.abs(antialiased - area_bicubic).max() > 1e-2 * scale
