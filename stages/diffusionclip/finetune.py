@@ -20,6 +20,8 @@ from editflow.models import specs
 from editflow.stages.base import ArtifactType, CheckView, Params, Port, StageContext, StageKind
 from editflow.stages.diffusion import check_t0, is_unconditional, unet_noise_predictor
 from editflow.stages.diffusionclip.finetuning import (
+    ClipLoss,
+    TextDirection,
     directional_clip_loss,
     finetune,
     image_features,
@@ -48,6 +50,15 @@ class FinetuneDiffusionclipParams(Params):
     )
     lr_growth: float = Field(1.3, gt=0.0, le=10.0, description="Learning-rate factor per epoch")
     w_clip: float = Field(3.0, ge=0.0, le=100.0, description="Weight of the directional CLIP loss")
+    clip_loss: ClipLoss = Field(
+        "direction",
+        description="direction: 1 - cos (the paper); log: -log((1 + cos) / 2) (the released code)",
+    )
+    text_direction: TextDirection = Field(
+        "template-means",
+        description="template-means: each text's template mean, then the difference; released:"
+        " the mean of the per-template differences (the released code)",
+    )
     w_l1: float = Field(0.0, ge=0.0, le=100.0, description="Weight of the L1 to the input")
     w_id: float = Field(
         0.0, ge=0.0, le=100.0, description="Weight of a face-identity loss (needs a face model)"
@@ -130,13 +141,15 @@ class FinetuneDiffusionclip(StageKind):
         # The loss is taken in fp32; a CLIP loaded in half precision is copied, not changed.
         scorer = clip.model if clip.model.dtype == torch.float32 else copy.deepcopy(clip.model)
         scorer = scorer.float()
-        direction = text_direction(scorer, clip.processor, params.source_text, params.target_text)
+        direction = text_direction(
+            scorer, clip.processor, params.source_text, params.target_text, params.text_direction
+        )
         with torch.no_grad():
             sources = image_features(scorer, clip.processor, images)
 
         def loss(x0: torch.Tensor, index: int) -> torch.Tensor:
             value = params.w_clip * directional_clip_loss(
-                scorer, clip.processor, x0, sources[index : index + 1], direction
+                scorer, clip.processor, x0, sources[index : index + 1], direction, params.clip_loss
             )
             if params.w_l1 > 0:
                 value = value + params.w_l1 * (x0 - images[index : index + 1]).abs().mean()

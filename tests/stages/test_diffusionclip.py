@@ -262,3 +262,47 @@ def test_a_pixel_model_with_fewer_training_steps_refuses_a_later_t0(
         f"stages.{stage}.{expected}" for stage in stages
     ]
     assert all(line.startswith(f"{recipe}:") for line in lines)
+
+
+def test_the_directional_loss_and_text_direction_forms_follow_their_formulas():
+    """DiffusionCLIP (Kim et al. 2022): L_dir = 1 - cos(dI, dT); the released code trains
+    -log((2 - L_dir) / 2) and forms dT as the mean of per-template differences. float64
+    references written from those formulas."""
+    import numpy as np
+
+    from editflow.stages.diffusionclip.finetuning import direction_from_features, loss_of_cosine
+
+    cosine = torch.tensor([-0.5, 0.1, 0.9])
+    c = cosine.double().numpy()
+    assert np.allclose(loss_of_cosine(cosine, "direction").item(), np.mean(1 - c), rtol=1e-6)
+    assert np.allclose(loss_of_cosine(cosine, "log").item(), np.mean(-np.log((2 - (1 - c)) / 2)),
+                       rtol=1e-6)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    source, target = (
+        torch.randn(16, 8, generator=generator),
+        torch.randn(16, 8, generator=generator),
+    )
+    s, t = source.double().numpy(), target.double().numpy()
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    ours = unit(unit(unit(t).mean(0)) - unit(unit(s).mean(0)))
+    released = unit((unit(t) - unit(s)).mean(0))
+    assert np.allclose(direction_from_features(source, target).double().numpy(), ours, atol=1e-6)
+    assert np.allclose(direction_from_features(source, target, "released").double().numpy(),
+                       released, atol=1e-6)  # fmt: skip
+    assert float(ours @ released) < 0.99  # two different directions
+
+
+def test_the_released_loss_form_reaches_the_fine_tune(tmp_path: Path) -> None:
+    """The first optimiser step's loss (before any update) in the log form is -log of
+    (2 - L) / 2 of the direction form's, times w_clip = 3: L = loss / 3."""
+    import math
+
+    cache = Cache(tmp_path / "c")
+    losses = {}
+    for form in ("direction", "log"):
+        overrides = ["stages.finetune.epochs=1", f'stages.finetune.clip_loss="{form}"']
+        result = run_recipe(FINETUNE, overrides, cache=cache, out_dir=None, device="cpu",
+                            targets=["finetune"])  # fmt: skip
+        losses[form] = cache.get(result.keys["finetune"]).tensor("losses")
+    direction = float(losses["direction"][0]) / 3
+    assert math.isclose(float(losses["log"][0]) / 3, -math.log((2 - direction) / 2), rel_tol=1e-4)
