@@ -68,7 +68,7 @@ def plain_round_trip(
 def bench_overhead(steps: int, repeats: int, work: Path) -> None:
     from editflow.cache import Cache
     from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
-    from editflow.engine.inputs import load_input
+    from editflow.files.inputs import load_input
     from editflow.models import RunModels
 
     cache = Cache(work / "warm")

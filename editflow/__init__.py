@@ -5,8 +5,9 @@ Floors, each importing only the ones below it (an import-linter ``layers`` contr
 - ``editflow.cli`` (``editflow/cli/``): the commands, and what only they use: sweeps,
   locks, figure checks, reports, progress display.
 - ``editflow.executors`` (``executors/``): running a plan elsewhere (on a Ray cluster).
-- ``editflow.engine`` (``engine/``): recipes, planning, keys, in-process execution, input
-  and output files.
+- ``editflow.engine`` (``engine/``): recipes, planning, keys, in-process execution.
+- ``editflow.files`` (``editflow/files/``): the input files a recipe reads and the images it
+  exports.
 - ``editflow.stages`` (``stages/``): the stage kinds, one folder per method.
 - ``editflow.models`` (``models/``) and ``editflow.cache`` (``cache/``), side by side.
 - The base, here: errors, lazy imports, recipe documents, the platform fingerprint.

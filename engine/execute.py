@@ -28,11 +28,11 @@ from editflow.cache.live import ProducerState
 from editflow.documents import document_identity
 from editflow.engine.events import Event, EventSink
 from editflow.engine.graph import producer_of
-from editflow.engine.inputs import load_input
 from editflow.engine.keys import canonical_json, describe_change, key_of
-from editflow.engine.outputs import current_exports, export_images, remove_stale_exports
 from editflow.engine.plan import Plan, PlannedStage
 from editflow.errors import EditflowError, StageFailedError
+from editflow.files.inputs import load_input
+from editflow.files.outputs import current_exports, export_images, remove_stale_exports
 from editflow.fingerprint import fingerprint
 from editflow.lazy import lazy
 from editflow.models import RunModels, resolve_device

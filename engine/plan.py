@@ -18,10 +18,10 @@ from typing import Any
 import networkx as nx
 
 from editflow.engine.graph import check_graph, producer_of
-from editflow.engine.inputs import ResolvedInput, resolve_input
 from editflow.engine.keys import canonical_json, input_key, key_of, stage_preimage
 from editflow.engine.recipe import LoadedRecipe
 from editflow.errors import EditflowError, Problem, RecipeError, sort_problems
+from editflow.files.inputs import ResolvedInput, resolve_input
 from editflow.models import ComponentSpec, ResolvedModel, resolve_providers
 from editflow.models.providers import component_config
 from editflow.stages import Params, StageKind

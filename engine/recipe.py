@@ -29,8 +29,8 @@ from editflow.documents import (
     migrate,
     read_document,
 )
-from editflow.engine.inputs import InputSection
 from editflow.errors import Problem, RecipeError, sort_problems, unique_problems
+from editflow.files.inputs import InputSection
 from editflow.imagecheck import CheckSection
 from editflow.models import ModelSection
 from editflow.stages import KINDS_BY_NAME, Params, StageKind

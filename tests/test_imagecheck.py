@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editflow.engine.inputs import skimage_photos
+from editflow.files.inputs import skimage_photos
 from editflow.imagecheck import CheckSection, compare_images, difference_image, pixel_digest
 
 DEFAULT = CheckSection()

@@ -18,7 +18,7 @@ from support import modules_imported_by
 from editflow import fingerprint
 from editflow.cli import main
 from editflow.cli.lock import baseline_dir, lock_path
-from editflow.engine.inputs import skimage_photos
+from editflow.files.inputs import skimage_photos
 from editflow.stages.edit_friendly.kinds import SampleEditFriendly
 from editflow.stages.io.decode import DecodeVae
 

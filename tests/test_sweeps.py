@@ -12,7 +12,7 @@ from PIL import Image
 from test_repro import RECIPE
 
 from editflow.cli import main
-from editflow.engine.inputs import skimage_photos
+from editflow.files.inputs import skimage_photos
 
 SWEEP = ["--sweep", "stages.edit.skip=1,2", "--sweep", "stages.edit.cfg_tar=3.5,7.5"]
 POINTS = [

@@ -240,7 +240,7 @@ def recipe_of_figure(figure: Path, base: Path | None = None) -> tuple[Path, dict
     The document is untrusted: it is read as strictly as a recipe file (size, nesting,
     duplicate keys, one table at the top), and it chooses nothing on this machine: its
     relative inputs resolve inside ``base`` (the command line's ``--base``, else the figure's
-    folder) and nowhere else (:func:`editflow.engine.inputs.resolve_input` with ``confined``), and
+    folder) and nowhere else (:func:`editflow.files.inputs.resolve_input` with ``confined``), and
     the recipe is placed at ``base/<its file name>``, never at a path the figure names.
 
     Raises:

@@ -294,7 +294,7 @@ def run_sweep(
 
 def write_index(path: Path, planned: list[Point], axes: list[Axis]) -> Path:
     """``sweep.json``: each point's folder with the values that made it."""
-    from editflow.engine.outputs import write_text
+    from editflow.files.outputs import write_text
 
     index = {
         "axes": [{"key": axis.key, "values": list(axis.values)} for axis in axes],
@@ -325,7 +325,7 @@ def _write_grid(
         return None
     from PIL import Image, PngImagePlugin
 
-    from editflow.engine.outputs import write_png
+    from editflow.files.outputs import write_png
     from editflow.stages.images import from_pil, image_grid, to_pil
 
     tiles = []

@@ -14,7 +14,7 @@ from PIL import Image
 from support import MANIFESTS, RECIPES
 
 from editflow.cli import main
-from editflow.engine.inputs import skimage_photos
+from editflow.files.inputs import skimage_photos
 
 OK = (RECIPES / "ok.toml").read_text()
 TEXT_EDIT = MANIFESTS / "edit_friendly" / "text_edit.toml"

@@ -16,7 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from editflow.cache import Cache
 from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
-from editflow.engine.inputs import load_input
+from editflow.files.inputs import load_input
 from editflow.models import ModelRegistry
 from editflow.models.tiny import ensure_tiny
 from editflow.stages import StageContext

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from editflow.engine.outputs import export_images, remove_stale_exports
+from editflow.files.outputs import export_images, remove_stale_exports
 from editflow.stages.base import ArtifactType, Port
 
 PORTS = [Port("images", ArtifactType.IMAGE, "frames", export=True)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from editflow.engine.outputs import current_exports, export_images
+from editflow.files.outputs import current_exports, export_images
 from editflow.stages.base import StageContext
 from editflow.stages.io.figure import AnimationParams, FigureAnimation
 

@@ -11,8 +11,8 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from editflow.cache import Cache
 from editflow.engine.api import plan_recipe, run_recipe
-from editflow.engine.inputs import load_input
 from editflow.errors import EditflowError
+from editflow.files.inputs import load_input
 from editflow.models import Captioner, ModelRegistry
 from editflow.models.tiny import ensure_tiny
 from editflow.stages import StageContext
