@@ -15,7 +15,7 @@ import networkx as nx
 
 from editflow.engine.recipe import LoadedRecipe
 from editflow.errors import Problem
-from editflow.stages import ArtifactType, StageKind
+from editflow.stages import Port, StageKind, type_name
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,6 @@ def producer_of(ref: str) -> str:
 def references_of(value: str | list[str]) -> list[str]:
     """A port's reference(s) as a list."""
     return value if isinstance(value, list) else [value]
-
-
-def type_name(artifact: ArtifactType) -> str:
-    article = "an" if artifact.value[0] in "aeiou" else "a"
-    return f"{article} {artifact.value.replace('_', ' ')}"
 
 
 def check_graph(
@@ -90,7 +85,7 @@ def check_graph(
                 key = f"stages.{name}.{port.name}" + (f".{index}" if port.many else "")
                 if not isinstance(ref, str):
                     continue  # already reported as a bad value
-                message = _check_reference(ref, port.type, kinds, loaded.recipe.inputs)
+                message = _check_reference(ref, port, kinds, loaded.recipe.inputs)
                 if message:
                     problem(message, key)
                 elif not ref.startswith("inputs."):
@@ -161,7 +156,7 @@ def _sizes(
 
 def _check_reference(
     ref: str,
-    wanted: ArtifactType,
+    wanted: Port,
     kinds: Mapping[str, type[StageKind]],
     declared_inputs: Mapping[str, Any],
 ) -> str | None:
@@ -185,6 +180,6 @@ def _check_reference(
             return f"stage {head!r} ({kind.kind}) has no output {tail!r}; its outputs: {outputs}"
         produced = port.type
         source = f"{ref!r}"
-    if produced != wanted:
-        return f"{source} is {type_name(produced)}, but this input takes {type_name(wanted)}"
+    if not wanted.takes(produced):
+        return f"{source} is {type_name(produced)}, but this input takes {type_name(wanted.type)}"
     return None

@@ -16,7 +16,7 @@ from editflow.stages import (
     io,
     pix2pix_zero,
 )
-from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind
+from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind, type_name
 
 STAGE_KINDS: tuple[type[StageKind], ...] = (
     *io.KINDS,
@@ -46,6 +46,7 @@ __all__ = [
     "ArtifactType",
     "Params",
     "Port",
+    "type_name",
     "StageContext",
     "StageKind",
 ]

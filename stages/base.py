@@ -7,7 +7,6 @@ output name. Everything here is declaration; the method math lives in sibling mo
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import struct
 from collections.abc import Callable, Mapping
@@ -21,66 +20,16 @@ from editflow.errors import EditflowError, Problem
 from editflow.lazy import lazy
 from editflow.models.specs import ComponentSpec
 from editflow.stages.checks import CheckView
-
-torch = lazy("torch")
-
-
-class ArtifactType(enum.StrEnum):
-    """The kinds of values that flow between stages. A reference must connect equal types."""
-
-    IMAGE = "image"  # float (N, 3, H, W) in [0, 1]
-    MASK = "mask"  # float (N, 1, H, W) in [0, 1]
-    LATENT = "latent"  # float (N, C, h, w)
-    NOISE_SEQUENCE = "noise_sequence"  # float (T, N, C, h, w) noise maps, one chunk per step
-    LATENT_TRAJECTORY = "latent_trajectory"  # float (T + 1, N, C, h, w) latents per level
-    ATTENTION_MAPS = "attention_maps"  # float16, streamed per layer and step
-    TEXT = "text"  # str
-    EMBEDDING = "embedding"  # float (N, tokens, D)
-    DIRECTION = "direction"  # float (1, tokens, D)
-    SCORES = "scores"  # float (N,)
-    WEIGHTS = "weights"  # {parameter name: float32 tensor}: tuned model weights
-    KEYPOINTS = "keypoints"  # float (N, 18, 3) OpenPose body points: x, y in [0, 1], confidence
-
-
-@dataclass(frozen=True)
-class Port:
-    """One named input or output of a stage kind.
-
-    Attributes:
-        name: The field name in the recipe (inputs) or the reference suffix (outputs).
-        type: The artifact type carried.
-        description: One line for the schema and the README reference.
-        optional: An input that may be left out of the recipe.
-        many: An input that takes a list of references (for example a figure's images).
-        export: An output the engine writes to the output folder (images as PNG).
-        timing: For an exported image output: the output holding each image's display time
-            in milliseconds; the images are then written as one animated GIF.
-        size_of: For an output: the input whose image it has the pixel size of (latents of
-            an image, an edit of those latents ...), so sizes are known while planning.
-
-    Whether a port carries a step sequence follows from its type (:func:`is_step_sequence`).
-    """
-
-    name: str
-    type: ArtifactType
-    description: str
-    optional: bool = False
-    many: bool = False
-    export: bool = False
-    size_of: str | None = None
-    timing: str | None = None
-
-
-STEP_SEQUENCES = frozenset(
-    {ArtifactType.NOISE_SEQUENCE, ArtifactType.LATENT_TRAJECTORY, ArtifactType.ATTENTION_MAPS}
+from editflow.stages.ports import (  # noqa: F401 (the base's public names)
+    STEP_SEQUENCES,
+    TYPE_NAMES,
+    ArtifactType,
+    Port,
+    is_step_sequence,
+    type_name,
 )
 
-
-def is_step_sequence(port: Port) -> bool:
-    """Whether a port carries a step sequence (docs/steps.md): an output the stage writes
-    through ``ctx.write_steps``, an input it reads as a :class:`StepSequence`, so a consumer
-    may run alongside its producer and read each step as it is written (on Ray)."""
-    return port.type in STEP_SEQUENCES
+torch = lazy("torch")
 
 
 class StepSequence(Protocol):

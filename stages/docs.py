@@ -85,7 +85,8 @@ def kind_reference(kind: type[StageKind]) -> str:
                     if on
                 ]
                 extra = f" ({', '.join(flags)})" if flags else ""
-                lines.append(f"- `{port.name}`: {port.type.value}{extra}. {port.description}")
+                types = " or ".join(t.value for t in (port.type, *port.accepts))
+                lines.append(f"- `{port.name}`: {types}{extra}. {port.description}")
             lines.append("")
     fields = kind.params.model_fields
     if fields:

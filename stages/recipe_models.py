@@ -35,7 +35,8 @@ def stage_model(kind: type[StageKind]) -> type[BaseModel]:
         annotation: Any = (
             Annotated[list[Reference], Field(min_length=1)] if port.many else Reference
         )
-        description = f"{port.type.value}: {port.description}"
+        types = " or ".join(t.value for t in (port.type, *port.accepts))
+        description = f"{types}: {port.description}"
         if port.optional:
             fields[port.name] = (annotation | None, Field(None, description=description))
         else:

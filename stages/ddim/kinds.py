@@ -81,7 +81,7 @@ class InvertDdim(StageKind):
         ),
     )
     outputs = (
-        Port("latents", ArtifactType.LATENT, "Inverted latents x_T", size_of="latents"),
+        Port("latents", ArtifactType.INVERTED_LATENT, "Inverted latents x_T", size_of="latents"),
         Port(
             "trajectory",
             ArtifactType.LATENT_TRAJECTORY,
@@ -160,7 +160,7 @@ class SampleDdim(StageKind):
     description = "DDIM sampling with CFG from x_T (e.g. inverted latents) to x0"
     params = SampleDdimParams
     inputs = (
-        Port("latents", ArtifactType.LATENT, "Starting latents x_T"),
+        Port("latents", ArtifactType.INVERTED_LATENT, "Starting latents x_T (invert.ddim)"),
         WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="latents"),)

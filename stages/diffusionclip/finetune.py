@@ -77,7 +77,9 @@ class FinetuneDiffusionclip(StageKind):
     params = FinetuneDiffusionclipParams
     inputs = (
         Port("latents", ArtifactType.LATENT, "The training images x0 in [-1, 1]", many=True),
-        Port("inverted", ArtifactType.LATENT, "Their x_t0 (invert.ddim with t0)", many=True),
+        Port(
+            "inverted", ArtifactType.INVERTED_LATENT, "Their x_t0 (invert.ddim with t0)", many=True
+        ),
     )
     outputs = (
         Port("weights", ArtifactType.WEIGHTS, "Every parameter of the tuned denoiser, fp32"),

@@ -88,7 +88,7 @@ class InvertEditFriendly(StageKind):
     outputs = (
         Port(
             "x_T",
-            ArtifactType.LATENT,
+            ArtifactType.STOCHASTIC_LATENT,
             "The noisiest level of the auxiliary path",
             size_of="latents",
         ),

@@ -19,7 +19,14 @@ class DecodeVae(StageKind):
     version = "1"
     description = "Decode latents to images with the VAE; the images are written as PNG"
     params = Params
-    inputs = (Port("latents", ArtifactType.LATENT, "Latents, (N, C, h, w)"),)
+    inputs = (
+        Port(
+            "latents",
+            ArtifactType.LATENT,
+            "Latents, (N, C, h, w): clean or inverted",
+            accepts=(ArtifactType.INVERTED_LATENT, ArtifactType.STOCHASTIC_LATENT),
+        ),
+    )
     outputs = (
         Port(
             "images",

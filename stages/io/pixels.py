@@ -60,7 +60,14 @@ class DecodePixels(StageKind):
     version = "1"
     description = "A pixel-space model's output to images in [0, 1]; written as PNG"
     params = Params
-    inputs = (Port("latents", ArtifactType.LATENT, "x0 in [-1, 1], (N, 3, H, W)"),)
+    inputs = (
+        Port(
+            "latents",
+            ArtifactType.LATENT,
+            "x0 (or an inverted x_T) in [-1, 1], (N, 3, H, W)",
+            accepts=(ArtifactType.INVERTED_LATENT, ArtifactType.STOCHASTIC_LATENT),
+        ),
+    )
     outputs = (
         Port(
             "images",

@@ -40,7 +40,7 @@ class GuidePix2PixZeroReference(StageKind):
     description = "Denoise x_T with the caption and record every step's cross-attention maps"
     params = GuideReferenceParams
     inputs = (
-        Port("x_T", ArtifactType.LATENT, "Inverted latents (regularised DDIM inversion)"),
+        Port("x_T", ArtifactType.INVERTED_LATENT, "Inverted latents (regularised DDIM inversion)"),
         Port("prompt_embeds", ArtifactType.EMBEDDING, "Caption embedding used for inversion"),
     )
     outputs = (

@@ -54,7 +54,7 @@ class SamplePix2PixZero(StageKind):
     description = "Edit x_T along a text direction with cross-attention guidance"
     params = SamplePix2PixZeroParams
     inputs = (
-        Port("x_T", ArtifactType.LATENT, "Inverted latents (the reference pass's start)"),
+        Port("x_T", ArtifactType.INVERTED_LATENT, "Inverted latents (the reference pass's start)"),
         Port("prompt_embeds", ArtifactType.EMBEDDING, "Caption embedding"),
         Port("direction", ArtifactType.DIRECTION, "Edit direction (1, 77, D)"),
         Port(

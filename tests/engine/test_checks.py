@@ -3,6 +3,7 @@ run never checks again (docs/checks.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,19 @@ def _two_inversions(folder: Path) -> Path:
     return folder / "edit.toml"
 
 
+def _quickstart_with(stages: str) -> Callable[[Path], Path]:
+    """The quick start with more stages appended (its stages: encode, invert (DDIM) ...)."""
+
+    def write(folder: Path) -> Path:
+        path = folder / "quickstart.toml"
+        path.write_text((MANIFESTS / "quickstart.toml").read_text() + stages)
+        return path
+
+    return write
+
+
+_EF = '\n[stages.ef]\nkind = "invert.edit_friendly"\nlatents = "encode.latents"\n'
+
 # Each misuse that used to run and give a wrong result: refused by validate, one located line.
 MISUSES = [
     ("RePaint without a jump", lambda d: MANIFESTS / "compositing" / "immersion.toml",
@@ -139,6 +153,25 @@ MISUSES = [
     ("maps and path of two inversions", _two_inversions, [],
      "{f}:32: stages.edit.auxiliary_path: comes from 'invert2' but noise_maps from 'invert': the"
      " edit retraces one inversion (connect both to the same invert.edit_friendly stage)"),
+    # What the data is (a clean x0, a DDIM x_T, an edit-friendly x_T) is its artifact type.
+    ("edit-friendly x_T into pix2pix-zero",
+     _quickstart_with(_EF + '[stages.guide]\nkind = "guide.attention_reference"\nx_T = "ef.x_T"\n'
+                      'prompt_embeds = "invert.prompt_embeds"\n'),
+     [], "{f}:56: stages.guide.x_T: 'ef.x_T' is a stochastic x_T (an edit-friendly inversion), but"
+         " this input takes a deterministic x_T (a DDIM inversion)"),
+    ("edit-friendly x_T into sample.ddim", _quickstart_with(_EF),
+     ["--set", "stages.edit.latents=ef.x_T"],
+     "--set stages.edit.latents=ef.x_T: stages.edit.latents: 'ef.x_T' is a stochastic x_T (an"
+     " edit-friendly inversion), but this input takes a deterministic x_T (a DDIM inversion)"),
+    ("inverted x_T as interpolation frames",
+     _quickstart_with('\n[stages.between]\nkind = "sample.interpolate"\n'
+                      'latents = ["encode.latents", "invert.latents"]\n'),
+     [], "{f}:53: stages.between.latents.1: 'invert.latents' is a deterministic x_T (a DDIM"
+         " inversion), but this input takes a clean latent (x0)"),
+    ("clean latents as sample.ddim's start", lambda d: MANIFESTS / "quickstart.toml",
+     ["--set", "stages.edit.latents=encode.latents"],
+     "--set stages.edit.latents=encode.latents: stages.edit.latents: 'encode.latents' is a clean"
+     " latent (x0), but this input takes a deterministic x_T (a DDIM inversion)"),
 ]  # fmt: skip
 
 

@@ -9,15 +9,24 @@ from support import MANIFESTS, RECIPES
 
 from editflow.cache import Cache
 from editflow.cli import main
-from editflow.engine.api import plan_recipe, run_recipe
+from editflow.engine.api import plan_recipe
 
 CUSTOM = MANIFESTS / "pix2pix_zero" / "custom_sentences.toml"
 
 
-def test_guided_edit_composes_with_an_edit_friendly_inversion(tmp_path: Path) -> None:
+def test_an_edit_friendly_x_T_is_refused_by_pix2pix_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # It used to run: the reference pass reconstructed nothing (relative error 9.86), so the
+    # guided edit followed noise. A stochastic x_T needs its noise maps to come back.
     recipe = RECIPES / "edit_friendly_into_pix2pix_zero.toml"
-    result = run_recipe(recipe, cache=Cache(tmp_path / "c"), out_dir=None, device="cpu")
-    assert result.computed == ["encode", "invert", "direction", "reference", "guided"]
+    assert main(["validate", str(recipe), "--cache", str(tmp_path / "c")]) == 2
+    wanted = "is a stochastic x_T (an edit-friendly inversion), but this input takes a" \
+        " deterministic x_T (a DDIM inversion)"  # fmt: skip
+    assert capsys.readouterr().err.splitlines() == [
+        f"{recipe}:27: stages.reference.x_T: 'invert.x_T' {wanted}",
+        f"{recipe}:33: stages.guided.x_T: 'invert.x_T' {wanted}",
+    ]
 
 
 def _copy_recipe(tmp_path: Path, dog_text: str) -> Path:

@@ -41,7 +41,7 @@ CASES = [
         "type_mismatch.toml",
         [],
         "{f}:17: stages.decode.latents: 'invert.prompt_embeds' is an embedding, "
-        "but this input takes a latent",
+        "but this input takes a clean latent (x0)",
     ),
     (
         "trajectory_as_noise_maps.toml",
@@ -55,7 +55,7 @@ CASES = [
         "../../../manifests/quickstart.toml",
         ["--set", "stages.decode_edit.latents=invert.trajectory"],
         "--set stages.decode_edit.latents=invert.trajectory: stages.decode_edit.latents: "
-        "'invert.trajectory' is a latent trajectory, but this input takes a latent",
+        "'invert.trajectory' is a latent trajectory, but this input takes a clean latent (x0)",
     ),
     (
         "negative_steps.toml",
