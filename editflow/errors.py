@@ -13,13 +13,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with user input, located as precisely as we can."""
+    """One thing wrong with user input, located as precisely as we can.
+
+    A ``note`` is not wrong, only worth saying (a choice a user may not have meant): the plan
+    keeps it, ``plan`` and ``validate`` print it, and nothing is refused.
+    """
 
     message: str
     file: str | None = None
     key: str | None = None
     line: int | None = None
     hint: str | None = None
+    note: bool = False
 
     def render(self) -> str:
         where = ""

@@ -67,6 +67,7 @@ class Plan:
         input_keys: Input name -> its key.
         graph: The stage graph: an edge from each producer to each consumer, with the
             (input port, output) pairs it ``reads`` (what executors schedule by).
+        notes: What the kinds' checks found worth saying but not wrong (located).
     """
 
     loaded: LoadedRecipe
@@ -76,6 +77,7 @@ class Plan:
     recipe_hash: str
     input_keys: dict[str, str]
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    notes: list[Problem] = field(default_factory=list)
 
     @property
     def needed(self) -> list[PlannedStage]:
@@ -119,6 +121,8 @@ def build_plan(
             problems += [
                 _located(loaded, stage.name, p) for p in stage.kind.check(stage.params, view)
             ]
+    notes = sort_problems([problem for problem in problems if problem.note])
+    problems = [problem for problem in problems if not problem.note]
     if problems:
         raise RecipeError(problems=sort_problems(problems))
     input_keys = {name: input_key(item.section, item.digest) for name, item in inputs.items()}
@@ -136,7 +140,7 @@ def build_plan(
         )
         stage.key = keys[stage.name] = key_of(stage.preimage)
     recipe_hash = hashlib.sha256(canonical_json(loaded.raw).encode()).hexdigest()
-    return Plan(loaded, inputs, stages, models, recipe_hash, input_keys, graph.graph)
+    return Plan(loaded, inputs, stages, models, recipe_hash, input_keys, graph.graph, notes)
 
 
 def _inherit(
@@ -156,7 +160,7 @@ def _inherit(
         }
         params, issues = spec.kind.inherit(spec.params, producers)
         problems += [_located(loaded, name, issue) for issue in issues]
-        if issues:
+        if any(not issue.note for issue in issues):
             unresolved.add(name)
         components = spec.kind.component_specs(params, spec.references)
         stages[name] = PlannedStage(
@@ -183,7 +187,7 @@ def _check_view(stage: PlannedStage, sizes: Mapping[str, Any], models: Mapping[s
 def _located(loaded: LoadedRecipe, stage: str, problem: Problem) -> Problem:
     """A kind's problem (``key``: a parameter, an input or None) at ``stages.STAGE[.KEY]``."""
     key = f"stages.{stage}" + (f".{problem.key}" if problem.key else "")
-    return loaded.located(Problem(problem.message, key=key, hint=problem.hint))
+    return loaded.located(Problem(problem.message, key=key, hint=problem.hint, note=problem.note))
 
 
 def resolve_models(

@@ -63,6 +63,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if figure_document(args) is None and (axes := _sweep_axes(args)):
         return plan_swept(args, axes, cache)
     plan = _plan(args, cache)
+    print_notes(plan)
     if args.json:
         rows = []
         for stage in plan.stages.values():
@@ -98,12 +99,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cache = open_cache_of(args)
     plan = _plan(args, cache)
+    print_notes(plan)
     summary = f"{len(plan.stages)} stages, {len(plan.inputs)} inputs"
     axes = _sweep_axes(args) if figure_document(args) is None else []
     if axes:  # every point, as run and plan would make it
         summary += f", {len(plan_points(args.recipe, axes, cache))} sweep points"
     print(f"{args.recipe}: ok ({summary})")
     return 0
+
+
+def print_notes(plan: Any) -> None:
+    """What the checks found worth saying but not wrong, one line each, on stderr."""
+    for note in plan.notes:
+        print(f"note: {note.render()}", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace, cache: Any) -> Any:

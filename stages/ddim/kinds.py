@@ -168,6 +168,21 @@ class SampleDdim(StageKind):
     inherits = {"latents": {"t0": None}}
 
     @classmethod
+    def inherit(
+        cls, params: Any, producers: Mapping[str, tuple[str, Any]]
+    ) -> tuple[Any, list[Problem]]:
+        params, problems = super().inherit(params, producers)
+        stage, theirs = producers.get("latents", ("", None))
+        steps = getattr(theirs, "num_inference_steps", None)
+        if steps is not None and steps != params.num_inference_steps:
+            # Allowed (DiffusionCLIP samples in fewer steps than it inverts), but then the
+            # sampler does not retrace the inversion, so a reconstruction is not exact.
+            message = (f"is {params.num_inference_steps} but latents come from {stage!r}, which"
+                       f" inverted in {steps}: sampling will not retrace the inversion")  # fmt: skip
+            problems.append(Problem(message, key="num_inference_steps", note=True))
+        return params, problems
+
+    @classmethod
     def is_seeded(cls, params: SampleDdimParams) -> bool:
         return params.eta > 0
 

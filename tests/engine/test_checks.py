@@ -187,3 +187,20 @@ def test_silent_misuses_are_refused_by_validate_in_one_located_line(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [expected.format(f=path)]
+
+
+def test_a_step_count_unlike_the_inversion_is_a_note_not_a_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from editflow.cli import main
+
+    recipe, cache = MANIFESTS / "quickstart.toml", str(tmp_path / "c")
+    change = "stages.edit.num_inference_steps=10"
+    note = (f"note: --set {change}: stages.edit.num_inference_steps: is 10 but latents come from"
+            " 'invert', which inverted in 20: sampling will not retrace the inversion")  # fmt: skip
+    for command in ("validate", "plan"):
+        assert main([command, str(recipe), "--cache", cache, "--set", change]) == 0
+        assert capsys.readouterr().err.splitlines() == [note]
+    # The same steps: nothing to say.
+    assert main(["plan", str(recipe), "--cache", cache]) == 0
+    assert capsys.readouterr().err == ""
