@@ -119,7 +119,7 @@ def build_plan(
         if stage.name not in unresolved:
             view = _check_view(stage, graph.sizes[stage.name], models)
             problems += [
-                _located(loaded, stage.name, p) for p in stage.kind.check(stage.params, view)
+                _located(loaded, stage.name, p) for p in stage.kind.problems(stage.params, view)
             ]
     notes = sort_problems([problem for problem in problems if problem.note])
     problems = [problem for problem in problems if not problem.note]

@@ -188,6 +188,8 @@ class StageKind:
             enter its key).
         components: Model parts it needs, as specs; empty means no model is resolved or
             loaded for it.
+        drives_inpainting: Whether it gives an inpainting UNet (more input channels than
+            output ones) its mask and masked image; every other kind is refused one.
     """
 
     kind: ClassVar[str]
@@ -198,6 +200,7 @@ class StageKind:
     outputs: ClassVar[tuple[Port, ...]] = ()
     seeded: ClassVar[bool] = False
     components: ClassVar[tuple[ComponentSpec, ...]] = ()
+    drives_inpainting: ClassVar[bool] = False
     # Input port -> {parameter: fallback}: parameters the stage takes from the stage that
     # produces that input (an edit takes its inversion's step count), so the two cannot
     # disagree; the fallback applies when the input is not connected to such a stage.
@@ -266,6 +269,11 @@ class StageKind:
         return []
 
     @classmethod
+    def problems(cls, params: Any, view: CheckView) -> list[Problem]:
+        """Every rule a plan checks: those all kinds share, then the kind's :meth:`check`."""
+        return _shared_problems(cls, view) + cls.check(params, view)
+
+    @classmethod
     def is_seeded(cls, params: Any) -> bool:
         """Whether this configuration draws random numbers (kinds may depend on params)."""
         return cls.seeded
@@ -284,7 +292,7 @@ class StageKind:
         """
         self._check_ports(inputs)
         params, problems = self.inherit(params, {})
-        problems += self.check(params, _call_view(self, ctx, inputs))
+        problems += self.problems(params, _call_view(self, ctx, inputs))
         if problems:
             where = f"stages.{ctx.name}"
             raise EditflowError(problems=[replace(p, key=f"{where}.{p.key}" if p.key else where)
@@ -307,6 +315,20 @@ class StageKind:
             raise TypeError(
                 f"{self.kind}: unknown inputs {sorted(unknown)}, missing {sorted(missing)}"
             )
+
+
+def _shared_problems(kind: type[StageKind], view: CheckView) -> list[Problem]:
+    """A UNet that takes more channels than it predicts (an inpainting UNet: latents, mask,
+    masked image) runs only in a kind that builds that conditioning (``drives_inpainting``);
+    anywhere else the first step would fail on the channel count."""
+    uses_unet = any(spec.name == "unet" and spec.provider == "model.id" for spec in kind.components)
+    unet = view.config("unet") if uses_unet and not kind.drives_inpainting else None
+    if not unet or unet.get("in_channels") == unet.get("out_channels", unet.get("in_channels")):
+        return []
+    model = view.models["model.id"].spec.id
+    return [Problem(f"model '{model}' has an inpainting UNet ({unet['in_channels']} input"
+                    f" channels for {unet['out_channels']}): {kind.kind} gives it no mask or"
+                    " masked image (use a plain model; sample.local_ilvr drives this one)")]  # fmt: skip
 
 
 def _call_view(kind: StageKind, ctx: StageContext, inputs: Mapping[str, Any]) -> CheckView:

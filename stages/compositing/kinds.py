@@ -206,6 +206,7 @@ class SampleLocalIlvr(StageKind):
     """Cross-domain compositing: sample towards a composite with local ILVR guidance."""
 
     kind = "sample.local_ilvr"
+    drives_inpainting = True  # it builds [1 - M, masked latent] for a 9-channel UNet
     version = "2"  # 2: RePaint jumps counted from the clean end, as RePaint's schedule
     description = "DDIM sampling guided towards a reference composite inside and outside a mask"
     params = LocalIlvrParams

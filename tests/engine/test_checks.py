@@ -168,6 +168,11 @@ MISUSES = [
                       'latents = ["encode.latents", "invert.latents"]\n'),
      [], "{f}:53: stages.between.latents.1: 'invert.latents' is a deterministic x_T (a DDIM"
          " inversion), but this input takes a clean latent (x0)"),
+    ("a plain-UNet kind on an inpainting UNet", lambda d: MANIFESTS / "quickstart.toml",
+     ["--set", 'model.id="tiny-inpaint"', "--target", "invert"],
+     "{f}:17: stages.invert: model 'tiny-inpaint' has an inpainting UNet (9 input channels for"
+     " 4): invert.ddim gives it no mask or masked image (use a plain model; sample.local_ilvr"
+     " drives this one)"),
     ("clean latents as sample.ddim's start", lambda d: MANIFESTS / "quickstart.toml",
      ["--set", "stages.edit.latents=encode.latents"],
      "--set stages.edit.latents=encode.latents: stages.edit.latents: 'encode.latents' is a clean"
