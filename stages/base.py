@@ -190,6 +190,8 @@ class StageKind:
             loaded for it.
         drives_inpainting: Whether it gives an inpainting UNet (more input channels than
             output ones) its mask and masked image; every other kind is refused one.
+        needs_text: Whether it works in the text encoder's space (whatever its params), so a
+            model without one is refused.
     """
 
     kind: ClassVar[str]
@@ -201,6 +203,7 @@ class StageKind:
     seeded: ClassVar[bool] = False
     components: ClassVar[tuple[ComponentSpec, ...]] = ()
     drives_inpainting: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
     # Input port -> {parameter: fallback}: parameters the stage takes from the stage that
     # produces that input (an edit takes its inversion's step count), so the two cannot
     # disagree; the fallback applies when the input is not connected to such a stage.
@@ -320,7 +323,14 @@ class StageKind:
 def _shared_problems(kind: type[StageKind], view: CheckView) -> list[Problem]:
     """A UNet that takes more channels than it predicts (an inpainting UNet: latents, mask,
     masked image) runs only in a kind that builds that conditioning (``drives_inpainting``);
-    anywhere else the first step would fail on the channel count."""
+    anywhere else the first step would fail on the channel count. A kind that ``needs_text``
+    is refused a model without a text encoder."""
+    from editflow.models.providers import has_component
+
+    model = view.models.get("model.id")
+    if kind.needs_text and model is not None and not has_component(model, "text_encoder"):
+        return [Problem(f"{kind.kind} works with text embeddings, but model '{model.spec.id}'"
+                        " has no text encoder (an unconditional UNet)")]  # fmt: skip
     uses_unet = any(spec.name == "unet" and spec.provider == "model.id" for spec in kind.components)
     unet = view.config("unet") if uses_unet and not kind.drives_inpainting else None
     if not unet or unet.get("in_channels") == unet.get("out_channels", unet.get("in_channels")):

@@ -191,6 +191,7 @@ class DeriveDirection(StageKind):
     """pix2pix-zero edit direction from two sentence banks (built-in templates or files)."""
 
     kind = "direction.pix2pix_zero"
+    needs_text = True
     version = "1"
     description = "Edit direction mean(E(target sentences)) - mean(E(source sentences))"
     params = DeriveDirectionParams
@@ -307,6 +308,7 @@ class BankMean(StageKind):
     """
 
     kind = "direction.bank_mean"
+    needs_text = True
     version = "1"
     description = "Mean full text-encoder output over a sentence bank (file or built-in word)"
     params = BankMeanParams

@@ -36,6 +36,7 @@ class GuidePix2PixZeroReference(StageKind):
     """pix2pix-zero reference pass: reconstruct x_T and stream its cross-attention maps."""
 
     kind = "guide.attention_reference"
+    needs_text = True
     version = "2"  # 2: recorded layers compute their output with fused SDPA
     description = "Denoise x_T with the caption and record every step's cross-attention maps"
     params = GuideReferenceParams

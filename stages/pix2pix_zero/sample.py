@@ -50,6 +50,7 @@ class SamplePix2PixZero(StageKind):
     """pix2pix-zero edit: caption + direction, guided by the reference cross-attention maps."""
 
     kind = "sample.pix2pix_zero"
+    needs_text = True
     version = "2"  # 2: recorded layers compute their output with fused SDPA
     description = "Edit x_T along a text direction with cross-attention guidance"
     params = SamplePix2PixZeroParams

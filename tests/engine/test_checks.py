@@ -173,6 +173,10 @@ MISUSES = [
      "{f}:17: stages.invert: model 'tiny-inpaint' has an inpainting UNet (9 input channels for"
      " 4): invert.ddim gives it no mask or masked image (use a plain model; sample.local_ilvr"
      " drives this one)"),
+    ("pix2pix-zero on a model without text", lambda d: MANIFESTS / "pix2pix_zero" / "cat2dog.toml",
+     ["--set", 'model.id="tiny-pixel"', "--target", "direction"],
+     "{f}:31: stages.direction: direction.pix2pix_zero works with text embeddings, but model"
+     " 'tiny-pixel' has no text encoder (an unconditional UNet)"),
     ("clean latents as sample.ddim's start", lambda d: MANIFESTS / "quickstart.toml",
      ["--set", "stages.edit.latents=encode.latents"],
      "--set stages.edit.latents=encode.latents: stages.edit.latents: 'encode.latents' is a clean"
