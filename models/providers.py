@@ -243,9 +243,12 @@ def resolve_model(
 
 def component_config(model: ResolvedModel, component: str) -> dict[str, Any] | None:
     """A model part's ``config.json`` (``unet`` of a pipeline, or a one-folder model's own),
-    from the built-in table or the files on disk; ``None`` when it is not on disk yet."""
+    from the built-in table or the files on disk; ``None`` when it is not on disk yet or the
+    model has no such part (a pixel-space model's ``vae``)."""
     provider = PROVIDERS[model.provider]
     if model.spec.id in TINY_VARIANTS:
+        if model.provider == "model.id" and not has_component(model, component):
+            return None
         return jsonable(provider.tiny_component(model.spec.id, component).config)
     if model.folder is None:
         return None

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import ValidationError
 
 from editflow.documents import Table, error_message
-from editflow.errors import EditflowError, Problem
+from editflow.errors import EditflowError, ModelUnavailableError, Problem
 from editflow.lazy import lazy
 from editflow.models.specs import ComponentSpec
 from editflow.stages.checks import CheckView
@@ -363,7 +363,7 @@ def _call_view(kind: StageKind, ctx: StageContext, inputs: Mapping[str, Any]) ->
     def configs(component: str, provider: str) -> Mapping[str, Any] | None:
         try:
             return getattr(ctx.models.get(component), "config", None) if ctx.models else None
-        except KeyError:  # not a part this kind declares
+        except (KeyError, ModelUnavailableError):  # not a part this kind or model has
             return None
 
     return CheckView(references, sizes, configs=configs)

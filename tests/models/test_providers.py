@@ -93,3 +93,13 @@ def test_the_captioner_provider_measures_prompts_alike_from_tiny_and_from_its_fo
     assert CAPTIONER.text_positions(as_tiny) == CAPTIONER.text_positions(as_folder) > 0
     assert CAPTIONER.prompt_tokens(as_tiny, prompt) == CAPTIONER.prompt_tokens(as_folder, prompt)
     assert CAPTIONER.prompt_tokens(as_tiny, prompt) > 1
+
+
+def test_a_part_a_built_in_model_lacks_has_no_config(tmp_path: Path) -> None:
+    # tiny-pixel denoises pixels: asking for its VAE's config (a latent size) is None, not
+    # a KeyError, so a check can ask any model.
+    pixel = resolve_providers(
+        ModelSection(id="tiny-pixel"), ["model.id"], base_dir=tmp_path, models_dir=tmp_path
+    )["model.id"]
+    assert component_config(pixel, "vae") is None
+    assert component_config(pixel, "unet")["in_channels"] == 3
