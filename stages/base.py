@@ -325,12 +325,10 @@ def _shared_problems(kind: type[StageKind], view: CheckView) -> list[Problem]:
     masked image) runs only in a kind that builds that conditioning (``drives_inpainting``);
     anywhere else the first step would fail on the channel count. A kind that ``needs_text``
     is refused a model without a text encoder."""
-    from editflow.models.providers import has_component
-
-    model = view.models.get("model.id")
-    if kind.needs_text and model is not None and not has_component(model, "text_encoder"):
-        return [Problem(f"{kind.kind} works with text embeddings, but model '{model.spec.id}'"
-                        " has no text encoder (an unconditional UNet)")]  # fmt: skip
+    text_free = view.text_free_model() if kind.needs_text else None
+    if text_free is not None:
+        return [Problem(f"{kind.kind} works with text embeddings, but {text_free} has no text"
+                        " encoder (an unconditional UNet)")]  # fmt: skip
     uses_unet = any(spec.name == "unet" and spec.provider == "model.id" for spec in kind.components)
     unet = view.config("unet") if uses_unet and not kind.drives_inpainting else None
     if not unet or unet.get("in_channels") == unet.get("out_channels", unet.get("in_channels")):

@@ -46,6 +46,20 @@ class CheckView:
             return None
         return 2 ** (len(vae["block_out_channels"]) - 1)
 
+    def text_free_model(self) -> str | None:
+        """How errors name the model when it has no text encoder (from its identity, or from
+        the UNet's config in ``StageKind.call``'s view; nothing loads); ``None`` when it has
+        one or that is not known yet, so nothing is refused on a guess."""
+        from editflow.models.providers import has_component
+
+        model = self.models.get("model.id")
+        if model is not None:
+            return None if has_component(model, "text_encoder") else f"model '{model.spec.id}'"
+        unet = self.config("unet")
+        if unet is not None and "cross_attention_dim" not in unet:
+            return "the model"
+        return None
+
     def latent_size(self, port: str) -> tuple[int, int] | None:
         """The latent (height, width) of the image behind ``port``, where both are known."""
         size, factor = self.sizes.get(port), self.vae_factor

@@ -4,7 +4,8 @@
   the pix2pix-zero noise regulariser (Parmar et al. 2023, Sec. 3.2), or only up to ``t0`` on
   DiffusionCLIP's time grid.
 - ``sample.ddim``: DDIM with classifier-free guidance from x_T (or x_t0) to x0, optionally
-  with tuned weights mixed in.
+  with tuned weights mixed in; its text is the prompt or another stage's embeddings, plus an
+  optional edit direction (:mod:`editflow.stages.conditioning`).
 
 The loops are :mod:`editflow.stages.ddim_loops`.
 """
@@ -28,12 +29,9 @@ from editflow.stages.base import (
     StageKind,
     step_reporter,
 )
+from editflow.stages.conditioning import text_conditioning, text_problems
 from editflow.stages.ddim_loops import ddim_invert, ddim_sample
-from editflow.stages.diffusion import (
-    check_t0,
-    prompt_pair,
-    unet_noise_predictor,
-)
+from editflow.stages.diffusion import check_t0, prompt_pair, unet_noise_predictor
 from editflow.stages.fields import T0, Eta, GuidanceScale, NegativePrompt, Prompt, Steps
 from editflow.stages.grid_scheduler import GridScheduler, t0_grid
 from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
@@ -98,7 +96,8 @@ class InvertDdim(StageKind):
 
     @classmethod
     def check(cls, params: InvertDdimParams, view: CheckView) -> list[Problem]:
-        return check_t0(params.t0, view.models)
+        prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+        return text_problems(view, prompts, ports=("caption",)) + check_t0(params.t0, view.models)
 
     def run(
         self,
@@ -161,6 +160,18 @@ class SampleDdim(StageKind):
     params = SampleDdimParams
     inputs = (
         Port("latents", ArtifactType.INVERTED_LATENT, "Starting latents x_T (invert.ddim)"),
+        Port(
+            "prompt_embeds",
+            ArtifactType.EMBEDDING,
+            "(1 or N, tokens, D) embeddings (a textual inversion's); replaces `prompt`",
+            optional=True,
+        ),
+        Port(
+            "direction",
+            ArtifactType.DIRECTION,
+            "Edit direction added to the conditional embedding (direction.pix2pix_zero)",
+            optional=True,
+        ),
         WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="latents"),)
@@ -189,7 +200,12 @@ class SampleDdim(StageKind):
     @classmethod
     def check(cls, params: SampleDdimParams, view: CheckView) -> list[Problem]:
         weights = view.references.get("weights") or []
-        return check_ratio(params.ratio, weights) + check_t0(params.t0, view.models)
+        prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+        return (
+            check_ratio(params.ratio, weights)
+            + check_t0(params.t0, view.models)
+            + text_problems(view, prompts, replaced="prompt")
+        )
 
     def run(
         self,
@@ -197,17 +213,17 @@ class SampleDdim(StageKind):
         params: SampleDdimParams,
         *,
         latents: torch.Tensor,
+        prompt_embeds: torch.Tensor | None,
+        direction: torch.Tensor | None,
         weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
         x_T = latents.to(ctx.device, ctx.dtype)
-        cond, uncond = prompt_pair(
-            models,
-            params.prompt,
-            params.negative_prompt,
-            batch=len(x_T),
-            guided=params.guidance_scale != 1.0,
-        )
+        cond, uncond = text_conditioning(
+            models, params.prompt, params.negative_prompt, len(x_T),
+            guided=params.guidance_scale != 1.0, prompt_embeds=prompt_embeds,
+            direction=direction, stage=ctx.name, device=ctx.device, dtype=ctx.dtype,
+        )  # fmt: skip
         scheduler = diffusers.DDIMScheduler.from_config(models.scheduler_config)
         predict = mixing_predictor(models.get("unet"), weights or [], params.ratio)
         if params.t0 is not None:

@@ -1,6 +1,7 @@
 """Edit-friendly DDPM inversion and its edit as stage kinds (Huberman-Spiegelglas et al.
 2024): ``invert.edit_friendly`` and ``sample.edit_friendly``; the math is
-:mod:`editflow.stages.edit_friendly.inversion`.
+:mod:`editflow.stages.edit_friendly.inversion`. The edit's text may come from other stages
+(embeddings, a direction: :mod:`editflow.stages.conditioning`); a pixel model takes none.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from editflow.stages.base import (
     StepsOn,
     step_reporter,
 )
+from editflow.stages.conditioning import text_conditioning, text_problems
 from editflow.stages.diffusion import (
     Callback,
     StepInfo,
-    encode_prompt_pair,
-    unet_noise_predictor,
+    is_unconditional,
+    prompt_pair,
     vae_encode,
 )
 from editflow.stages.edit_friendly.inversion import (
@@ -84,7 +86,17 @@ class InvertEditFriendly(StageKind):
     version = "1"
     description = "Edit-friendly DDPM inversion x0 -> (x_T, noise maps) with independent noise"
     params = InvertEditFriendlyParams
-    inputs = (Port("latents", ArtifactType.LATENT, "Clean latents x0 (VAE-encoded image)"),)
+    inputs = (
+        Port("latents", ArtifactType.LATENT, "Clean latents x0 (VAE-encoded image, or pixels)"),
+        Port(
+            "weights",
+            ArtifactType.WEIGHTS,
+            "Tuned weights to invert with (one finetune.diffusionclip output), so an edit"
+            " with the same weights retraces them",
+            optional=True,
+            many=True,
+        ),
+    )
     outputs = (
         Port(
             "x_T",
@@ -104,18 +116,37 @@ class InvertEditFriendly(StageKind):
             "(T + 1, N, C, h, w) latents per level, x_T first and x0 last",
             size_of="latents",
         ),
-        Port("prompt_embeds", ArtifactType.EMBEDDING, "Source-prompt embeddings used"),
+        Port(
+            "prompt_embeds",
+            ArtifactType.EMBEDDING,
+            "Source-prompt embeddings used ((N, 0, 0) on a model without text)",
+        ),
     )
     seeded = True
     components = specs.DENOISER
 
+    @classmethod
+    def check(cls, params: InvertEditFriendlyParams, view: CheckView) -> list[Problem]:
+        problems = text_problems(view, {"source_prompt": params.source_prompt}, ports=())
+        weights = view.references.get("weights") or []
+        if len(weights) > 1:
+            message = f"has {len(weights)} references, but the inversion runs one tuned model"
+            hint = "give one; sample.edit_friendly mixes several by its ratio"
+            problems.append(Problem(message, key="weights", hint=hint))
+        return problems
+
     def run(
-        self, ctx: StageContext, params: InvertEditFriendlyParams, *, latents: torch.Tensor
+        self,
+        ctx: StageContext,
+        params: InvertEditFriendlyParams,
+        *,
+        latents: torch.Tensor,
+        weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
         x0 = latents.to(ctx.device, ctx.dtype)
-        # An empty source prompt means no CFG.
-        cond, uncond = encode_prompt_pair(
+        # An empty source prompt means no CFG; a model without text gets (None, None).
+        cond, uncond = prompt_pair(
             models, params.source_prompt, "", len(x0), guided=bool(params.source_prompt)
         )
         # Timesteps stay on the CPU: the loop reads them as numbers without waiting for the
@@ -126,7 +157,8 @@ class InvertEditFriendly(StageKind):
         noise_maps = ctx.write_steps("noise_maps", params.num_inference_steps)
         path = ctx.write_steps("auxiliary_path", params.num_inference_steps + 1)
         inversion = edit_friendly_invert(
-            unet_noise_predictor(models.get("unet")),
+            # Tuned weights run alone (ratio 1): without them this is the model's own predictor.
+            mixing_predictor(models.get("unet"), weights or [], 1.0),
             x0,
             scheduler,
             cond,
@@ -142,7 +174,7 @@ class InvertEditFriendly(StageKind):
             "x_T": inversion.x_T,
             "noise_maps": noise_maps.result(),
             "auxiliary_path": path.result(),
-            "prompt_embeds": cond,
+            "prompt_embeds": cond if cond is not None else torch.zeros(len(x0), 0, 0),
         }
 
 
@@ -164,7 +196,9 @@ def _writing(
 
 class SampleEditFriendlyParams(TunedParams):
     target_prompt: str = Field(
-        "", description="Prompt describing the edited image; empty means no CFG"
+        "",
+        description="Prompt describing the edited image; empty (and no prompt_embeds or"
+        " direction) means no CFG",
     )
     cfg_tar: float = Field(15.0, ge=1.0, le=30.0, description="CFG scale on the target prompt")
     skip: int = Field(
@@ -215,11 +249,7 @@ class SampleEditFriendly(StageKind):
     description = "Reverse diffusion driven by stored edit-friendly noise maps (the edit)"
     params = SampleEditFriendlyParams
     inputs = (
-        Port(
-            "noise_maps",
-            ArtifactType.NOISE_SEQUENCE,
-            "Noise maps from invert.edit_friendly",
-        ),
+        Port("noise_maps", ArtifactType.NOISE_SEQUENCE, "Noise maps from invert.edit_friendly"),
         Port(
             "auxiliary_path",
             ArtifactType.LATENT_TRAJECTORY,
@@ -237,6 +267,18 @@ class SampleEditFriendly(StageKind):
             "Colour image M (image resolution)",
             optional=True,
         ),
+        Port(
+            "prompt_embeds",
+            ArtifactType.EMBEDDING,
+            "(1 or N, tokens, D) target embeddings; replaces `target_prompt`",
+            optional=True,
+        ),
+        Port(
+            "direction",
+            ArtifactType.DIRECTION,
+            "Edit direction added to the target embedding (direction.pix2pix_zero), as in LEDITS",
+            optional=True,
+        ),
         WEIGHTS_PORT,
     )
     outputs = (Port("latents", ArtifactType.LATENT, "Edited clean latents", size_of="noise_maps"),)
@@ -252,6 +294,8 @@ class SampleEditFriendly(StageKind):
             missing = "colour_image" if not image else "colour_mask"
             return [Problem(f"colour_mask and colour_image go together: {missing} is missing")]
         problems = check_ratio(params.ratio, view.references.get("weights") or [])
+        problems += text_problems(view, {"target_prompt": params.target_prompt},
+                                  replaced="target_prompt")  # fmt: skip
         maps, path = view.references.get("noise_maps"), view.references.get("auxiliary_path")
         if isinstance(maps, str) and isinstance(path, str) and "." in maps and "." in path:
             maps, path = maps.split(".")[0], path.split(".")[0]
@@ -283,6 +327,8 @@ class SampleEditFriendly(StageKind):
         auxiliary_path: StepSequence,
         colour_mask: torch.Tensor | None,
         colour_image: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        direction: torch.Tensor | None,
         weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
@@ -308,10 +354,14 @@ class SampleEditFriendly(StageKind):
         scheduler = build_scheduler(params.scheduler, models.scheduler_config, num_steps)
         x_T = path[0]
         inversion = EditFriendlyInversion(x_T, noise_maps, path, scheduler.timesteps)
-        # An empty target prompt means no CFG.
-        cond, uncond = encode_prompt_pair(
-            models, params.target_prompt, "", len(x_T), guided=bool(params.target_prompt)
-        )
+        # CFG (on cfg_tar, against the empty prompt) unless the target is the plain empty
+        # prompt: embeddings or a direction are a target even when the prompt is empty.
+        guided = bool(params.target_prompt) or prompt_embeds is not None or direction is not None
+        cond, uncond = text_conditioning(
+            models, params.target_prompt, "", len(x_T), guided=guided,
+            prompt_embeds=prompt_embeds, direction=direction, stage=ctx.name,
+            device=ctx.device, dtype=ctx.dtype,
+        )  # fmt: skip
         colour = _colour_guidance(ctx, params, colour_mask, colour_image, x_T.shape[-2:])
         latents = edit_friendly_sample(
             mixing_predictor(models.get("unet"), weights or [], params.ratio),
@@ -339,8 +389,11 @@ def _colour_guidance(
     # check() has made sure both inputs come together, at the edited image's size.
     if mask is None or image is None or params.colour_strength == 0:
         return None
-    vae = ctx.models.get("vae")
-    colour_latent = vae_encode(vae, image).to(ctx.device, ctx.dtype)
+    if is_unconditional(ctx.models.get("unet")):
+        # A pixel-space model: M in the model's space is the image in [-1, 1] (encode.pixels).
+        colour_latent = image.to(ctx.device, ctx.dtype) * 2 - 1
+    else:
+        colour_latent = vae_encode(ctx.models.get("vae"), image).to(ctx.device, ctx.dtype)
     mask = mask.to(ctx.device, ctx.dtype)
     latent_mask = F.interpolate(mask, size=tuple(latent_size), mode="area")
     return ColourGuidance(latent_mask, colour_latent, params.colour_strength, params.colour_window)

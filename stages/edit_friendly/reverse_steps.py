@@ -14,8 +14,10 @@ solve for ``z``. Two schedulers, both built from the model's scheduler config
 
 Both are built so that the last step still carries noise (``set_alpha_to_one=False`` for
 DDIM, ``final_sigmas_type="sigma_min"`` for DPM-Solver: the last step lands on
-``alphas_cumprod[0]``). Without that the last noise map would be multiplied by zero, could not
-absorb the residual, and reconstruction would not be exact.
+``alphas_cumprod[0]``; and for DDIM on a DDPM-style config, whose "leading" grid starts at
+timestep 0, ``steps_offset=1`` as Stable Diffusion has, so the last step leaves timestep 1).
+Without that the last noise map would be multiplied by zero, could not absorb the residual,
+and reconstruction would not be exact.
 """
 
 from __future__ import annotations
@@ -56,7 +58,15 @@ def build_scheduler(
         device: Where the timesteps live.
     """
     if name == "ddim":
-        scheduler = diffusers.DDIMScheduler.from_config(config, set_alpha_to_one=False)
+        overrides: dict[str, Any] = {"set_alpha_to_one": False}
+        if config.get("timestep_spacing", "leading") == "leading" and not config.get(
+            "steps_offset"
+        ):
+            # DDPM-style configs (pixel models) start the leading grid at 0, so the last step
+            # would go from level 0 to level 0 with no noise; one timestep of offset (Stable
+            # Diffusion's) makes it land on level 0 from level 1, a step with noise.
+            overrides["steps_offset"] = 1
+        scheduler = diffusers.DDIMScheduler.from_config(config, **overrides)
     elif name == "dpmsolver++":
         scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
             config,

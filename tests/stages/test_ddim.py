@@ -173,3 +173,118 @@ def test_ddim_loops_refuse_a_scheduler_without_timesteps():
     scheduler = DDIMScheduler.from_config(SD_CONFIG)
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim_sample(toy_predictor, torch.randn(1, 4, 8, 8), scheduler, torch.randn(1, 77, 32))
+
+
+# ------------------------------------------------------------------------------------------
+# The stages on the tiny models: text from other stages, and a pixel model without text
+
+
+@pytest.fixture(scope="module")
+def registries(models_dir):
+    """tiny and tiny-pixel through the engine's own registry, as a stage sees them."""
+    from editflow.models import RunModels, resolve_providers
+    from editflow.models.section import ModelSection
+
+    def registry(model_id: str) -> RunModels:
+        section = ModelSection(id=model_id)
+        resolved = resolve_providers(section, ["model.id"], base_dir=models_dir,
+                                     models_dir=models_dir)  # fmt: skip
+        return RunModels(resolved, device=torch.device("cpu"), dtype=torch.float32,
+                         models_dir=models_dir)  # fmt: skip
+
+    return {"tiny": registry("tiny"), "tiny-pixel": registry("tiny-pixel")}
+
+
+def run_stage(registry, kind, name: str, params, inputs):
+    from editflow.stages.base import StageContext
+
+    ctx = StageContext(name, 0, torch.device("cpu"), torch.float32,
+                       models=registry.for_stage(kind.components))  # fmt: skip
+    return kind().call(ctx, params, inputs)
+
+
+def sample(registries, x_T, model="tiny", **params):
+    from editflow.stages.ddim.kinds import SampleDdim, SampleDdimParams
+
+    inputs = {"latents": x_T, **params.pop("inputs", {})}
+    params = SampleDdimParams(num_inference_steps=5, **params)
+    return run_stage(registries[model], SampleDdim, "sample", params, inputs)["latents"]
+
+
+def encode(registries, prompt: str) -> torch.Tensor:
+    from editflow.models import specs
+    from editflow.stages.diffusion import encode_prompts
+
+    view = registries["tiny"].for_stage((specs.TOKENIZER, specs.TEXT_ENCODER))
+    return encode_prompts(view.get("tokenizer"), view.get("text_encoder"), [prompt])
+
+
+def test_sample_ddim_with_prompt_embeds_and_a_direction_equals_the_explicit_embedding(
+    registries,
+):
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompt, common = "a photo of a cat", {"guidance_scale": 5.0}
+    by_prompt = sample(registries, x_T, prompt=prompt, **common)
+    embeds = encode(registries, prompt)
+    by_embeds = sample(registries, x_T, inputs={"prompt_embeds": embeds}, **common)
+    torch.testing.assert_close(by_embeds, by_prompt, rtol=1e-6, atol=1e-6)  # measured: equal
+
+    direction = 0.5 * torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    along = sample(registries, x_T, prompt=prompt, inputs={"direction": direction}, **common)
+    explicit = sample(registries, x_T, inputs={"prompt_embeds": embeds + direction}, **common)
+    torch.testing.assert_close(along, explicit, rtol=1e-6, atol=1e-6)
+    assert float((along - by_prompt).norm() / by_prompt.norm()) > 0.01  # measured 0.035
+
+
+def test_sample_ddim_broadcasts_one_embedding_and_refuses_another_count(registries):
+    from editflow.errors import EditflowError
+
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    one = encode(registries, "a photo of a cat")
+    shared = sample(registries, x_T, inputs={"prompt_embeds": one})
+    each = sample(registries, x_T, inputs={"prompt_embeds": one.repeat(2, 1, 1)})
+    torch.testing.assert_close(shared, each, rtol=1e-6, atol=1e-6)
+    with pytest.raises(EditflowError) as error:
+        sample(registries, x_T, inputs={"prompt_embeds": one.repeat(3, 1, 1)})
+    assert str(error.value) == (
+        "stages.sample.prompt_embeds: prompt_embeds holds 3 embeddings but the latents hold 2"
+        " images (give one embedding for all images or one per image)"
+    )
+    with pytest.raises(EditflowError) as error:
+        sample(registries, x_T, prompt="a dog", inputs={"prompt_embeds": one})
+    assert str(error.value) == (
+        "stages.sample.prompt: is 'a dog', but prompt_embeds is connected and replaces it"
+        " (leave prompt empty or disconnect prompt_embeds)"
+    )
+
+
+def test_sample_ddim_on_a_pixel_model_runs_tuned_weights_and_refuses_text(registries):
+    from editflow.errors import EditflowError
+    from editflow.models import specs
+    from editflow.stages.ddim.kinds import InvertDdim, InvertDdimParams
+
+    x_T = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    unet = registries["tiny-pixel"].for_stage((specs.UNET,)).get("unet")
+    generator = torch.Generator().manual_seed(1)
+    tuned = {name: value + 0.01 * torch.randn(value.shape, generator=generator)
+             for name, value in unet.state_dict().items()}  # fmt: skip
+    plain = sample(registries, x_T, model="tiny-pixel")
+    own = sample(registries, x_T, model="tiny-pixel", inputs={"weights": [unet.state_dict()]})
+    assert torch.equal(own, plain)
+    mixed = {"weights": [tuned]}
+    assert torch.equal(sample(registries, x_T, model="tiny-pixel", ratio=0.0, inputs=mixed), plain)
+    assert not torch.allclose(sample(registries, x_T, model="tiny-pixel", inputs=mixed), plain)
+
+    with pytest.raises(EditflowError) as error:
+        sample(registries, x_T, model="tiny-pixel", prompt="a cat")
+    assert str(error.value) == (
+        "stages.sample.prompt: is 'a cat', but the model has no text encoder (an unconditional"
+        " UNet): the prompt would be ignored (leave prompt empty)"
+    )
+    with pytest.raises(EditflowError) as error:
+        run_stage(registries["tiny-pixel"], InvertDdim, "invert", InvertDdimParams(),
+                  {"latents": x_T, "caption": "a cat"})  # fmt: skip
+    assert str(error.value) == (
+        "stages.invert.caption: the model has no text encoder (an unconditional UNet): caption"
+        " would be ignored (disconnect it)"
+    )

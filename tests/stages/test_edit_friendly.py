@@ -223,6 +223,20 @@ def test_dpmsolver_noise_maps_drive_the_schedulers_own_step_onto_the_auxiliary_p
         assert torch.equal(x, inversion.auxiliary_path[i + 1])  # bit for bit
 
 
+def test_a_ddpm_style_grid_starting_at_timestep_0_gets_a_noisy_last_step():
+    # Pixel DDPM configs (tiny-pixel, google/ddpm-*) have no steps_offset: their leading grid
+    # would end on timestep 0, a step from level 0 to level 0 that carries no noise.
+    from editflow.models.tiny import tiny_scheduler_config
+
+    config = tiny_scheduler_config("tiny-pixel")
+    assert config["steps_offset"] == 0 and config["timestep_spacing"] == "leading"
+    ddim = build_scheduler("ddim", config, 10)
+    assert [int(t) for t in ddim.timesteps] == list(range(901, 0, -100))
+    _, scale, _ = ddim_posterior(torch.zeros(1, 3, 4, 4), 1, torch.zeros(1, 3, 4, 4), ddim, 1.0)
+    assert float(scale) > 0
+    assert build_scheduler("ddim", SD_CONFIG, 10).config.steps_offset == 1  # as it was
+
+
 def test_level_scales_follow_the_schedulers_own_levels():
     ddim = build_scheduler("ddim", SD_CONFIG, 10)
     alpha, sigma = level_scales(ddim)
@@ -657,3 +671,136 @@ def test_the_edit_runs_tuned_weights_mixed_by_ratio_and_leaves_the_model_alone(t
         tiny.loaded["unet"] = original
     assert not torch.equal(full, plain)
     assert torch.equal(run_sample(tiny, inverted, **common), plain)
+
+
+# ------------------------------------------------------------------------------------------
+# Text from other stages: prompt_embeds and a direction
+
+
+def encode(tiny, prompt: str) -> torch.Tensor:
+    return encode_prompts(tiny.get("tokenizer"), tiny.get("text_encoder"), [prompt])
+
+
+def test_prompt_embeds_of_the_prompts_encoding_give_the_prompts_edit(tiny, x0):
+    inverted = run_invert(tiny, x0, source_prompt="a photo", num_inference_steps=10)
+    common = {"num_inference_steps": 10, "skip": 2, "cfg_tar": 7.5}
+    by_prompt = run_sample(tiny, inverted, target_prompt="a photo of a dog", **common)
+    embeds = {"prompt_embeds": encode(tiny, "a photo of a dog")}
+    by_embeds = run_sample(tiny, inverted, inputs=embeds, **common)
+    torch.testing.assert_close(by_embeds, by_prompt, rtol=1e-6, atol=1e-6)  # measured: equal
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a dog", ""])
+def test_a_direction_is_added_to_the_target_embedding(tiny, x0, prompt):
+    # An empty target prompt with a direction is still a target: CFG on cfg_tar applies.
+    inverted = run_invert(tiny, x0, source_prompt="a photo", num_inference_steps=10)
+    common = {"num_inference_steps": 10, "skip": 2, "cfg_tar": 7.5}
+    generator = torch.Generator().manual_seed(3)
+    direction = 0.5 * torch.randn(1, 77, 32, generator=generator)
+    along = run_sample(
+        tiny, inverted, target_prompt=prompt, inputs={"direction": direction}, **common
+    )
+    explicit = {"prompt_embeds": encode(tiny, prompt) + direction}
+    torch.testing.assert_close(run_sample(tiny, inverted, inputs=explicit, **common), along,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    plain = run_sample(tiny, inverted, target_prompt=prompt or "a photo", **common)
+    assert relative_error(along, plain) > 0.05  # measured 0.20 (dog), 0.52 (empty)
+
+
+def test_one_embedding_serves_every_image_and_another_count_is_refused(tiny, x0):
+    two = torch.cat([x0, x0.flip(-1)])
+    inverted = run_invert(tiny, two, num_inference_steps=6)
+    common = {"num_inference_steps": 6, "skip": 1, "cfg_tar": 3.0}
+    one = encode(tiny, "a photo of a dog")
+    shared = run_sample(tiny, inverted, inputs={"prompt_embeds": one}, **common)
+    each = run_sample(tiny, inverted, inputs={"prompt_embeds": one.repeat(2, 1, 1)}, **common)
+    assert shared.shape == two.shape
+    torch.testing.assert_close(shared, each, rtol=1e-6, atol=1e-6)
+    with pytest.raises(EditflowError) as error:
+        run_sample(tiny, inverted, inputs={"direction": one.repeat(3, 1, 1)}, **common)
+    assert str(error.value) == (
+        "stages.edit.direction: direction holds 3 embeddings but the latents hold 2 images"
+        " (give one embedding for all images or one per image)"
+    )
+
+
+def test_a_target_prompt_and_prompt_embeds_together_are_refused(tiny, x0):
+    inverted = run_invert(tiny, x0, num_inference_steps=4)
+    embeds = {"prompt_embeds": encode(tiny, "a dog")}
+    with pytest.raises(EditflowError) as error:
+        run_sample(tiny, inverted, num_inference_steps=4, skip=0, target_prompt="a dog",
+                   inputs=embeds)  # fmt: skip
+    assert str(error.value) == (
+        "stages.edit.target_prompt: is 'a dog', but prompt_embeds is connected and replaces it"
+        " (leave target_prompt empty or disconnect prompt_embeds)"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# An unconditional pixel-space model (tiny-pixel)
+
+
+@pytest.fixture(scope="module")
+def pixel(models_dir):
+    """tiny-pixel through the engine's own registry, as a stage sees it."""
+    from editflow.models import RunModels, resolve_providers
+    from editflow.models.section import ModelSection
+
+    section = ModelSection(id="tiny-pixel")
+    resolved = resolve_providers(section, ["model.id"], base_dir=models_dir, models_dir=models_dir)
+    return RunModels(resolved, device=torch.device("cpu"), dtype=torch.float32,
+                     models_dir=models_dir)  # fmt: skip
+
+
+def pixel_context(pixel, kind, name):
+    return StageContext(name, 0, torch.device("cpu"), torch.float32,
+                        models=pixel.for_stage(kind.components))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_reconstruction_is_exact_on_a_pixel_model_without_text(pixel, astronaut, name):
+    x0 = F.interpolate(astronaut, size=(32, 32), mode="area") * 2 - 1  # encode.pixels
+    common = {"num_inference_steps": 10, "scheduler": name}
+    ctx = pixel_context(pixel, InvertEditFriendly, "invert")
+    inverted = InvertEditFriendly().call(ctx, InvertEditFriendlyParams(**common), {"latents": x0})
+    assert inverted["noise_maps"].shape == (10, 1, 3, 32, 32)
+    assert inverted["prompt_embeds"].shape == (1, 0, 0)
+    inputs = {name: inverted[name] for name in ("noise_maps", "auxiliary_path")}
+    ctx = pixel_context(pixel, SampleEditFriendly, "edit")
+    edited = SampleEditFriendly().call(ctx, SampleEditFriendlyParams(skip=0, **common), inputs)
+    assert relative_error(edited["latents"], x0) < 1e-5
+    assert "tokenizer" not in {load.split(":")[1] for load in pixel.loads}
+
+
+def test_colour_on_a_pixel_model_pulls_towards_the_colour_in_pixel_space(pixel, astronaut):
+    x0 = F.interpolate(astronaut, size=(32, 32), mode="area") * 2 - 1
+    ctx = pixel_context(pixel, InvertEditFriendly, "invert")
+    params = InvertEditFriendlyParams(num_inference_steps=10)
+    inverted = InvertEditFriendly().call(ctx, params, {"latents": x0})
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 1
+    inputs = {name: inverted[name] for name in ("noise_maps", "auxiliary_path")}
+    inputs.update(colour_mask=torch.ones(1, 1, 32, 32), colour_image=red)
+    ctx = pixel_context(pixel, SampleEditFriendly, "edit")
+
+    def edit(strength: float) -> torch.Tensor:
+        # Late steps only: early on DDPM's schedule the random UNet's x0_hat is far off.
+        params = SampleEditFriendlyParams(
+            num_inference_steps=10, skip=0, colour_strength=strength, colour_window=(6, 9)
+        )
+        return SampleEditFriendly().call(ctx, params, inputs)["latents"]
+
+    target = red * 2 - 1  # the colour in the model's space, as encode.pixels scales it
+    assert relative_error(edit(0.5), target) < relative_error(edit(0.0), target)
+
+
+def test_text_on_a_pixel_model_is_refused_before_anything_runs(pixel, astronaut):
+    x0 = F.interpolate(astronaut, size=(32, 32), mode="area") * 2 - 1
+    ctx = pixel_context(pixel, InvertEditFriendly, "invert")
+    with pytest.raises(EditflowError) as error:
+        InvertEditFriendly().call(ctx, InvertEditFriendlyParams(source_prompt="a photo"),
+                                  {"latents": x0})  # fmt: skip
+    assert str(error.value) == (
+        "stages.invert.source_prompt: is 'a photo', but the model has no text encoder (an"
+        " unconditional UNet): the prompt would be ignored (leave source_prompt empty)"
+    )
