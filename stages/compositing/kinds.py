@@ -4,12 +4,13 @@
   composite, the mask at the background's size, and the masked image an inpainting UNet is
   conditioned on.
 - ``sample.local_ilvr``: DDIM sampling pulled towards the composite with local ILVR and
-  RePaint (math in :mod:`.local_ilvr`), on a plain or an inpainting UNet.
+  RePaint (math in :mod:`.local_ilvr`), on a plain, an inpainting or an unconditional
+  pixel-space UNet (:mod:`.denoisers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -26,6 +27,12 @@ from editflow.stages.base import (
     StageKind,
     step_reporter,
 )
+from editflow.stages.compositing.denoisers import (
+    AfterWindow,
+    denoised_size,
+    model_problems,
+    noise_predictors,
+)
 from editflow.stages.compositing.local_ilvr import (
     LocalIlvr,
     LowPass,
@@ -33,14 +40,10 @@ from editflow.stages.compositing.local_ilvr import (
     noise_to,
     repaint_schedule,
 )
-from editflow.stages.diffusion import (
-    NoisePredictor,
-    cpu_randn,
-    encode_prompt_pair,
-    unet_noise_predictor,
-)
+from editflow.stages.conditioning import text_problems
+from editflow.stages.diffusion import cpu_randn, prompt_pair
 from editflow.stages.fields import Eta, GuidanceScale, NegativePrompt, Prompt, Steps
-from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio, mixing_predictor
+from editflow.stages.tuned import WEIGHTS_PORT, TunedParams, check_ratio
 
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
@@ -175,7 +178,9 @@ class LocalIlvrParams(TunedParams):
     t_in: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of transitions guided inside")
     t_out: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of transitions guided outside")
     space: Literal["xt", "x0"] = Field("xt", description="Compare with x_t, or with x0_hat")
-    blend_pix: int = Field(0, ge=0, le=64, description="Mask smoothing ramp, latent px (0 = hard)")
+    blend_pix: int = Field(
+        0, ge=0, le=64, description="Mask smoothing ramp in the denoiser's pixels (0 = hard)"
+    )
     lowpass: LowPass = Field(
         "area-bicubic",
         description="Low-pass resampling, down then up: area-bicubic (editflow), bilinear (the"
@@ -186,6 +191,11 @@ class LocalIlvrParams(TunedParams):
     )
     repaint_jump: int = Field(10, ge=1, le=100, description="RePaint jump length, in steps")
     repaint_resamples: int = Field(10, ge=1, le=100, description="RePaint passes per jump")
+    inpaint_after_window: AfterWindow = Field(
+        "keep",
+        description="An inpainting UNet's conditioning once both windows close: keep ([1 - M,"
+        " masked latent] to the end) or generate (mask 1, masked latent 0: the released code)",
+    )
     preset: Literal["scribble", "immersion", "background"] | None = Field(
         None, description="METHODS.md settings to start from (explicit parameters override)"
     )
@@ -211,7 +221,11 @@ class SampleLocalIlvr(StageKind):
     description = "DDIM sampling guided towards a reference composite inside and outside a mask"
     params = LocalIlvrParams
     inputs = (
-        Port("reference", ArtifactType.LATENT, "Latent of the composite (encode.vae)"),
+        Port(
+            "reference",
+            ArtifactType.LATENT,
+            "Latent of the composite (encode.vae; encode.pixels on a pixel-space model)",
+        ),
         Port("mask", ArtifactType.MASK, "1 on the object (compose.paste's mask), image size"),
         Port(
             "masked_reference",
@@ -221,7 +235,14 @@ class SampleLocalIlvr(StageKind):
         ),
         WEIGHTS_PORT,
     )
-    outputs = (Port("latents", ArtifactType.LATENT, "Sampled latents x0", size_of="reference"),)
+    outputs = (
+        Port(
+            "latents",
+            ArtifactType.LATENT,
+            "Sampled latents x0 (the image in [-1, 1] on a pixel-space model)",
+            size_of="reference",
+        ),
+    )
     seeded = True
     components = specs.DENOISER
 
@@ -232,18 +253,20 @@ class SampleLocalIlvr(StageKind):
         if image is not None and mask is not None and image != mask:
             message = f"mask is {mask[0]}x{mask[1]} but the reference is {image[0]}x{image[1]}"
             problems.append(Problem(message, key="mask"))
-        latent = view.latent_size("reference")
+        size, what = denoised_size(view, "reference")
         for name in ("n_in", "n_out"):
             factor = getattr(params, name)
-            if latent is not None and (latent[0] % factor or latent[1] % factor):
-                message = (
-                    f"{name} = {factor} does not divide the latent size {latent[0]}x{latent[1]}"
-                )
+            if size is not None and (size[0] % factor or size[1] % factor):
+                message = f"{name} = {factor} does not divide the {what} {size[0]}x{size[1]}"
                 problems.append(Problem(message, key=name))
-        if params.preset == "background" and "masked_reference" not in view.references:
-            message = "preset 'background' needs the latent of compose.paste's masked image"
-            problems.append(Problem(message, key="masked_reference"))
-        return problems + _repaint_problems(params) + _unet_problems(params, view)
+        # A prompt on a model without a text encoder is refused, as by sample.ddim.
+        prompts = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+        return (
+            problems
+            + _repaint_problems(params)
+            + model_problems(params, view)
+            + text_problems(view, prompts, ports=())
+        )
 
     def run(
         self,
@@ -256,16 +279,18 @@ class SampleLocalIlvr(StageKind):
         weights: Sequence[Mapping[str, torch.Tensor]] | None,
     ) -> dict[str, Any]:
         models = ctx.models
-        unet = models.get("unet")
         reference = reference.to(ctx.device, ctx.dtype)
         latent_size = tuple(reference.shape[-2:])
         latent_mask = F.interpolate(
             mask.to(ctx.device, ctx.dtype), size=latent_size, mode="nearest"
         )
         latent_mask = (latent_mask > 0.5).to(ctx.dtype).expand(len(reference), -1, -1, -1)
-        wrap = _predictor(ctx, params, unet, latent_mask, masked_reference)
-        predict = mixing_predictor(unet, weights or [], params.ratio, wrap)
-        cond, uncond = encode_prompt_pair(
+        predict, predict_after_window = noise_predictors(
+            ctx, params.inpaint_after_window, params.ratio, latent_mask, masked_reference,
+            weights or [],
+        )  # fmt: skip
+        # (None, None) on an unconditional model, whose check refused any prompt.
+        cond, uncond = prompt_pair(
             models, params.prompt, params.negative_prompt, len(reference),
             guided=params.guidance_scale != 1.0,
         )  # fmt: skip
@@ -293,6 +318,7 @@ class SampleLocalIlvr(StageKind):
             cond,
             uncond,
             guidance=guidance,
+            predict_after_window=predict_after_window,
             guidance_scale=params.guidance_scale,
             eta=params.eta,
             start=start,
@@ -303,21 +329,6 @@ class SampleLocalIlvr(StageKind):
             callback=step_reporter(ctx.progress, params.num_inference_steps - start),
         )
         return {"latents": latents}
-
-
-def inpainting_predictor(
-    unet: Any, inpaint_mask: torch.Tensor, masked_latents: torch.Tensor
-) -> NoisePredictor:
-    """A 9-channel inpainting UNet as a noise predictor: ``[x_t, mask, masked latent]`` in,
-    as Stable Diffusion's inpainting pipeline feeds it (mask 1 = region to generate)."""
-    extra = torch.cat([inpaint_mask, masked_latents], dim=1)
-
-    def predict(x_t: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor) -> torch.Tensor:
-        repeats = len(x_t) // len(extra)  # CFG doubles the batch
-        model_input = torch.cat([x_t, extra.repeat(repeats, 1, 1, 1)], dim=1)
-        return unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
-
-    return predict
 
 
 def _repaint_problems(params: LocalIlvrParams) -> list[Problem]:
@@ -335,45 +346,3 @@ def _repaint_problems(params: LocalIlvrParams) -> list[Problem]:
                 " RePaint would never resample", key="repaint_start",
                 hint="use more steps or a shorter repaint_jump")
     ]  # fmt: skip
-
-
-def _unet_problems(params: LocalIlvrParams, view: CheckView) -> list[Problem]:
-    """A plain (4 channels) or an inpainting (9) UNet; the latter needs the masked image."""
-    unet = view.config("unet")
-    channels = unet.get("in_channels") if unet is not None else None
-    if channels == 4 and params.preset == "background":
-        return [
-            Problem("preset 'background' needs an inpainting UNet (9 input channels); this"
-                    " model's UNet takes 4", key="preset",
-                    hint="set model.id to an inpainting model such as 'tiny-inpaint'")
-        ]  # fmt: skip
-    if channels not in (None, 4, 9):
-        return [Problem(f"needs a UNet with 4 or 9 input channels; this model's takes {channels}")]
-    if channels == 9 and params.preset in ("immersion", "scribble"):
-        return [
-            Problem(f"preset '{params.preset}' guides a plain UNet; this model's is an inpainting"
-                    " UNet (9 input channels), which would regenerate everything but the object",
-                    key="preset", hint="use preset 'background', or a plain model")
-        ]  # fmt: skip
-    if channels == 9 and "masked_reference" not in view.references:
-        return [
-            Problem("an inpainting UNet needs the masked_reference input", key="masked_reference",
-                    hint="connect the latent of compose.paste's masked image")
-        ]  # fmt: skip
-    return []
-
-
-def _predictor(
-    ctx: StageContext,
-    params: LocalIlvrParams,
-    unet: Any,
-    latent_mask: torch.Tensor,
-    masked_reference: torch.Tensor | None,
-) -> Callable[[Any], NoisePredictor]:
-    """How a model (the original, or one with tuned weights) becomes the noise predictor
-    (:func:`_unet_problems` has checked the UNet against the preset and the inputs)."""
-    if unet.config.in_channels == 4:
-        return unet_noise_predictor
-    masked = masked_reference.to(ctx.device, ctx.dtype).expand(len(latent_mask), -1, -1, -1)
-    # The inpainting model generates where its mask is 1: everything but the object.
-    return lambda model: inpainting_predictor(model, 1 - latent_mask, masked)

@@ -25,10 +25,17 @@ filter and its own time window inside and outside the object mask ``M`` (METHODS
   schedule; the compositing authors' scheduler file is under a non-commercial licence and was
   not used.)
 
+- An inpainting UNet's conditioning may change once both windows have closed
+  (``predict_after_window``): the released code then tells the model to generate everything
+  (mask 1, masked latent 0); the stage keeps ``[1 - M, masked latent]`` unless asked.
+
 Differences from the released code, on purpose: the reference is noised to the level the
 latent has AFTER the step (the released code uses the level before it, one step noisier),
 and the last step's guidance uses the clean reference, so with no filtering and full
 windows the result is the reference's latent exactly.
+
+The loop is the same on a pixel-space model: there ``x`` is the image in [-1, 1] and every
+"latent pixel" above is an image pixel.
 
 The loop follows the contract of :mod:`editflow.stages.diffusion`.
 """
@@ -177,6 +184,17 @@ class LocalIlvr:
         thresholds = (self.t_out + (self.t_in - self.t_out) * self.mask) * transitions
         return grow_mask((transition < thresholds).to(self.mask.dtype), self.blend_pix)
 
+    def window_end(self, transitions: int) -> float:
+        """The first transition index at which neither window is open, inside or outside.
+
+        The released code's test ``i >= T_out and i >= T_in``. Computed with :meth:`active`'s
+        arithmetic in the mask's dtype at M = 0 and M = 1, so that "closed" never disagrees
+        with a pixel still guided; on a CPU tensor, so the loop never waits for the device.
+        """
+        corners = torch.tensor([0.0, 1.0], dtype=self.mask.dtype)
+        thresholds = (self.t_out + (self.t_in - self.t_out) * corners) * transitions
+        return float(thresholds.max())
+
 
 def noise_to(
     x0: torch.Tensor, abar: torch.Tensor | float, generator: torch.Generator | None
@@ -196,6 +214,7 @@ def local_ilvr_sample(
     uncond: torch.Tensor | None = None,
     *,
     guidance: LocalIlvr | None,
+    predict_after_window: NoisePredictor | None = None,
     guidance_scale: float = 5.0,
     eta: float = 0.0,
     start: int = 0,
@@ -211,9 +230,13 @@ def local_ilvr_sample(
         predict: Noise predictor (an inpainting UNet wrapped with its extra channels).
         x: (N, C, h, w) the latent at level ``start``.
         scheduler: A ``DDIMScheduler`` from the model's config, ``set_timesteps`` called.
-        cond: (N, tokens, D) prompt embeddings.
+        cond: (N, tokens, D) prompt embeddings, or ``None`` for an unconditional model.
         uncond: (N, tokens, D) negative embeddings, or ``None`` for no CFG.
         guidance: The local ILVR guidance, or ``None`` for plain DDIM.
+        predict_after_window: The noise predictor from the first transition at which both
+            guidance windows are closed (:meth:`LocalIlvr.window_end`; from the start without
+            guidance), or ``None`` to keep ``predict`` throughout. The released code switches
+            an inpainting UNet to "generate everything" there.
         guidance_scale: CFG scale.
         eta: DDIM eta (noise drawn from ``generator``).
         start: Level the sampling starts at (``strength`` < 1 skips the noisiest levels).
@@ -234,6 +257,7 @@ def local_ilvr_sample(
     levels = [start + level for level in levels]
     transitions = len(levels) - 1
     alphas = scheduler.alphas_cumprod.to(x.device)
+    window_end = guidance.window_end(transitions) if guidance is not None else 0.0
 
     def abar(level: int) -> torch.Tensor:
         return alphas[int(timesteps[level])].to(x.dtype)
@@ -244,8 +268,10 @@ def local_ilvr_sample(
             x = noise_to(denoised, abar(after), generator)
             continue
         t = timesteps[level]
+        closed = predict_after_window is not None and index >= window_end
+        model = predict_after_window if closed else predict
         model_input = scheduler.scale_model_input(x, t)
-        eps = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)
+        eps = guided_noise(model, model_input, t, cond, uncond, guidance_scale)
         step = ddim_step(scheduler, eps, t, x, eta, generator)
         x, denoised = step.prev_sample, step.pred_original_sample
         if guidance is not None:

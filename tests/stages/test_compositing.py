@@ -314,3 +314,115 @@ def test_the_low_pass_filters_follow_their_formulas(factor):
     # Three different filters: the choice matters.
     assert np.abs(bilinear - area_bicubic).max() > 1e-2 * scale
     assert np.abs(antialiased - area_bicubic).max() > 1e-2 * scale
+
+
+@pytest.mark.parametrize(
+    "t_in, t_out, transitions",
+    [(0.0, 0.5, 20), (0.4, 1.0, 10), (0.3, 0.7, 10), (0.5, 1.0, 23), (1 / 3, 0.0, 9)],
+)
+def test_both_windows_close_exactly_where_no_pixel_is_guided_any_more(t_in, t_out, transitions):
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    guidance = LocalIlvr(torch.zeros(1, 4, 8, 8), mask, t_in=t_in, t_out=t_out, blend_pix=2)
+    end = guidance.window_end(transitions)
+    for index in range(transitions):
+        assert bool(guidance.active(index, transitions).any()) == (index < end), index
+    # The released code's test on each transition, in float64: i >= T_out and i >= T_in.
+    closed = [i >= t_out * transitions and i >= t_in * transitions for i in range(transitions)]
+    assert closed == [index >= end for index in range(transitions)]
+
+
+@pytest.mark.parametrize("repaint", [False, True], ids=["plain", "repaint"])
+@pytest.mark.parametrize("after", ["keep", "generate"])
+def test_the_inpainting_unet_is_told_to_generate_everything_only_when_asked(
+    models_dir, after, repaint
+):
+    """What the 9-channel UNet receives at each call, against a hand-written reference: the
+    guiding conditioning [1 - M, masked latent], or (generate) mask 1 and masked latent 0
+    from the first transition, RePaint's included, at which both windows have closed."""
+    from editflow.models.tiny import ensure_tiny
+
+    ctx = _context(ensure_tiny(models_dir, "tiny-inpaint"))
+    unet = ctx.models.get("unet")
+    seen = []
+    hook = unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 4:]))
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(1, 4, 8, 8, generator=generator)
+    masked = torch.randn(1, 4, 8, 8, generator=generator)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:40] = 1
+    knobs = {"repaint_start": 0.5, "repaint_jump": 2, "repaint_resamples": 2} if repaint else {}
+    params = LocalIlvrParams(prompt="a photo", preset="background", num_inference_steps=8,
+                             inpaint_after_window=after, **knobs)  # fmt: skip
+    try:
+        SampleLocalIlvr().call(
+            ctx, params, {"reference": reference, "mask": mask, "masked_reference": masked}
+        )
+    finally:
+        hook.remove()
+
+    levels = repaint_schedule(8, params.repaint_start, 2, 2)
+    transitions = len(levels) - 1  # 8, or 16 with two jumps of 2 levels up and down
+    small = mask[..., ::8, ::8]  # nearest down-sampling to the 8x8 latent
+    guiding = torch.cat([1 - small, masked], dim=1)
+    everything = torch.cat([torch.ones_like(small), torch.zeros_like(masked)], dim=1)
+    expected = [
+        everything if after == "generate" and i >= 0.5 * transitions and i >= 0.0 else guiding
+        for i, (level, following) in enumerate(pairwise(levels))
+        if following > level  # the UNet runs on denoising transitions only
+    ]
+    assert len(seen) == len(expected) == 8 + 4 * repaint
+    for got, want in zip(seen, expected, strict=True):
+        assert torch.equal(got, want.expand(2, -1, -1, -1))  # both halves of CFG alike
+    switched = sum(want is everything for want in expected)
+    assert switched == {"keep": 0, "generate": 4 if not repaint else 6}[after]
+
+
+def test_local_ilvr_on_the_pixel_model_puts_the_guided_region_at_the_references_level(
+    models_dir,
+):
+    """METHODS.md's invariant on tiny-pixel (an unconditional UNet2DModel on the image in
+    [-1, 1]): with no filtering outside (n_out 1) and t_out 1, after every step the outside is
+    the reference noised to the level just reached, with the loop's own draws replayed in
+    float64, and the clean reference after the last; the inside is left free."""
+    from editflow.models.tiny import ensure_tiny
+    from editflow.stages.diffusion import unet_noise_predictor
+
+    ctx = _context(ensure_tiny(models_dir, "tiny-pixel"))
+    ddim = DDIMScheduler.from_config(ctx.models.scheduler_config)
+    ddim.set_timesteps(5)
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
+    x_T = torch.randn(1, 3, 32, 32, generator=generator)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    steps = []
+    local_ilvr_sample(
+        unet_noise_predictor(ctx.models.get("unet")), x_T, ddim, None,
+        guidance=LocalIlvr(reference, mask, n_in=2, n_out=1, t_in=0.0, t_out=1.0),
+        guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
+        callback=lambda info: steps.append(info["x"]),
+    )  # fmt: skip
+    replay = torch.Generator().manual_seed(1)  # eta 0: the reference's noise is every draw
+    outside, inside = (mask == 0).expand(-1, 3, -1, -1), (mask == 1).expand(-1, 3, -1, -1)
+    for i, x in enumerate(steps):
+        target = reference.double()
+        if i + 1 < len(steps):
+            abar = ddim.alphas_cumprod[int(ddim.timesteps[i + 1])].double()
+            noise = torch.randn(reference.shape, generator=replay).double()
+            target = abar.sqrt() * target + (1 - abar).sqrt() * noise
+        assert (x.double() - target)[outside].abs().max() < 1e-5, i
+        assert (x.double() - target)[inside].abs().max() > 1e-2, i
+
+
+@pytest.mark.parametrize("space", ["xt", "x0"])
+def test_full_guidance_on_the_pixel_model_returns_the_reference(models_dir, space):
+    from editflow.models.tiny import ensure_tiny
+
+    ctx = _context(ensure_tiny(models_dir, "tiny-pixel"))
+    reference = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    params = LocalIlvrParams(t_in=1.0, t_out=1.0, space=space, num_inference_steps=4)
+    out = SampleLocalIlvr().call(ctx, params, {"reference": reference, "mask": mask})["latents"]
+    assert out.shape == reference.shape and torch.allclose(out, reference, atol=1e-5)
