@@ -6,6 +6,8 @@
   (``invert.textual_inversion``).
 - :mod:`.pose`: OpenPose keypoints, read and drawn for ControlNet pose guidance.
 - :mod:`.sample`: ``sample.interpolate``.
+- :mod:`.checks`: what the model must have (text for prompts and embeddings, a matching
+  ControlNet for poses), checked while planning.
 """
 
 from editflow.stages.interpolation.invert import InvertTextualInversion

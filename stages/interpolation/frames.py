@@ -18,15 +18,41 @@ from editflow.stages.diffusion import NoisePredictor, cpu_randn, guided_noise
 torch = lazy("torch")
 
 Spacing = Literal["linear", "convex", "concave"]
+# How slerp treats the norms (see :func:`slerp`).
+SlerpForm = Literal["unit-direction", "raw"]
+# How a schedule fraction times the step count becomes whole steps (see :func:`level_steps`).
+Rounding = Literal["half-even", "half-up"]
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, eps: float = 1e-4) -> torch.Tensor:
+def slerp(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: float,
+    eps: float = 1e-4,
+    form: SlerpForm = "unit-direction",
+) -> torch.Tensor:
     """Spherical interpolation per item of a batch: ``weight`` 0 gives ``a``, 1 gives ``b``.
 
-    Each item (everything after the first dimension) is one vector. The result moves along
-    the great circle between the directions with a norm that interpolates the two norms
-    linearly, so unit vectors stay unit vectors. Nearly parallel vectors fall back to linear
-    interpolation, where the great circle is numerically undefined.
+    Each item (everything after the first dimension) is one vector: a latent's channels and
+    pixels together, a text embedding's tokens together. Computed in float64.
+
+    - ``"unit-direction"``: the directions move along their great circle and the norm
+      interpolates the two norms linearly, so unit vectors stay unit vectors.
+    - ``"raw"``: Shoemake's slerp of the vectors themselves (what the authors' released
+      code computes), ``sin((1 - w) theta) / sin(theta) * a + sin(w theta) / sin(theta) * b``
+      with ``cos(theta) = <a, b> / (|a| |b|)``. It equals the other form when the norms are
+      equal; otherwise its norm is not the linear one: at w = 0.5 its square is
+      ``((|a| + |b|) / 2)^2 + (tan(theta / 2) (|a| - |b|) / 2)^2``, larger.
+
+    Nearly parallel vectors (``|sin(theta)| < eps``) fall back to linear interpolation in
+    either form, where the great circle is numerically undefined.
+
+    Args:
+        a: (N, ...) the items at ``weight`` 0.
+        b: (N, ...) the items at ``weight`` 1.
+        weight: Where between them, in [0, 1].
+        eps: Below this ``|sin(theta)|`` the interpolation is linear.
+        form: ``"unit-direction"`` or ``"raw"``, as above.
     """
     if a.shape != b.shape:
         raise ValueError(f"slerp needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -38,6 +64,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, eps: float = 1e-4) ->
     sin_theta = torch.sin(theta)
     parallel = sin_theta.abs() < eps
     safe = torch.where(parallel, torch.ones_like(sin_theta), sin_theta)
+    if form == "raw":
+        mixed = torch.sin((1 - weight) * theta) * flat_a + torch.sin(weight * theta) * flat_b
+        mixed = torch.where(parallel, (1 - weight) * flat_a + weight * flat_b, mixed / safe)
+        return mixed.view(a.shape).to(a.dtype)
     direction = (
         torch.sin((1 - weight) * theta) * unit_a + torch.sin(weight * theta) * unit_b
     ) / safe
@@ -65,9 +95,11 @@ def noise_levels(
 ) -> list[float]:
     """The noise level of each tree depth as a fraction of the schedule, coarsest first.
 
-    Depth 1 gets ``schedule_max``, the last depth ``schedule_min``; between them the
-    fractions follow ``spacing`` of the remaining distance: ``linear`` steps evenly,
-    ``convex`` (x^2) stays near the minimum longer, ``concave`` (sqrt x) near the maximum.
+    Depth 1 gets ``schedule_max``, the last depth ``schedule_min``; between them
+    ``min + (max - min) * shape(x)`` with x going evenly from 1 at depth 1 to 0 at the last
+    depth: ``linear`` shape(x) = x, ``convex`` x^2, which bends the middle depths toward
+    ``schedule_min`` (less noise), ``concave`` sqrt(x), which bends them toward
+    ``schedule_max`` (more noise). The authors' ``get_step_schedule`` bends the same way.
     """
     shape = {"linear": lambda x: x, "convex": lambda x: x * x, "concave": math.sqrt}[spacing]
     if levels == 1:
@@ -109,10 +141,31 @@ Variant = Literal["plain", "quality"]
 Scorer = Callable[..., "torch.Tensor"]
 
 
-def level_steps(fraction: float, num_steps: int) -> int:
+def level_steps(fraction: float, num_steps: int, rounding: Rounding = "half-even") -> int:
     """How many of the schedule's ``num_steps`` DDIM steps lie below a noise level given as
-    a fraction of the schedule (at least one)."""
-    return max(1, min(num_steps, round(fraction * num_steps)))
+    a fraction of the schedule: ``fraction * num_steps`` rounded, kept in [1, num_steps].
+
+    The steps taken are the schedule's last ones, so a frame at this level is noised to, and
+    denoised from, its timestep ``(k - 1) * (T // num_steps)`` plus the scheduler's
+    ``steps_offset`` (k the count returned, T the training steps, diffusers' ``leading``
+    spacing): one stride below ``fraction * T``. 0.55 of 20 steps on Stable Diffusion's
+    schedule is 11 steps from timestep 501.
+
+    Args:
+        fraction: The noise level, a fraction of the schedule.
+        num_steps: The schedule's DDIM steps.
+        rounding: For a product exactly halfway between two counts: ``"half-even"`` takes
+            the even one (Python's ``round``; 8.5 -> 8, 9.5 -> 10), ``"half-up"`` the larger
+            one (``floor(x + 0.5)``; 8.5 -> 9). Others round to the nearest either way.
+    """
+    product = fraction * num_steps
+    if rounding == "half-up":
+        whole = math.floor(product)
+        # product - whole is exact for doubles, where floor(product + 0.5) can round up.
+        steps = whole + (1 if product - whole >= 0.5 else 0)
+    else:
+        steps = round(product)
+    return max(1, min(num_steps, steps))
 
 
 @no_grad
@@ -121,12 +174,13 @@ def denoise(
     x: torch.Tensor,
     scheduler: Any,
     timesteps: Sequence[torch.Tensor],
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: torch.Tensor | None,
+    uncond: torch.Tensor | None,
     guidance_scale: float,
 ) -> torch.Tensor:
     """Deterministic DDIM steps (eta 0) with CFG over ``timesteps``, a slice of the
-    scheduler's own schedule (``set_timesteps`` called), from the level of the first."""
+    scheduler's own schedule (``set_timesteps`` called), from the level of the first.
+    Without ``uncond`` there is no CFG; an unconditional model takes ``cond = None``."""
     for t in timesteps:
         model_input = scheduler.scale_model_input(x, t)
         output = guided_noise(predict, model_input, t, cond, uncond, guidance_scale)
@@ -139,8 +193,8 @@ def interpolate_frames(
     predictor: Callable[[int], NoisePredictor],
     ends: torch.Tensor,
     scheduler: Any,
-    cond_ends: torch.Tensor,
-    negative: torch.Tensor,
+    cond_ends: torch.Tensor | None,
+    negative: torch.Tensor | None,
     *,
     levels: int,
     fractions: Sequence[float],
@@ -151,13 +205,17 @@ def interpolate_frames(
     score: Scorer | None = None,
     batch_size: int | None = None,
     progress: Callable[[int, int], None] = lambda step, total: None,
+    slerp_form: SlerpForm = "unit-direction",
+    rounding: Rounding = "half-even",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Branching denoise-interpolate-denoise (Wang & Golland 2023, METHODS.md section 4).
 
     Frames fill the tree of :func:`frame_tree` coarse to fine. A new frame comes from its
     two neighbours: both are brought to the depth's noise level with ONE noise draw shared
     between them, slerped at 0.5, and denoised with the text embedding slerped at the
-    frame's position in the sequence.
+    frame's position in the sequence. Each latent and each text embedding is slerped as one
+    vector (:func:`slerp`, ``slerp_form``). A depth's fraction f of the schedule becomes
+    :func:`level_steps` (f, n, ``rounding``) DDIM steps, the schedule's last ones.
 
     - ``quality`` (the authors' scripts): neighbours are clean frames, noised to the level;
       each candidate (its own draw) is denoised to 0 and ``score`` keeps the best. All
@@ -172,8 +230,9 @@ def interpolate_frames(
             differs per frame).
         ends: (2, C, h, w) clean latents of the two inputs: frames 0 and ``2**levels``.
         scheduler: A ``DDIMScheduler`` from the model's config, ``set_timesteps`` called.
-        cond_ends: (2, tokens, D) the text embedding of each input.
-        negative: (1, tokens, D) the negative embedding (CFG).
+        cond_ends: (2, tokens, D) the text embedding of each input; ``None`` for an
+            unconditional model (no text, no CFG).
+        negative: (1, tokens, D) the negative embedding (CFG), or ``None``.
         levels: L; there are ``2**L + 1`` frames.
         fractions: Noise level per depth as a fraction of the schedule (coarsest first).
         variant: ``"quality"`` or ``"plain"``.
@@ -183,6 +242,8 @@ def interpolate_frames(
         score: Candidate latents -> scores (``quality``).
         batch_size: Candidates per UNet batch (``None``: all at once).
         progress: Called with (new frames done, new frames in all).
+        slerp_form: How latents and text are slerped (:func:`slerp`).
+        rounding: How a fraction of the steps is rounded (:func:`level_steps`).
 
     Returns:
         The (2**L + 1, C, h, w) clean frames and the (2**L + 1,) score of each frame's
@@ -190,15 +251,23 @@ def interpolate_frames(
     """
     last = 2**levels
     timesteps = list(scheduler.timesteps)
-    starts = [len(timesteps) - level_steps(fraction, len(timesteps)) for fraction in fractions]
+    starts = [
+        len(timesteps) - level_steps(fraction, len(timesteps), rounding) for fraction in fractions
+    ]
     frames: dict[int, torch.Tensor] = {0: ends[:1], last: ends[1:]}
     at_step = {0: len(timesteps), last: len(timesteps)}  # where each frame's latent is
     scores = torch.full((last + 1,), float("nan"))
     total, done = last - 1, 0
 
-    def text(frame: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = slerp(cond_ends[:1], cond_ends[1:], frame / last)
-        return cond.expand(count, -1, -1), negative.expand(count, -1, -1)
+    def text(frame: int, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if cond_ends is None:  # an unconditional model: its predictor takes no text
+            return None, None
+        cond = slerp(cond_ends[:1], cond_ends[1:], frame / last, form=slerp_form)
+        uncond = negative.expand(count, -1, -1) if negative is not None else None
+        return cond.expand(count, -1, -1), uncond
+
+    def rows(embeds: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+        return embeds[start:stop] if embeds is not None else None
 
     def advance(frame: int, to_step: int) -> torch.Tensor:
         """A generated frame's latent denoised along its own path to ``to_step``."""
@@ -227,13 +296,13 @@ def interpolate_frames(
                     else advance(side, start)
                     for side in (left, right)
                 ]
-            mixed = slerp(pair[0], pair[1], 0.5)
+            mixed = slerp(pair[0], pair[1], 0.5, form=slerp_form)
             if variant == "quality":
                 chunk = batch_size or count
                 cond, uncond = text(frame, count)
                 clean = torch.cat([
                     denoise(predictor(frame), mixed[i : i + chunk], scheduler, timesteps[start:],
-                            cond[i : i + chunk], uncond[i : i + chunk], guidance_scale)
+                            rows(cond, i, i + chunk), rows(uncond, i, i + chunk), guidance_scale)
                     for i in range(0, count, chunk)
                 ])  # fmt: skip
                 ranked = score(clean) if score is not None else torch.zeros(count)

@@ -9,10 +9,12 @@ from typing import Any
 
 from pydantic import Field
 
+from editflow.errors import Problem
 from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import (
     ArtifactType,
+    CheckView,
     Params,
     Port,
     StageContext,
@@ -23,6 +25,7 @@ from editflow.stages.diffusion import (
     unet_noise_predictor,
 )
 from editflow.stages.fields import GuidanceScale
+from editflow.stages.interpolation.checks import textual_inversion_problems
 from editflow.stages.interpolation.textual_inversion import textual_inversion
 
 torch = lazy("torch")
@@ -67,6 +70,10 @@ class InvertTextualInversion(StageKind):
     )
     seeded = True
     components = specs.DENOISER
+
+    @classmethod
+    def check(cls, params: InvertTextualInversionParams, view: CheckView) -> list[Problem]:
+        return textual_inversion_problems(view)
 
     def run(
         self,

@@ -3,7 +3,9 @@
 The math is :func:`editflow.stages.interpolation.interpolate_frames`; this module wires it
 to the models: the text embeddings (a textual inversion's, or the prompts'), CLIP ranking
 of decoded candidates (the function ``rank.clip`` uses), and pose guidance through a
-ControlNet from OpenPose keypoints or pose images.
+ControlNet from OpenPose keypoints or pose images. On an unconditional pixel-space model
+there is no text: frames are denoised without it and decoded as pixels to be ranked
+(:mod:`.checks` refuses what such a model cannot take).
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import ArtifactType, CheckView, Port, StageContext, StageKind
 from editflow.stages.clip import clip_scores
-from editflow.stages.diffusion import NoisePredictor, encode_prompts, vae_decode
+from editflow.stages.diffusion import (
+    NoisePredictor,
+    encode_prompts,
+    is_unconditional,
+    vae_decode,
+)
 from editflow.stages.fields import GuidanceScale, Steps
+from editflow.stages.interpolation.checks import (
+    controlnet_problems,
+    textless_problems,
+)
 from editflow.stages.interpolation.frames import (
+    Rounding,
+    SlerpForm,
     Spacing,
     Variant,
     candidate_counts,
@@ -38,7 +51,6 @@ diffusers = lazy("diffusers")
 MAX_LEVELS = 7  # 129 frames
 # METHODS.md section 4: the noise-level range of each variant, as schedule fractions.
 DEFAULT_SCHEDULE = {"quality": (0.3, 0.55), "plain": (0.25, 0.5)}
-_CONTROLNET_PARTS = ("block_out_channels", "down_block_types", "layers_per_block")
 
 
 class SampleInterpolateParams(TunedParams):
@@ -57,9 +69,21 @@ class SampleInterpolateParams(TunedParams):
     spacing: Literal["linear", "convex", "concave"] = Field(
         "linear", description="Levels between min and max: linear, convex (x^2), concave (sqrt)"
     )
+    rounding: Literal["half-even", "half-up"] = Field(
+        "half-even",
+        description="A level's fraction times num_inference_steps, when halfway between two"
+        " step counts: half-even (8.5 -> 8) or half-up (8.5 -> 9)",
+    )
+    slerp: Literal["unit-direction", "raw"] = Field(
+        "unit-direction",
+        description="unit-direction: slerp the directions, interpolate the norms linearly;"
+        " raw: textbook slerp of the vectors (the authors' code)",
+    )
     num_inference_steps: Steps = 50
     guidance_scale: GuidanceScale = 7.5
-    prompt: str = Field("", description="Prompt of both images (without prompt_embeds)")
+    prompt: str = Field(
+        "", description="Prompt of both images (without prompt_embeds; models that take text)"
+    )
     negative_prompt: str = Field(
         "", description="What frames should not show: CLIP ranking, and CFG without negative_embeds"
     )
@@ -165,7 +189,12 @@ class SampleInterpolate(StageKind):
         if params.variant == "quality" and not params.positive_prompt:
             message = "is needed to rank candidates (variant 'quality')"
             problems.append(Problem(message, key="positive_prompt"))
-        return problems + _controlnet_problems(view.models)
+        if view.text_free_model() is not None:
+            return problems + textless_problems(
+                view, prompt=params.prompt, negative_prompt=params.negative_prompt,
+                ranked=params.variant == "quality",
+            )  # fmt: skip
+        return problems + controlnet_problems(view.models)
 
     def run(
         self,
@@ -184,8 +213,15 @@ class SampleInterpolate(StageKind):
         frames = 2**params.levels + 1
         _require(ends.shape[0] == 2, ctx, "latents",
                  f"needs exactly two images, got {ends.shape[0]}")  # fmt: skip
-        cond, negative = self._embeddings(ctx, params, prompt_embeds, negative_embeds)
         unet, pose_images = models.get("unet"), None
+        # editflow's pixel-space models (DDPM's UNet2DModel) are the unconditional ones: no
+        # text to condition on (the check refused any given), frames decoded as pixels.
+        pixels = is_unconditional(unet)
+        cond, negative = (
+            (None, None)
+            if pixels
+            else self._embeddings(ctx, params, prompt_embeds, negative_embeds)
+        )
         if keypoints is not None or poses is not None:
             controlnet = models.get("controlnet")
             # The condition image is as many pixels per latent as its embedding downsamples.
@@ -217,6 +253,9 @@ class SampleInterpolate(StageKind):
         low, high = params.schedule_range()
         spacing: Spacing = params.spacing
         variant: Variant = params.variant
+        slerp_form: SlerpForm = params.slerp
+        rounding: Rounding = params.rounding
+        score = self._scorer(ctx, params, pixels) if variant == "quality" else None
         frames_out, scores = interpolate_frames(
             predictor,
             ends,
@@ -229,9 +268,11 @@ class SampleInterpolate(StageKind):
             candidates=candidate_counts(params.levels, params.candidates, params.min_candidates),
             guidance_scale=params.guidance_scale,
             generator=ctx.generator,
-            score=self._scorer(ctx, params) if variant == "quality" else None,
+            score=score,
             batch_size=params.batch_size,
             progress=ctx.progress,
+            slerp_form=slerp_form,
+            rounding=rounding,
         )
         no_poses = torch.zeros(0, 3, 1, 1)
         return {
@@ -298,11 +339,17 @@ class SampleInterpolate(StageKind):
         )
 
     @staticmethod
-    def _scorer(ctx: StageContext, params: SampleInterpolateParams) -> Any:
-        vae, clip = ctx.models.get("vae"), ctx.models.get("clip")
+    def _scorer(ctx: StageContext, params: SampleInterpolateParams, pixels: bool) -> Any:
+        """CLIP's score of candidates, decoded by the VAE, or read as pixels in [-1, 1] (as
+        decode.pixels does) on a pixel-space model, whose denoisers are unconditional."""
+        vae = None if pixels else ctx.models.get("vae")
+        clip = ctx.models.get("clip")
 
         def score(candidates: torch.Tensor) -> torch.Tensor:
-            images = vae_decode(vae, candidates)
+            if vae is None:
+                images = ((candidates.float() + 1) / 2).clamp(0, 1)
+            else:
+                images = vae_decode(vae, candidates)
             return clip_scores(
                 clip.model, clip.processor, images, params.positive_prompt,
                 params.negative_prompt,
@@ -329,36 +376,6 @@ def controlled_predictor(
         )[0]  # fmt: skip
 
     return predict
-
-
-def _controlnet_problems(models: Mapping[str, Any]) -> list[Problem]:
-    """A ControlNet must match the model's UNet (from both configs; nothing loads)."""
-    from editflow.models.providers import component_config
-
-    model, controlnet = models.get("model.id"), models.get(specs.CONTROLNET.provider)
-    if model is None or controlnet is None:
-        return []
-    unet, control = component_config(model, "unet"), component_config(controlnet, "")
-    if unet is None or control is None:
-        return []  # not on disk yet: the first load finds out
-    different = [
-        part
-        for part in (*_CONTROLNET_PARTS, "cross_attention_dim")
-        if _listed(unet.get(part)) != _listed(control.get(part))
-    ]
-    if different:
-        return [
-            Problem(
-                f"the ControlNet '{controlnet.spec.id}' does not match the model's UNet"
-                f" ({', '.join(different)} differ): use a ControlNet trained for"
-                f" '{model.spec.id}'"
-            )
-        ]
-    return []
-
-
-def _listed(value: Any) -> Any:
-    return list(value) if isinstance(value, list | tuple) else value
 
 
 def _require(condition: bool, ctx: StageContext, port: str, message: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel
+from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from PIL import Image
 from support import MANIFESTS
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -16,6 +16,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from editflow.cache import Cache
 from editflow.engine.api import run_recipe
 from editflow.engine.events import CollectEvents
+from editflow.errors import Problem
+from editflow.models.tiny import ensure_tiny
+from editflow.stages.checks import CheckView
 from editflow.stages.ddim_loops import ddim_sample
 from editflow.stages.diffusion import encode_prompts, unet_noise_predictor
 from editflow.stages.interpolation.frames import (
@@ -26,7 +29,11 @@ from editflow.stages.interpolation.frames import (
     slerp,
 )
 from editflow.stages.interpolation.pose import draw_pose, read_openpose
-from editflow.stages.interpolation.sample import controlled_predictor
+from editflow.stages.interpolation.sample import (
+    SampleInterpolate,
+    SampleInterpolateParams,
+    controlled_predictor,
+)
 
 PHOTOS = MANIFESTS / "interpolation" / "photos.toml"
 POSE = MANIFESTS / "interpolation" / "pose.toml"
@@ -99,25 +106,33 @@ def test_frames_are_2_to_the_l_plus_1_with_the_inputs_at_the_ends(
     assert all((frames[i] - frames[j]).abs().max() > 1e-3 for i in range(5) for j in range(i))
 
 
+@pytest.mark.parametrize(
+    ("form", "rounding", "finest"),
+    [("unit-direction", "half-even", 0.3), ("raw", "half-up", 0.25), ("raw", "half-even", 0.25)],
+)
 def test_quality_frames_are_the_best_of_candidates_computed_by_hand(
-    tiny, tiny_folder: Path
+    tiny, tiny_folder: Path, form: str, rounding: str, finest: float
 ) -> None:
     unet, ends, cond, negative = tiny
-    frames, scores = _interpolate(tiny, tiny_folder)
+    # finest 0.25 of 10 steps is the tie 2.5: 2 steps half to even, 3 half up.
+    frames, scores = _interpolate(
+        tiny, tiny_folder, fractions=[0.6, finest], slerp_form=form, rounding=rounding
+    )
     scheduler = _scheduler(tiny_folder)
     timesteps = list(scheduler.timesteps)
     predict = unet_noise_predictor(unet)
 
     def by_hand(frame: int, left: torch.Tensor, right: torch.Tensor, fraction: float, count: int):
-        start = STEPS - level_steps(fraction, STEPS)
+        start = STEPS - level_steps(fraction, STEPS, rounding)
         noise = _noise(frame, count)
         t = timesteps[start]
         mixed = slerp(
             scheduler.add_noise(left.expand(count, -1, -1, -1), noise, t),
             scheduler.add_noise(right.expand(count, -1, -1, -1), noise, t),
             0.5,
+            form=form,
         )
-        text = slerp(cond[:1], cond[1:], frame / 4).expand(count, -1, -1)
+        text = slerp(cond[:1], cond[1:], frame / 4, form=form).expand(count, -1, -1)
         clean = denoise(predict, mixed, scheduler, timesteps[start:], text,
                         negative.expand(count, -1, -1), 7.5)  # fmt: skip
         return clean, _score(clean)
@@ -126,7 +141,7 @@ def test_quality_frames_are_the_best_of_candidates_computed_by_hand(
     best = int(middle_scores.argmax())
     torch.testing.assert_close(frames[2:3], middle[best : best + 1], rtol=1e-5, atol=1e-5)
     assert float(scores[2]) == pytest.approx(float(middle_scores.max()), abs=1e-6)
-    quarter, quarter_scores = by_hand(1, ends[:1], frames[2:3], 0.3, 3)
+    quarter, quarter_scores = by_hand(1, ends[:1], frames[2:3], finest, 3)
     best = int(quarter_scores.argmax())
     torch.testing.assert_close(frames[1:2], quarter[best : best + 1], rtol=1e-5, atol=1e-5)
 
@@ -158,6 +173,61 @@ def test_plain_branching_denoises_to_the_next_level_computed_by_hand(
     three = run(slerp(middle, noised(ends[1:], 3, second), 0.5), 3, second, STEPS)
     expected = [quarter, run(middle, 2, second, STEPS), three]
     torch.testing.assert_close(frames[1:4], torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_the_slerp_form_and_the_rounding_each_change_the_frames(tiny, tiny_folder: Path) -> None:
+    options = dict(fractions=[0.6, 0.25])
+    default, _ = _interpolate(tiny, tiny_folder, **options)
+    raw, _ = _interpolate(tiny, tiny_folder, slerp_form="raw", **options)
+    half_up, _ = _interpolate(tiny, tiny_folder, rounding="half-up", **options)
+    for other in (raw, half_up):
+        assert torch.equal(other[0], default[0]) and torch.equal(other[-1], default[-1])
+        assert (other[1:-1] - default[1:-1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["quality", "plain"])
+def test_an_unconditional_pixel_model_interpolates_without_text_computed_by_hand(
+    models_dir: Path, variant: str
+) -> None:
+    folder = ensure_tiny(models_dir, "tiny-pixel")
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    scheduler.set_timesteps(STEPS)
+    ends = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    predict = unet_noise_predictor(unet)
+    frames, scores = interpolate_frames(
+        lambda frame: predict, ends, scheduler, None, None, levels=1, fractions=[0.5],
+        variant=variant, candidates=[3], guidance_scale=7.5, generator=_generator, score=_score,
+    )  # fmt: skip
+    assert frames.shape == (3, 3, 32, 32)
+    assert torch.equal(frames[0], ends[0]) and torch.equal(frames[-1], ends[1])
+    # By hand: both inputs noised with one draw per candidate, slerped, denoised without
+    # text (no CFG: the UNet takes none) to 0; the best candidate by score is kept.
+    timesteps, start = list(scheduler.timesteps), STEPS - level_steps(0.5, STEPS)
+    count = 3 if variant == "quality" else 1
+    noise = torch.randn((count, 3, 32, 32), generator=_generator(1))
+    noised = [scheduler.add_noise(end.expand(count, -1, -1, -1), noise, timesteps[start])
+              for end in (ends[:1], ends[1:])]  # fmt: skip
+    clean = denoise(predict, slerp(*noised, 0.5), scheduler, timesteps[start:], None, None, 7.5)
+    best = int(_score(clean).argmax())
+    torch.testing.assert_close(frames[1:2], clean[best : best + 1], rtol=1e-5, atol=1e-5)
+    assert scores[1].isnan() == (variant == "plain")
+
+
+def test_a_direct_call_checks_text_against_the_unets_config() -> None:
+    """StageKind.call's view knows the loaded UNet's config, not the recipe's model."""
+    params = SampleInterpolateParams(variant="plain", prompt="a cat")
+    unconditional = CheckView(references={"keypoints": ["a", "b"]},
+                              configs=lambda component, provider: {"in_channels": 3})  # fmt: skip
+    why = "the model has no text encoder (an unconditional UNet)"
+    assert SampleInterpolate.check(params, unconditional) == [
+        Problem(f"is 'a cat', but {why}: the prompt would be ignored", key="prompt",
+                hint="leave prompt empty"),
+        Problem(f"{why}: pose guidance needs a ControlNet, which steers a text-conditioned UNet",
+                key="keypoints", hint="disconnect it"),
+    ]  # fmt: skip
+    conditional = CheckView(configs=lambda component, provider: {"cross_attention_dim": 32})
+    assert SampleInterpolate.check(params, conditional) == []
 
 
 def test_batched_candidates_equal_candidates_one_at_a_time(tiny, tiny_folder: Path) -> None:
