@@ -1,6 +1,7 @@
 """DiffusionCLIP (Kim, Kwon, Ye; CVPR 2022).
 
 - :mod:`.finetuning`: the directional CLIP loss and the two fine-tuning loops.
+- :mod:`.templates`: CLIP's ImageNet prompt templates the text direction averages over.
 - :mod:`.finetune`: ``finetune.diffusionclip``; :mod:`.unseen_domain`:
   ``sample.unseen_domain``.
 

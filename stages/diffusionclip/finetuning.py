@@ -15,32 +15,16 @@ from typing import Any, Literal
 from editflow.lazy import lazy, no_grad
 from editflow.stages.clip import projected
 from editflow.stages.diffusion import NoisePredictor
+from editflow.stages.diffusionclip.templates import EDITFLOW_16
 from editflow.stages.grid_scheduler import GridScheduler
 
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
 checkpoint = lazy("torch.utils.checkpoint")
 
-# CLIP's ImageNet prompt templates (Radford et al. 2021), a subset: the directional loss
-# averages the text features of each text over them, as the released code does.
-TEMPLATES = (
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "a close-up photo of a {}.",
-)
+# The templates the directional loss averages each text's features over by default, as the
+# released code averages over its set (:mod:`.templates`).
+TEMPLATES = EDITFLOW_16
 
 Mode = Literal["full", "light"]
 
@@ -102,13 +86,18 @@ def loss_of_cosine(cosine: torch.Tensor, form: ClipLoss = "direction") -> torch.
 
 @no_grad
 def text_direction(
-    model: Any, processor: Any, source: str, target: str, form: TextDirection = "template-means"
+    model: Any,
+    processor: Any,
+    source: str,
+    target: str,
+    form: TextDirection = "template-means",
+    templates: Sequence[str] = TEMPLATES,
 ) -> torch.Tensor:
-    """The unit CLIP text direction target - source over :data:`TEMPLATES`
-    (:func:`direction_from_features`)."""
+    """The unit CLIP text direction target - source over ``templates`` (each a format string
+    with one ``{}``; :func:`direction_from_features`)."""
 
     def embed(text: str) -> torch.Tensor:
-        prompts = [template.format(text) for template in TEMPLATES]
+        prompts = [template.format(text) for template in templates]
         tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
         device = next(model.parameters()).device
         features = projected(
@@ -160,6 +149,7 @@ def finetune(
     lr_growth: float = 1.3,
     mode: Mode = "full",
     checkpointing: bool = True,
+    embeds: torch.Tensor | None = None,
     progress: Callable[[int, int], None] = lambda step, total: None,
 ) -> torch.Tensor:
     """DiffusionCLIP's fine-tuning of the parameters ``predict`` runs with (Adam, weight
@@ -178,12 +168,15 @@ def finetune(
         scheduler: Generation down the time grid (``t0_grid(t0, S_gen)``), any prediction
             type; its steps are taken by index (:meth:`GridScheduler.transition`), so a
             checkpointed step recomputes exactly what it computed.
-        loss: (x0 estimate (1, C, H, W), image index) -> scalar loss.
+        loss: (x0 estimate (1, C, H, W), image index) -> scalar loss; for a latent model
+            it decodes the estimate to pixels itself.
         epochs: Passes over the training images.
         learning_rate: Adam's learning rate in the first epoch.
         lr_growth: Factor applied to the learning rate after each epoch.
         mode: ``full`` or ``light``.
         checkpointing: Checkpoint each step of the ``full`` chain.
+        embeds: (1, tokens, D) the text embedding a conditional (latent) denoiser is
+            generated with; ``None`` for an unconditional (pixel-space) one.
         progress: Called with (optimiser steps done, in all).
 
     Returns:
@@ -196,7 +189,7 @@ def finetune(
 
     def step(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         # A pure function of (x, i): the timestep is a CPU scalar, as schedulers hand out.
-        return scheduler.transition(i, predict(x, scheduler.timesteps[i], None), x)
+        return scheduler.transition(i, predict(x, scheduler.timesteps[i], embeds), x)
 
     for _ in range(epochs):
         for index in range(len(inverted)):

@@ -52,7 +52,8 @@ class SampleUnseenDomain(StageKind):
     outputs = (
         Port("latents", ArtifactType.LATENT, "The images on the model's domain", size_of="latents"),
     )
-    components = (specs.UNET, specs.SCHEDULER_CONFIG)
+    # The text parts too: a text-conditioned UNet generates on the empty prompt's embedding.
+    components = specs.DENOISER
     seeded = True
 
     @classmethod

@@ -306,3 +306,46 @@ def test_the_released_loss_form_reaches_the_fine_tune(tmp_path: Path) -> None:
         losses[form] = cache.get(result.keys["finetune"]).tensor("losses")
     direction = float(losses["direction"][0]) / 3
     assert math.isclose(float(losses["log"][0]) / 3, -math.log((2 - direction) / 2), rel_tol=1e-4)
+
+
+def test_the_imagenet_80_set_is_clips_80_distinct_templates() -> None:
+    from editflow.stages.diffusionclip.templates import EDITFLOW_16, IMAGENET_80, TEMPLATE_SETS
+
+    assert len(IMAGENET_80) == len(set(IMAGENET_80)) == 80
+    assert all(template.count("{}") == 1 for template in IMAGENET_80)
+    # Spot checks against CLIP's notebook: its first, a middle and its last template.
+    assert IMAGENET_80[0] == "a bad photo of a {}."
+    assert IMAGENET_80[35] == "a {} in a video game."
+    assert IMAGENET_80[-1] == "a tattoo of the {}."
+    assert set(EDITFLOW_16) < set(IMAGENET_80) and len(EDITFLOW_16) == 16
+    assert TEMPLATE_SETS == {"editflow-16": EDITFLOW_16, "imagenet-80": IMAGENET_80}
+
+
+@pytest.mark.parametrize("form", ["template-means", "released"])
+def test_the_imagenet_80_text_direction_equals_a_float64_computation(clip, form: str) -> None:
+    """Each template's text features taken one prompt at a time (no padding), then the
+    direction formed in float64 over all 80."""
+    import numpy as np
+
+    from editflow.stages.clip import projected
+    from editflow.stages.diffusionclip.templates import IMAGENET_80
+
+    def features(text: str) -> np.ndarray:
+        rows = []
+        for template in IMAGENET_80:
+            tokens = clip.processor.tokenizer([template.format(text)], return_tensors="pt")
+            with torch.no_grad():
+                rows.append(projected(clip.model.get_text_features(**tokens))[0].double().numpy())
+        return np.stack(rows)  # (80, D)
+
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    source, target = unit(features("photo")), unit(features("sketch"))
+    if form == "released":
+        expected = unit((target - source).mean(0))
+    else:
+        expected = unit(unit(target.mean(0)) - unit(source.mean(0)))
+    ours = text_direction(clip.model, clip.processor, "photo", "sketch", form, IMAGENET_80)
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    assert np.allclose(ours.double().numpy(), expected, atol=1e-5)
+    sixteen = text_direction(clip.model, clip.processor, "photo", "sketch", form)
+    assert not np.allclose(sixteen.double().numpy(), expected, atol=1e-3)
