@@ -60,7 +60,14 @@ def written_live(port: Port) -> bool:
 
 def last_run_record(plan: Plan, stage: str) -> str:
     """Name of the cache record holding the preimage of a stage's last run in this recipe."""
-    return "last-run/" + key_of({"recipe": document_identity(plan.loaded.path), "stage": stage})
+    return _record_name(document_identity(plan.loaded.path), stage)
+
+
+def _record_name(recipe: str, stage: str | None) -> str:
+    # stage None: the recipe's index of its stages' last keys
+    return "last-run/" + key_of(
+        {"recipe": recipe} if stage is None else {"recipe": recipe, "stage": stage}
+    )
 
 
 @dataclass
@@ -198,13 +205,15 @@ class _Run:
         plan, session = self.plan, self.session
         for stage in plan.needed:
             session.events(Event("pending", stage.name, stage.kind.kind, stage.key))
+        last_runs = _LastRuns(plan, self.cache)
         for stage in plan.needed:
             if self.cache.has(stage.key):
                 self.result.hits.append(stage.name)
                 session.events(Event("cached", stage.name, stage.kind.kind, stage.key))
             else:
                 self.materialize(stage.name)
-            _remember_last_run(plan, stage, self.cache)
+            last_runs.remember(stage)
+        last_runs.save()
         if session.out_dir is None:
             return
         for stage in plan.needed:
@@ -403,12 +412,26 @@ def _entry_attrs(plan: Plan, stage: PlannedStage, session: Session) -> dict[str,
     }
 
 
-def _remember_last_run(plan: Plan, stage: PlannedStage, cache: Cache) -> None:
-    """Record this stage's preimage so `plan` can say what changed next time."""
-    name = last_run_record(plan, stage.name)
-    record = cache.get_record(name)
-    if record is None or record.get("key") != stage.key:
-        cache.put_record(name, {"key": stage.key, "preimage": stage.preimage})
+class _LastRuns:
+    """Each stage's preimage as last run in this recipe, so `plan` can say what changed next
+    time. One small index of the stages' last keys is read per run, and a stage's record is
+    written only when its key changed: an all-hit rerun reads one record and writes none."""
+
+    def __init__(self, plan: Plan, cache: Cache) -> None:
+        self.cache, self.recipe = cache, document_identity(plan.loaded.path)
+        index = cache.get_record(_record_name(self.recipe, None)) or {}
+        self.keys: dict[str, str] = dict(index.get("keys", {}))
+        self.changed = False
+
+    def remember(self, stage: PlannedStage) -> None:
+        if self.keys.get(stage.name) != stage.key:
+            record = {"key": stage.key, "preimage": stage.preimage}
+            self.cache.put_record(_record_name(self.recipe, stage.name), record)
+            self.keys[stage.name], self.changed = stage.key, True
+
+    def save(self) -> None:
+        if self.changed:
+            self.cache.put_record(_record_name(self.recipe, None), {"keys": self.keys})
 
 
 def layouts(stage: PlannedStage) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -142,6 +143,12 @@ class LoadedRecipe(BaseModel):
         return self.locator.locate(problem)
 
 
+@cache
+def _stage_adapter() -> TypeAdapter[Any]:
+    """The validator of one stage table; built once (a rebuild costs more than a rerun)."""
+    return TypeAdapter(stage_union())
+
+
 def load_recipe(
     path: str | Path,
     overrides: list[str] | None = None,
@@ -176,7 +183,7 @@ def load_recipe(
 
     stages: dict[str, Any] = {}
     loose: dict[str, tuple[Any, dict[str, Any]]] = {}
-    adapter = TypeAdapter(stage_union())
+    adapter = _stage_adapter()
     raw_stages = document.get("stages")
     if isinstance(raw_stages, dict):
         for name, raw in raw_stages.items():

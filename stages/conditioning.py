@@ -26,7 +26,7 @@ from typing import Any
 from editflow.errors import EditflowError, Problem
 from editflow.lazy import lazy
 from editflow.stages.checks import CheckView
-from editflow.stages.diffusion import encode_prompts, is_unconditional, prompt_pair
+from editflow.stages.diffusion import encode_prompts_once, is_unconditional, prompt_pair
 
 torch = lazy("torch")
 
@@ -104,12 +104,12 @@ def text_conditioning(
         return None, None  # the plan refuses text for such a model (text_problems)
     tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
     if prompt_embeds is None:
-        cond = encode_prompts(tokenizer, text_encoder, [prompt] * batch).to(device, dtype)
+        cond = encode_prompts_once(tokenizer, text_encoder, [prompt] * batch).to(device, dtype)
     else:
         cond = match_batch(prompt_embeds.to(device, dtype), batch, "prompt_embeds", stage)
     uncond = None
     if guided:
-        uncond = encode_prompts(tokenizer, text_encoder, [negative_prompt] * batch)
+        uncond = encode_prompts_once(tokenizer, text_encoder, [negative_prompt] * batch)
         uncond = uncond.to(device, dtype)
         if prompt_embeds is not None:
             _same_shape(cond, uncond, "prompt_embeds", "the negative prompt's embedding", stage)

@@ -12,6 +12,7 @@ knobs are keyword-only, and which calls ``callback(info)`` after every step with
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
@@ -150,6 +151,27 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     return text_encoder(tokens.input_ids.to(device))[0]
 
 
+# Text encoder -> tokenizer -> prompts -> embeddings: the prompts a run's stages encode,
+# each once (an inversion and its edits share a prompt, and on Stable Diffusion the text
+# encoder costs as much as several UNet steps). Frozen encoders only; bounded per encoder.
+_PROMPT_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROMPT_MEMO_SIZE = 32
+
+
+def encode_prompts_once(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """:func:`encode_prompts`, remembered per (text encoder, tokenizer, prompts) for as long as
+    the encoder is loaded: the same call gives the same tensor's values without running the
+    encoder again. For the prompts of samplers, not for banks of hundreds of sentences."""
+    by_tokenizer = _PROMPT_MEMO.setdefault(text_encoder, weakref.WeakKeyDictionary())
+    memo = by_tokenizer.setdefault(tokenizer, {})
+    key = tuple(prompts)
+    if key not in memo:
+        if len(memo) >= _PROMPT_MEMO_SIZE:
+            memo.pop(next(iter(memo)))
+        memo[key] = encode_prompts(tokenizer, text_encoder, key)
+    return memo[key].clone()  # a caller may change its copy
+
+
 def encode_prompt_pair(
     models: Any, prompt: str, negative_prompt: str, batch: int, guided: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,8 +185,10 @@ def encode_prompt_pair(
         guided: Whether CFG is used (else the negative prompt is not encoded).
     """
     tokenizer, text_encoder = models.get("tokenizer"), models.get("text_encoder")
-    cond = encode_prompts(tokenizer, text_encoder, [prompt] * batch)
-    uncond = encode_prompts(tokenizer, text_encoder, [negative_prompt] * batch) if guided else None
+    cond = encode_prompts_once(tokenizer, text_encoder, [prompt] * batch)
+    uncond = (
+        encode_prompts_once(tokenizer, text_encoder, [negative_prompt] * batch) if guided else None
+    )
     return cond, uncond
 
 

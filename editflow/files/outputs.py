@@ -65,11 +65,17 @@ def _provenance_of(path: Path) -> dict[str, str] | None:
     """The text an exported file carries (PNG text chunks, GIF comment), None if unreadable."""
     try:
         with Image.open(path) as image:
-            # Text chunks precede the pixels, a GIF's comment its frames: nothing is decoded.
+            # We write text chunks before the pixels and a GIF's comment before its frames, so
+            # opening parses them and nothing is decoded (``image.text`` would decode the
+            # pixels to look for chunks after them).
             if path.suffix == ".gif":
                 text = json.loads(image.info.get("comment", b"{}"))
             else:
-                text = dict(image.text)
+                text = {
+                    name: value
+                    for name, value in image.info.items()
+                    if name.startswith("editflow:") and isinstance(value, str)
+                }
     except (OSError, ValueError):
         return None
     return text if isinstance(text, dict) else None

@@ -299,3 +299,23 @@ def test_entries_are_written_on_the_writer_thread_and_all_published_on_return(
     assert len(threads) == len(ALL_STAGES)
     assert all(name.startswith("editflow-cache-writer") for name in threads)
     assert all(cache.has(key) for key in result.keys.values())
+
+
+def test_each_prompt_is_encoded_once_per_run_however_many_stages_use_it(tmp_path: Path) -> None:
+    import torch
+
+    from editflow.engine.api import models_dir_for, plan_recipe
+    from editflow.models import RunModels
+
+    cache = Cache(tmp_path / "c")
+    plan = plan_recipe(QUICKSTART, cache=cache)
+    models = RunModels(plan.models, device=torch.device("cpu"), dtype=torch.float32,
+                       models_dir=models_dir_for(cache))  # fmt: skip
+    encoder = models.registry("model.id").get("text_encoder")
+    encoded: list[int] = []
+    encoder.register_forward_hook(lambda module, args, output: encoded.append(len(args[0])))
+    run_recipe(QUICKSTART, cache=cache, out_dir=None, device="cpu", registry=models)
+    # The inversion and the reconstruction share "a photo of a cat", the edit adds "a photo of
+    # a dog" and CFG's empty prompt: three encodings for four uses of a prompt.
+    uses = sum(1 for s in plan.stages.values() if s.kind.kind.endswith(".ddim"))
+    assert uses == 3 and len(encoded) == 3
