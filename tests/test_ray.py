@@ -4,9 +4,11 @@ kept between an executor's runs, and the schedule's order."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,58 @@ def local_ray(s3_bucket: str | None):
 
 
 @pytest.fixture(scope="module")
-def on_ray(local_ray: None) -> Iterator[RayExecutor]:
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test opens a :func:`gated_worker` gate (a file ``gate``: producer, consumer)."""
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def on_ray(local_ray: None, gate: Path) -> Iterator[RayExecutor]:
     """One executor for the module's runs: the workers it keeps between runs are warm for the
     next test, as a long-lived driver's are for its next sweep."""
-    executor = RayExecutor(workers=2)
+    executor = RayExecutor(workers=2, worker_class=gated_worker(gate))
     yield executor
     executor.release_workers()
+
+
+def gated_worker(folder: Path) -> type[StageWorker]:
+    """A worker class that, while ``folder/gate`` names a producer and a consumer, holds the
+    producer at its step 2 until the consumer has started (at most two minutes): whether a
+    consumer follows a running producer is then the scheduler's decision, not a race between
+    the producer's speed and a worker's start. (Defined in a function: Ray sends it by value.)"""
+
+    def opened() -> list[str]:
+        gate = folder / "gate"
+        return gate.read_text().split() if gate.exists() else []
+
+    class GatedWorker(StageWorker):
+        def run(self, plan: Any, name: str, cache_url: str, live_id: Any = None,
+                following: Any = None) -> list[str]:  # fmt: skip
+            if name in opened()[1:]:
+                (folder / f"started-{name}").write_text("")
+            return StageWorker.run(self, plan, name, cache_url, live_id, following)
+
+        def send(self, event: Any) -> None:
+            names = opened()
+            if names and event.type == "step" and event.stage == names[0] and event.step == 2:
+                waited = 0.0
+                while not (folder / f"started-{names[1]}").exists() and waited < 120:
+                    time.sleep(0.05)
+                    waited += 0.05
+            StageWorker.send(self, event)
+
+    return GatedWorker
+
+
+@contextlib.contextmanager
+def gated(folder: Path, producer: str, consumer: str) -> Iterator[None]:
+    """Open the gate of :func:`gated_worker` for one run."""
+    (folder / "gate").write_text(f"{producer} {consumer}")
+    try:
+        yield
+    finally:
+        for path in folder.iterdir():
+            path.unlink()
 
 
 def dying_worker(marker: Path, stage: str, step: int = 0) -> type[StageWorker]:
@@ -168,11 +216,13 @@ def _follow_sweep(
 
 
 def test_edits_follow_the_inversion_they_share_and_match_in_process(
-    on_ray: RayExecutor, tmp_path: Path
+    on_ray: RayExecutor, gate: Path, tmp_path: Path
 ) -> None:
     recipe = _edit_friendly_recipe(tmp_path)
     events = CollectEvents()
-    _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events, on_ray)
+    with gated(gate, "invert", "reconstruct"):
+        _follow_sweep(recipe, Cache(tmp_path / "c1"), tmp_path / "ray", events, on_ray)
+        assert (gate / "started-reconstruct").exists()
     _follow_sweep(recipe, Cache(tmp_path / "c2"), tmp_path / "here", None, None)
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here")
     assert len(_digests(tmp_path / "here")) == 2 * 4 + 1  # 4 images a point, and the grid
@@ -201,7 +251,7 @@ def test_a_stage_following_one_whose_worker_dies_runs_again(
 
 
 def test_a_sweep_on_ray_over_an_object_store_cache_matches_in_process(
-    on_ray: RayExecutor, s3_bucket: str | None, tmp_path: Path
+    on_ray: RayExecutor, gate: Path, s3_bucket: str | None, tmp_path: Path
 ) -> None:
     if s3_bucket is None:
         pytest.skip("needs moto[server] and s3fs (the test extra)")
@@ -209,7 +259,9 @@ def test_a_sweep_on_ray_over_an_object_store_cache_matches_in_process(
     cache = Cache(f"s3://{s3_bucket}/{tmp_path.name}")
     assert not cache.is_local
     events = CollectEvents()
-    _follow_sweep(recipe, cache, tmp_path / "ray", events, on_ray)
+    with gated(gate, "invert", "reconstruct"):
+        _follow_sweep(recipe, cache, tmp_path / "ray", events, on_ray)
+        assert (gate / "started-reconstruct").exists()
     _follow_sweep(recipe, Cache(tmp_path / "here"), tmp_path / "here", None, None)
     assert _digests(tmp_path / "ray") == _digests(tmp_path / "here") != {}
     order = [(e.type, e.stage, e.step) for e in events.events if e.type in ("step", "done")]
