@@ -222,3 +222,23 @@ def test_a_huge_sweep_or_a_key_swept_twice_is_refused_before_planning(
         "--sweep stages.edit.skip=2: stages.edit.skip is swept twice (also --sweep"
         " stages.edit.skip=1)"
     )
+
+
+def test_an_all_hit_sweep_keeps_its_grid_and_imports_no_torch(tmp_path: Path) -> None:
+    from support import modules_imported_by
+
+    recipe = _recipe(tmp_path / "recipe")
+    argv = ["run", str(recipe), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            *SWEEP[:2]]  # fmt: skip
+    assert main(argv) == 0
+    grid = tmp_path / "out" / "sweep.png"
+    made = grid.stat().st_mtime_ns
+    # Rerun in a fresh interpreter: every point hits, and the grid of the same figures is
+    # the one already there (building it again would import torch for nothing).
+    assert modules_imported_by(argv, ("torch",)) == []
+    assert grid.stat().st_mtime_ns == made
+    # A grid that does not say what it was made of is made again.
+    Image.new("RGB", (8, 8), "red").save(grid)
+    assert main(argv) == 0
+    with Image.open(grid) as remade:
+        assert remade.width > 8 and "editflow:made_of" in remade.info

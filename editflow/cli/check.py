@@ -211,7 +211,7 @@ class Rerun:
 
 def rerun(
     recipe: Path, *, cache: Any, out_dir: Path, device: str = "auto", events: Any = None,
-    registry: Any = None, threads: int | None = None,
+    registry: Any = None, threads: int | None = None, known_pixels: Any = None,
 ) -> Rerun:  # fmt: skip
     """Run a recipe (all its ``[sweep]`` points when it has a table) through the cache and
     collect its lock facts."""
@@ -242,7 +242,7 @@ def rerun(
     plan = runs[0][1].plan
     recipe_hash = plan.recipe_hash if not axes else _sweep_hash(document)
     files = {path.relative_to(out_dir).as_posix(): path for path in written}
-    facts = lock_facts(recipe.name, recipe_hash, models, stages, files)
+    facts = lock_facts(recipe.name, recipe_hash, models, stages, files, known_pixels)
     return Rerun(
         recipe, facts, files,
         computed=[prefix + name for prefix, outcome in runs for name in outcome.computed],

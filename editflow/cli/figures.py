@@ -143,6 +143,7 @@ def check_recipes(
             outcome = rerun(
                 recipe, cache=cache, out_dir=result.out_dir, device=device, events=events,
                 registry=pool.lend(recipe), threads=count,
+                known_pixels={f.sha256: f.pixels for f in lock.file.values()} if lock else None,
             )  # fmt: skip
             pool.keep(outcome.registry)
             result.computed, result.cached = outcome.computed, outcome.cached

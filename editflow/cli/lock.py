@@ -102,6 +102,7 @@ def lock_facts(
     models: Mapping[str, Any],
     stages: Mapping[str, StageRun],
     files: Mapping[str, Path],
+    known_pixels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every fact of a lock, as the nested tables its TOML holds (normalised as TOML reads
     them back, so a fresh run's facts compare equal to a lock's).
@@ -112,6 +113,8 @@ def lock_facts(
         models: Provider field -> resolved model (``None`` where the recipe names none).
         stages: Stage name (``POINT/STAGE`` in a sweep) -> what the rerun planned and cached.
         files: Exported file name (relative to the output folder) -> path.
+        known_pixels: File sha256 -> pixel digest already known (a lock's): a file with
+            those bytes has those pixels, so it is not decoded again.
     """
     from editflow.imagecheck import pixel_digest
 
@@ -145,8 +148,11 @@ def lock_facts(
             table["digest"] = output_digests(stage.entry, stage.outputs)
         facts["stage"][name] = table
     for name, path in sorted(files.items()):
-        facts["file"][name] = {"sha256": file_sha256(path), "pixels": pixel_digest(path)}
-    return tomllib.loads(render(facts))
+        sha256 = file_sha256(path)
+        pixels = (known_pixels or {}).get(sha256) or pixel_digest(path)
+        facts["file"][name] = {"sha256": sha256, "pixels": pixels}
+    # As TOML reads them back (sorted tables, lists, no None), without writing TOML here.
+    return _tomlable(facts)
 
 
 def render(facts: Mapping[str, Any]) -> str:

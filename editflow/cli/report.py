@@ -92,7 +92,7 @@ def _file_figures(check: Any, result: Any, root: Path, pictures: Path) -> str:
         cells.append((copy, "lock"))
     if check.image is not None and check.image.is_file():
         cells.append((check.image, "new"))
-    if len(cells) == 2:
+    if len(cells) == 2 and check.status != "exact":  # same pixels: nothing to picture
         picture = folder / f"{check.name}.difference.png"
         difference_image(check.baseline, check.image, result.tolerance).save(picture)
         cells.append((picture, "difference"))
