@@ -1,6 +1,6 @@
-"""The README's stage reference, generated from the stage declarations.
+"""The stage reference (docs/stages.md), generated from the stage declarations.
 
-``python -m editflow.stages.docs`` prints it; a test fails when the README's copy is stale.
+``python -m editflow.stages.docs`` prints it; a test fails when docs/stages.md is stale.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def kind_reference(kind: type[StageKind]) -> str:
 
 
 def stage_reference() -> str:
-    """Markdown for every registered stage kind, between the README markers."""
+    """Markdown for every registered stage kind, between the markers in docs/stages.md."""
     body = "\n".join(kind_reference(kind) for kind in STAGE_KINDS)
     return f"{BEGIN}\n\n{body}\n{END}"
 

@@ -37,11 +37,11 @@ def test_import_layering_contracts_hold(tmp_path: Path) -> None:
     assert "3 kept, 0 broken" in result.stdout
 
 
-def test_readme_stage_reference_is_current() -> None:
-    readme = (ROOT / "README.md").read_text()
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    assert readme[start:end] == stage_reference(), (
-        "README stage reference is stale: python -m editflow.stages.docs > the block in README"
+def test_the_stage_reference_is_current() -> None:
+    page = (ROOT / "docs" / "stages.md").read_text()
+    start, end = page.index(BEGIN), page.index(END) + len(END)
+    assert page[start:end] == stage_reference(), (
+        "docs/stages.md is stale: python -m editflow.stages.docs > the block in docs/stages.md"
     )
 
 
@@ -59,11 +59,10 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_the_ci_job_users_copy_runs_the_commands_the_test_command_runs() -> None:
-    """docs/ci/figures.yml (shown in the README and docs/figures.md) installs as the test
+    """docs/ci/figures.yml (shown in docs/figures.md) installs as the test
     command does and runs the figure check CI ends with."""
     job = (ROOT / "docs" / "ci" / "figures.yml").read_text()
-    for page in ("README.md", "docs/figures.md"):
-        assert f"```yaml\n{job}```" in (ROOT / page).read_text(), page
+    assert f"```yaml\n{job}```" in (ROOT / "docs" / "figures.md").read_text()
     test_command = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())[1]
     steps = [step.split(" && ") for step in re.findall(r"^      - run: (.+)$", job, re.MULTILINE)]
     install, check = steps
@@ -140,3 +139,28 @@ def test_no_stage_module_passes_about_400_lines() -> None:
         for path in (ROOT / "stages").rglob("*.py")
     }
     assert {name: n for name, n in lengths.items() if n > 420} == {}
+
+
+def test_the_readme_recipe_validates_and_its_diagram_is_the_quick_start(tmp_path: Path) -> None:
+    from editflow.cache import Cache
+    from editflow.cli import main
+    from editflow.engine.api import plan_recipe
+
+    readme = (ROOT / "README.md").read_text()
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(re.findall(r"```toml\n(.+?)```", readme, re.S)[0])
+    assert main(["validate", str(recipe), "--cache", str(tmp_path / "c")]) == 0
+    # The mermaid graph: each "a[...] --> b[...] --> c[...]" chain, as stage-name edges.
+    diagram = re.findall(r"```mermaid\n(.+?)```", readme, re.S)[0]
+    drawn = set()
+    for line in diagram.splitlines()[1:]:
+        names = [re.sub(r"\[.*\]", "", part).strip() for part in line.split("-->")]
+        drawn |= {(a.removeprefix("inputs."), b) for a, b in zip(names, names[1:], strict=False)}
+    plan = plan_recipe(MANIFESTS / "quickstart.toml", cache=Cache(tmp_path / "c"))
+    edges = set()
+    for stage in plan.stages.values():
+        for refs in stage.references.values():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                head, _, tail = ref.partition(".")
+                edges.add((tail if head == "inputs" else head, stage.name))
+    assert drawn == edges

@@ -225,7 +225,7 @@ def test_tiny_scheduler_config_matches_the_built_folder(tiny_folder: Path, tmp_p
     assert as_tiny.scheduler_config == as_folder.scheduler_config
 
 
-# What each built-in model's folder, the README and METHODS.md say its schedule is.
+# What each built-in model's folder, docs/cli.md and METHODS.md say its schedule is.
 DECLARED_SCHEDULES = {
     "tiny": ("scaled_linear", 0.00085, 0.012, False, 1),
     "tiny-inpaint": ("scaled_linear", 0.00085, 0.012, False, 1),
