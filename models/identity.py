@@ -338,6 +338,23 @@ def _from_cache(
     return HubModel(commit, dict(sorted(files.items())), snapshot, read_configs)
 
 
+# What a failure to reach the Hub is called by the HTTP libraries huggingface_hub may use
+# underneath (httpx, requests, urllib3): matched by class name, so none need be imported.
+_NETWORK_ERRORS = frozenset({
+    "ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "ProxyError",
+    "ReadTimeout", "TimeoutException", "Timeout", "TransportError", "OfflineModeIsEnabled",
+})  # fmt: skip
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the Hub could not be reached."""
+    while error is not None:
+        if {cls.__name__ for cls in type(error).__mro__} & _NETWORK_ERRORS:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _from_metadata(
     repo_id: str,
     revision: str | None,
@@ -393,9 +410,18 @@ def _from_metadata(
             key=key,
             hint="check the id; for a gated model accept its terms and run 'hf auth login'",
         ) from None
-    except (HfHubHTTPError, OSError) as error:
+    except Exception as error:
+        if not _unreachable(error) and not isinstance(error, HfHubHTTPError | OSError):
+            raise
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        if _unreachable(error):
+            raise ModelUnavailableError(
+                f"cannot reach the Hugging Face Hub for '{repo_id}': {first}",
+                key=key,
+                hint=f"set HF_HUB_OFFLINE=1 or pass --offline to use only the local cache, {otherwise}",
+            ) from None
         raise ModelUnavailableError(
-            f"'{repo_id}' could not be looked up: {str(error).splitlines()[0]}",
+            f"'{repo_id}' could not be looked up: {first}",
             key=key,
             hint=f"{fetch} once the Hub can be reached, {otherwise}",
         ) from None

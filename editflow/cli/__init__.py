@@ -44,11 +44,21 @@ def _threads_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _offline_option(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        default=default,
+        help="never contact the Hugging Face Hub: use only its local cache (HF_HUB_OFFLINE=1)",
+    )
+
+
 def _recipe_command(
     commands: Any, name: str, help: str, targets: bool = True
 ) -> argparse.ArgumentParser:
     """A command on one recipe: the recipe, --set, --cache and (usually) --target."""
     parser = commands.add_parser(name, help=help)
+    _offline_option(parser)
     parser.add_argument("recipe", type=Path, help="recipe file (.toml or .json)")
     parser.add_argument(
         "--set",
@@ -83,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="editflow", description="Declarative, cached pipelines for diffusion image editing."
     )
     parser.add_argument("--version", action="version", version=f"editflow {__version__}")
+    _offline_option(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = _recipe_command(commands, "run", "run a recipe, reusing cached stages")
     run.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
@@ -187,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, 2 for user errors, 130 when interrupted)."""
     try:
         args = build_parser().parse_args(argv)
+        if args.offline:  # read when the Hub is first asked, not at import
+            os.environ["HF_HUB_OFFLINE"] = "1"
         return COMMANDS[args.command](args)
     except EditflowError as error:
         print(error.render(), file=sys.stderr)

@@ -103,3 +103,34 @@ def test_a_part_a_built_in_model_lacks_has_no_config(tmp_path: Path) -> None:
     )["model.id"]
     assert component_config(pixel, "vae") is None
     assert component_config(pixel, "unet")["in_channels"] == 3
+
+
+def test_an_unreachable_hub_is_one_line_and_offline_says_how_to_get_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from huggingface_hub import constants
+
+    from editflow.cli import main
+
+    # As on a machine with no network and nothing set: the Hub is asked, and cannot answer
+    # (a closed port here, so the test is as fast offline as online).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('schema_version = 1\n[model]\nid = "org/model"\n[stages.bank]\n'
+                      'kind = "direction.bank_mean"\nword = "cat"\n')  # fmt: skip
+    argv = ["validate", str(recipe), "--cache", str(tmp_path / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"{recipe}:3: model.id: cannot reach the Hugging Face Hub for 'org/model': ")
+    assert err.rstrip().endswith("(set HF_HUB_OFFLINE=1 or pass --offline to use only the local"
+                                 " cache, or set model.id to a local folder)")  # fmt: skip
+    assert main([*argv, "--offline"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{recipe}:3: model.id: model 'org/model' is not available offline (run 'hf download"
+        " org/model' with network access, or set model.id to a local folder)"
+    )
