@@ -14,3 +14,14 @@ Floors, each importing only the ones below it (an import-linter ``layers`` contr
 """
 
 __version__ = "0.1.0"
+
+# The Python API (editflow.api), imported on first use: `import editflow` stays light.
+_API = ("run", "plan", "validate", "explain")
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from editflow import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'editflow' has no attribute {name!r}")
