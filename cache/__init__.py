@@ -10,8 +10,9 @@ A cache root is a local folder or any fsspec URL (``memory://``, ``file://``, ``
 
 The manifest holds the key, the object id, the creation time, stored bytes, the JSON attrs
 (key preimage, recipe, stage, timings, device, texts) with their sha256 and, per array: shape,
-stored dtype, torch dtype, chunks, shards, stream axis, codec, chunk key separator, the
-xxh3-128 of the stored C-order bytes, and the xxh3-128 of each step along the stream axis.
+dtype of the values, torch dtype, chunks, shards, stream axis, codec, chunk key separator,
+encoding (when not stored as its dtype), the xxh3-128 of the values' C-order bytes, and the
+xxh3-128 of each step along the stream axis.
 
 Publish protocol:
 
@@ -38,15 +39,21 @@ Publish protocol:
 Storage: arrays written with a stream axis (noise sequences ``(T, C, H, W)``, attention maps
 ``(steps, ...)``) have one step per chunk once a step reaches 64 KiB (an SD 1.x latent), so
 ``Entry.step`` reads one chunk; smaller steps share chunks of about 64 KiB. The chunks are
-grouped into shards (16 MiB on local disk, 64 MiB on object stores) read by byte range, so a
-100-step sequence is a handful of files, not a hundred. Other arrays are one chunk. Chunks
-are raw unless a writer asks for zstd (level 1). On local disk the writer writes the zarr
-metadata of its group and raw arrays itself (``metadata``) and keeps shard files beside
-their array's metadata (chunk keys ``c.0.0``). One checksum layer: a corrupt chunk fails even
-a one-step read through that step's xxh3-128. bfloat16 is stored as float32 and restored on
-read. Reads return new tensors and verify checksums (whole array, or the step's own); a
-mismatch or decode failure raises ``DamagedEntryError``, remembers the entry as damaged
-(``has`` turns False) and the next writer of that key replaces it. No pickle: arrays are zarr, the rest JSON.
+grouped into shards read by byte range: on local disk one shard file per raw array, each
+step written at its place as it comes (``shards.ShardWriter``); on object stores 64 MiB
+shards (16 MiB for compressed local streams), buffered until complete. Other arrays are one
+chunk. Chunks are raw unless a writer asks for zstd (level 1). On local disk the writer
+writes the zarr metadata of its group and raw arrays itself (``metadata``) and keeps shard
+files beside their array's metadata (chunk keys ``c.0.0``), and reads of raw streams go
+straight to the shard files (``shards.ShardedArray``), zarr reading everything else. A
+float32 array (not streamed) whose values are all ``k / 255`` (a figure, an image from a
+PNG) is stored as its uint8 codes and read back bit for bit (``encoding: "pixels"``; such a
+manifest is format 4, every other one format 3). One checksum layer: a corrupt chunk fails
+even a one-step read through that step's xxh3-128. bfloat16 is stored as float32 and
+restored on read. Reads return new tensors and verify checksums (whole array, or the step's
+own); a mismatch or decode failure raises ``DamagedEntryError``, remembers the entry as
+damaged (``has`` turns False) and the next writer of that key replaces it. No pickle: arrays
+are zarr, the rest JSON.
 """
 
 from .entry import ArrayInfo, Damage, DamagedEntryError, Entry, ReadStats

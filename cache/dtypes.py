@@ -2,10 +2,18 @@
 
 zarr v3 has no bfloat16, so a bfloat16 tensor is stored as float32 (exact: every bfloat16 is a
 float32) and the torch dtype is recorded next to it so that reads cast it back. Every other
-supported dtype is stored as itself. The checksum of an array is the xxh3-128 of its C-order
-bytes *as stored* (so float32 bytes for a bfloat16 tensor): it guards against damage, not
+supported dtype is stored as itself. The checksum of an array is the xxh3-128 of its values'
+C-order bytes in the stored dtype (so float32 bytes for a bfloat16 tensor, and the decoded
+float32 values of a pixel-encoded array, below): it guards against damage, not
 against an adversary (cache keys are sha256), and at ~10 GB/s it never limits a read, where
 sha256's ~1 GB/s did.
+
+One encoding keeps values exactly while storing fewer bytes: a float32 array whose every
+value is ``k / 255`` for an integer ``k`` in 0..255 (an image read from a PNG, a figure, a
+binary mask) is stored as the uint8 codes ``k`` (:func:`pixel_codes`) and decoded on read by
+the same float32 division (:func:`from_pixel_codes`), bit for bit, ``-0.0`` and NaN excluded.
+The manifest then still describes the values (float32, their checksum), so an output's digest
+does not depend on how it was stored.
 """
 
 from __future__ import annotations
@@ -113,3 +121,45 @@ def checksum_update(digest: Any, array: np.ndarray) -> Any:
     contiguous = np.asarray(array, order="C")
     digest.update(contiguous.reshape(-1).view(np.uint8))
     return digest
+
+
+PIXELS = "pixels"
+"""The ``encoding`` of an array stored as uint8 codes ``k`` of float32 values ``k / 255``."""
+
+PIXELS_MIN_BYTES = 1024
+"""Smaller float32 arrays are stored as they are (nothing to save)."""
+
+_SCALE = np.float32(255)
+_BLOCK = 1 << 18  # values checked at a time
+
+
+def pixel_codes(values: np.ndarray) -> np.ndarray | None:
+    """The uint8 codes ``k`` such that ``from_pixel_codes(k)`` is ``values`` bit for bit, or
+    None when ``values`` is not a float32 array of at least :data:`PIXELS_MIN_BYTES` whose
+    every value lies on that grid (most are not: their first values decide, cheaply)."""
+    if values.dtype != np.float32 or values.nbytes < PIXELS_MIN_BYTES:
+        return None
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if _codes(flat[:64]) is None:
+        return None
+    codes = np.empty(flat.shape, np.uint8)
+    for start in range(0, len(flat), _BLOCK):  # a block off the grid ends the search
+        block = _codes(flat[start : start + _BLOCK])
+        if block is None:
+            return None
+        codes[start : start + _BLOCK] = block
+    return codes.reshape(values.shape)
+
+
+def _codes(flat: np.ndarray) -> np.ndarray | None:
+    scaled = np.rint(flat * _SCALE)
+    if not ((scaled >= 0) & (scaled <= 255)).all():  # NaN fails both
+        return None
+    codes = scaled.astype(np.uint8)
+    exact = np.array_equal(from_pixel_codes(codes).view(np.uint32), flat.view(np.uint32))
+    return codes if exact else None  # bitwise: -0.0 is not 0 / 255
+
+
+def from_pixel_codes(codes: np.ndarray) -> np.ndarray:
+    """The float32 values ``k / 255`` of uint8 codes ``k`` (what ``from_pil`` computes)."""
+    return codes.astype(np.float32) / _SCALE

@@ -18,9 +18,16 @@ from zarr.storage import WrapperStore
 from editflow.errors import CacheError
 from editflow.lazy import lazy
 
-from .dtypes import checksum_of, checksum_update, from_stored, new_checksum
+from .dtypes import (
+    PIXELS,
+    checksum_of,
+    checksum_update,
+    from_pixel_codes,
+    from_stored,
+    new_checksum,
+)
 from .layout import Layout
-from .shards import Ineligible, ShardFile, shard_path
+from .shards import Ineligible, ShardedArray
 
 torch = lazy("torch")
 
@@ -28,6 +35,12 @@ torch = lazy("torch")
 # default of 1 spent most of a 100-step read in per-chunk overhead (578 vs 1235 MiB/s, raw).
 PARALLEL = {"codec_pipeline.batch_size": 128}
 MANIFEST_FORMAT = 3  # 2: attrs_sha256 covers the attributes; 3: xxh3-128 array checksums
+ENCODED_FORMAT = 4
+"""The format of a manifest with an encoded array (``ArrayInfo.encoding``); every other
+manifest is written as :data:`MANIFEST_FORMAT`. An editflow that reads only format 3 takes a
+format-4 entry for damaged and recomputes it, rather than misread its uint8 codes."""
+MANIFEST_FORMATS = (MANIFEST_FORMAT, ENCODED_FORMAT)
+ENCODINGS = (PIXELS,)
 
 
 class DamagedEntryError(CacheError):
@@ -63,9 +76,11 @@ class ArrayInfo:
 
     Attributes:
         shape: Array shape.
-        dtype: Stored numpy dtype name (``"float32"`` for a bfloat16 tensor).
+        dtype: Numpy dtype name of the values (``"float32"`` for a bfloat16 tensor): the
+            stored one, unless ``encoding`` says how they are stored.
         torch_dtype: Torch dtype name handed back by reads (``"bfloat16"``).
-        checksum: Hex xxh3-128 of the stored C-order bytes of the whole array.
+        checksum: Hex xxh3-128 of the C-order bytes of the whole array's values (of
+            ``dtype``, decoded where ``encoding`` is set).
         nbytes: Uncompressed stored size in bytes.
         chunks: zarr chunk shape (1 along the stream axis, full elsewhere).
         shards: zarr shard shape when sharded (remote streams), else None.
@@ -76,6 +91,8 @@ class ArrayInfo:
         chunk_separator: The separator of zarr's chunk keys: ``"."`` puts a local raw
             array's shard files beside its metadata (no folder per dimension to create);
             arrays zarr writes keep its default ``"/"``.
+        encoding: None (stored as ``dtype``) or ``"pixels"``: float32 values ``k / 255``
+            stored as their uint8 codes ``k`` (:func:`~editflow.cache.dtypes.pixel_codes`).
     """
 
     shape: tuple[int, ...]
@@ -89,9 +106,22 @@ class ArrayInfo:
     step_checksums: tuple[str, ...] | None = None
     codec: str = "raw"  # or "zstd"
     chunk_separator: str = "/"
+    encoding: str | None = None
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The numpy dtype of the array on storage."""
+        return np.dtype(np.uint8 if self.encoding == PIXELS else self.dtype)
+
+    def decode(self, stored: np.ndarray) -> np.ndarray:
+        """Values from what was read from storage."""
+        return from_pixel_codes(stored) if self.encoding == PIXELS else stored
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["encoding"] is None:  # the manifests of unencoded arrays stay as they were
+            del data["encoding"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ArrayInfo:
@@ -110,7 +140,14 @@ class ArrayInfo:
             step_checksums=optional_tuple(data.get("step_checksums")),
             codec=str(data.get("codec", "zstd")),
             chunk_separator=str(data.get("chunk_separator", "/")),
+            encoding=_encoding(data.get("encoding")),
         )
+
+
+def _encoding(value: Any) -> str | None:
+    if value is not None and value not in ENCODINGS:
+        raise ValueError(f"unknown array encoding {value!r}")
+    return value
 
 
 @dataclass
@@ -158,14 +195,15 @@ def attrs_sha256(attrs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def stored_checksum(array: zarr.Array, stream_axis: int | None) -> str:
-    """Recompute an array's checksum from storage; axis-0 streams are read one step at a time."""
+def stored_checksum(array: zarr.Array, stream_axis: int | None, decode: Any = np.asarray) -> str:
+    """Recompute an array's checksum from storage (of its values: ``decode`` turns what is
+    read into them); axis-0 streams are read one step at a time."""
     digest = new_checksum()
     if stream_axis == 0:
         for index in range(array.shape[0]):
-            checksum_update(digest, np.asarray(array[index]))
+            checksum_update(digest, decode(np.asarray(array[index])))
     else:
-        checksum_update(digest, np.asarray(array[...]))
+        checksum_update(digest, decode(np.asarray(array[...])))
     return digest.hexdigest()
 
 
@@ -194,13 +232,13 @@ class Entry:
         self.reads = ReadStats()
         self._layout = layout
         self._opened: dict[str, zarr.Array] = {}
-        self._shards: dict[str, ShardFile | None] = {}
+        self._shards: dict[str, ShardedArray | None] = {}
 
     @classmethod
     def from_manifest(cls, layout: Layout, key: str, manifest: Any) -> Entry:
         """Build an entry from a parsed manifest, or raise DamagedEntryError if malformed."""
         try:
-            if manifest["key"] != key or manifest.get("format") != MANIFEST_FORMAT:
+            if manifest["key"] != key or manifest.get("format") not in MANIFEST_FORMATS:
                 raise ValueError(
                     f"manifest is for {manifest['key']!r}, format {manifest.get('format')!r}"
                 )
@@ -224,7 +262,7 @@ class Entry:
             DamagedEntryError: The data is missing, undecodable or fails its checksum.
         """
         info = self._info(name)
-        values = self._read(name, info, ...)
+        values = info.decode(self._read(name, info, ...))
         if checksum_of(values) != info.checksum:
             raise self._damage(name, "checksum mismatch")
         return from_stored(values, info.torch_dtype)
@@ -253,7 +291,7 @@ class Entry:
             raise IndexError(f"step {index} out of range for {name!r} with {steps} steps")
         index %= steps
         selection = (slice(None),) * info.stream_axis + (index,)
-        values = self._read(name, info, selection)
+        values = info.decode(self._read(name, info, selection))
         if info.step_checksums is not None and checksum_of(values) != info.step_checksums[index]:
             raise self._damage(name, f"checksum mismatch at step {index}")
         return from_stored(values, info.torch_dtype)
@@ -263,7 +301,7 @@ class Entry:
         damages = []
         for name, info in self.arrays.items():
             try:
-                digest = stored_checksum(self._array(name, info), info.stream_axis)
+                digest = stored_checksum(self._array(name, info), info.stream_axis, info.decode)
             except OSError as error:
                 if not isinstance(error, FileNotFoundError):
                     raise
@@ -291,7 +329,7 @@ class Entry:
                 self._layout.object_path(self.key, self.object_id), read_only=True
             )
             array = zarr.open_array(_CountingStore(store, self.reads), path=name, mode="r")
-            if tuple(array.shape) != info.shape or np.dtype(array.dtype) != np.dtype(info.dtype):
+            if tuple(array.shape) != info.shape or np.dtype(array.dtype) != info.stored_dtype:
                 raise ValueError(
                     f"stored array is {array.dtype}{array.shape}, manifest says otherwise"
                 )
@@ -313,7 +351,7 @@ class Entry:
             raise self._damage(name, f"cannot decode ({type(error).__name__}: {error})") from error
 
     def _read_direct(self, name: str, info: ArrayInfo, selection: Any) -> np.ndarray | None:
-        """A whole array or one step straight from a local shard file (:mod:`.shards`);
+        """A whole array or one step straight from its local shard files (:mod:`.shards`);
         None where zarr must read it."""
         root = self._layout.local_root
         if root is None:
@@ -321,9 +359,7 @@ class Entry:
         if name not in self._shards:
             folder = Path(self._layout.object_path(self.key, self.object_id)) / name
             try:
-                self._shards[name] = ShardFile(
-                    shard_path(folder, len(info.shape), info.chunk_separator), info
-                )
+                self._shards[name] = ShardedArray(folder, info)
             except (Ineligible, OSError, ValueError):
                 self._shards[name] = None
         shard = self._shards[name]

@@ -1,4 +1,11 @@
-"""Stage ``figure.grid``: a labelled grid of images, the figure a recipe regenerates."""
+"""Stages ``figure.grid`` and ``figure.animation``: a labelled grid of images (the figure a
+recipe regenerates) and an animated GIF.
+
+Their images are what the export shows, to the bit: float32 ``k / 255`` with ``k`` the 8-bit
+value the PNG holds or the GIF is made from (:func:`as_shown`). The cache stores such an
+array as its uint8 codes ``k``, a quarter of float32's bytes, and reads back these very
+floats (``cache.dtypes.pixel_codes``): a figure is cached as its pixels.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,17 @@ from pydantic import Field
 from editflow.errors import Problem
 from editflow.lazy import lazy
 from editflow.stages.base import ArtifactType, CheckView, Params, Port, StageContext, StageKind
-from editflow.stages.images import image_grid
+from editflow.stages.images import image_grid, to_uint8
 
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
+
+
+def as_shown(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as their 8-bit export shows them: ``to_uint8(images) / 255`` in
+    float32, on the CPU. Exporting them again gives the same pixels; on the grid already
+    (an image from a PNG), they are returned unchanged, bit for bit."""
+    return to_uint8(images).cpu().float().div(255)
 
 
 class FigureParams(Params):
@@ -52,7 +66,9 @@ class FigureGrid(StageKind):
                 tiles.append(image)
                 tile_labels.append(label if len(batch) == 1 else f"{label} [{index}]")
         columns = params.columns or len(tiles)
-        return {"image": image_grid(tiles, tile_labels, columns, params.tile_size)}
+        # image_grid draws on an 8-bit canvas: its figure is on the grid already (as_shown
+        # changes no bit of it, so the version stays); said here, so it stays that way.
+        return {"image": as_shown(image_grid(tiles, tile_labels, columns, params.tile_size))}
 
 
 class AnimationParams(Params):
@@ -67,7 +83,7 @@ class AnimationParams(Params):
 
 class FigureAnimation(StageKind):
     kind = "figure.animation"
-    version = "1"
+    version = "2"  # 2: frames as the GIF shows them (8-bit values), cached as uint8
     description = "The images as an animated GIF that loops (every image of every reference)"
     params = AnimationParams
     inputs = (Port("images", ArtifactType.IMAGE, "Frames, in order", many=True),)
@@ -81,7 +97,7 @@ class FigureAnimation(StageKind):
     def run(
         self, ctx: StageContext, params: AnimationParams, *, images: list[torch.Tensor]
     ) -> dict[str, Any]:
-        frames = torch.cat([batch.float() for batch in images])
+        frames = as_shown(torch.cat([batch.float() for batch in images]))
         if params.bounce and len(frames) > 2:
             frames = torch.cat([frames, frames[1:-1].flip(0)])
         durations = torch.full((len(frames),), float(params.frame_duration))

@@ -107,7 +107,7 @@ def test_a_local_stream_of_several_shards_round_trips_through_zarr(
 ) -> None:
     from editflow.cache import writer
 
-    monkeypatch.setattr(writer, "LOCAL_SHARD_BYTES", 3 * 8 * 64 * 64 * 2)  # 3 steps a shard
+    monkeypatch.setattr(writer, "LOCAL_STREAM_SHARD_BYTES", 3 * 8 * 64 * 64 * 2)  # 3 a shard
     value = torch.rand(8, 8, 64, 64).half()  # 64 KiB steps: one a chunk
     cache = Cache(tmp_path / "cache")
     with cache.writer("e5" * 32, {}) as entry_writer:
