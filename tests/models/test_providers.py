@@ -126,7 +126,9 @@ def test_an_unreachable_hub_is_one_line_and_offline_says_how_to_get_the_model(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"{recipe}:3: model.id: cannot reach the Hugging Face Hub for 'org/model': ")
+    assert err.startswith(
+        f"{recipe}:3: model.id: cannot reach the Hugging Face Hub for 'org/model': "
+    )
     assert err.rstrip().endswith("(set HF_HUB_OFFLINE=1 or pass --offline to use only the local"
                                  " cache, or set model.id to a local folder)")  # fmt: skip
     assert main([*argv, "--offline"]) == 2
