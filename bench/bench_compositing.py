@@ -2,10 +2,13 @@
 
 At a 64x64 latent (512 px images) on the tiny UNet: the per-step time of the guided sampler
 (noising the reference, two low-pass filters, blending) against the plain sampler, and with
-RePaint the UNet calls and the time against the count the jump schedule predicts. Ratios are
-medians of alternating runs within one process.
+RePaint the UNet calls and the time against the count the jump schedule predicts. The three
+samplers alternate in one process (A B C, C B A, ...: ``harness.compare_many``); wall and CPU
+time and memory growth per run, ratios per round.
 
-    python bench/bench_compositing.py [--steps 20] [--repeats 5]
+    python bench/bench_compositing.py [--steps 20] [--pairs 5]
+
+Writes bench/results/bench_compositing.json.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ from quiet import quiet
 quiet()  # before diffusers and transformers are imported
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from harness import command_line, compare_many, format_comparison, measure, write_results
 from support import models_dir
 
 from editflow.models.tiny import ensure_tiny
@@ -30,7 +32,7 @@ from editflow.stages.diffusion import unet_noise_predictor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = ensure_tiny(models_dir())
@@ -49,41 +51,42 @@ def main() -> None:
         calls["n"] += 1
         return plain_predict(x, t, embeds)
 
-    def run(guidance, **knobs) -> float:
+    calls_made: dict[str, int] = {}
+
+    def run(name: str, guidance, **knobs) -> None:
         scheduler.set_timesteps(args.steps)
         calls["n"] = 0
-        started = time.perf_counter()
         local_ilvr_sample(
             predict, x_T, scheduler, cond, guidance=guidance, guidance_scale=1.0,
             generator=torch.Generator().manual_seed(1), **knobs,
         )  # fmt: skip
-        return time.perf_counter() - started
+        calls_made[name] = calls["n"]
 
     guidance = LocalIlvr(reference, mask, n_in=2, n_out=1, t_in=0.5, t_out=1.0, blend_pix=2)
-    run(None)  # warm-up
-    plain, guided = [], []
-    for _ in range(args.repeats):
-        plain.append(run(None))
-        guided.append(run(guidance))
-    ratio = statistics.median(guided) / statistics.median(plain)
-    print(f"local ILVR, tiny UNet, 64x64 latent, {args.steps} steps, {args.repeats} runs each:")
-    print(f"  unguided  {statistics.median(plain) / args.steps * 1000:7.2f} ms per step")
-    print(f"  guided    {statistics.median(guided) / args.steps * 1000:7.2f} ms per step")
-    print(f"  ratio     {ratio:.3f}x  (target <= 1.05x)")
-
     jump, resamples, start = 2, 3, 0.5
+    repaint = {"repaint_start": start, "repaint_jump": jump, "repaint_resamples": resamples}
+    result = compare_many(
+        {
+            "unguided DDIM": lambda: measure(lambda: run("unguided DDIM", None)),
+            "local ILVR": lambda: measure(lambda: run("local ILVR", guidance)),
+            "local ILVR + RePaint": lambda: measure(
+                lambda: run("local ILVR + RePaint", guidance, **repaint)
+            ),
+        },
+        rounds=args.pairs,
+    )
     levels = repaint_schedule(args.steps, start, jump, resamples)
     predicted = sum(after > level for level, after in zip(levels, levels[1:], strict=False))
-    seconds = statistics.median(
-        run(guidance, repaint_start=start, repaint_jump=jump, repaint_resamples=resamples)
-        for _ in range(args.repeats)
+    result["UNet calls"] = calls_made
+    result["RePaint UNet calls the schedule predicts"] = predicted
+    result["what"] = (
+        f"tiny UNet, 64x64 latent, {args.steps} steps; RePaint start {start}, jump {jump},"
+        f" {resamples} resamples; target local ILVR <= 1.05x unguided"
     )
-    print(f"with RePaint (start {start}, jump {jump}, {resamples} resamples):")
-    print(f"  UNet calls {calls['n']} (the schedule predicts {predicted})")
-    print(
-        f"  time {seconds:.3f} s = {seconds / statistics.median(guided):.2f}x the guided run;"
-        f" calls ratio {predicted / args.steps:.2f}x"
-    )
+    print(f"local ILVR vs unguided DDIM: {result['what']} (times per step of {args.steps})")
+    print(format_comparison(result, per=args.steps))
+    print(f"  UNet calls: {calls_made} (the RePaint schedule predicts {predicted})")
+    print(write_results("bench_compositing", {"compositing": result}, command=command_line()))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ S_gen = 6, the directional CLIP loss times 3.
 1. Step time: :func:`editflow.stages.diffusionclip.finetuning.finetune` against a plain loop
    written as one writes it with diffusers (``UNet2DModel`` calls, the DDIM update, Adam),
    doing the same steps on the same data, in ``full`` mode without checkpointing and in
-   ``light`` mode (target >= 0.95x the plain loop's steps per second). Medians of alternating
-   runs.
-2. Peak memory of one epoch: ``full`` with checkpointing, ``full`` without, and ``light``
-   (CUDA's allocator peak on a GPU; on a CPU the growth of resident memory over the first
-   such call in a fresh process, sampled every millisecond).
+   ``light`` mode (target >= 0.95x the plain loop's steps per second). ABBA pairs
+   (``harness.compare``): wall and CPU time, memory growth, ratios per pair.
+2. Peak memory growth of one epoch: ``full`` with checkpointing (repeated alone), ``full``
+   without and ``light`` (from the comparisons): CUDA's allocator on a GPU; on a CPU
+   resident memory, freed heap handed back and the kernel's peak mark reset before each.
 
-    python bench/bench_diffusionclip.py [--repeats 5] [--size 64]
+    python bench/bench_diffusionclip.py [--pairs 5] [--size 64]
+
+Writes bench/results/bench_diffusionclip.json.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ quiet()  # before diffusers and transformers are imported
 
 import argparse
 import copy
-import ctypes
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from support import RssPeak, models_dir
+from harness import (
+    command_line,
+    compare,
+    format_comparison,
+    format_series,
+    measure,
+    series,
+    write_results,
+)
+from support import models_dir
 from transformers import CLIPModel, CLIPProcessor
 
 from editflow.models.tiny import ensure_tiny
@@ -101,39 +107,36 @@ def plain_loop(unet, alphas, x_t0, loss, mode: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # a child's one epoch
     args = parser.parse_args()
     torch.set_num_threads(1)
     unet, alphas, x_t0, loss = setup(args.size)
-    if args.memory_of is not None:
-        mode, checkpointing = args.memory_of.split(":")
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with RssPeak() as rss:
-            editflow_loop(unet, alphas, x_t0, loss, mode, checkpointing == "1")
-        print(rss.mib)
-        return
-
-    print(f"tiny-pixel, {args.size} px, 2 images, S_gen = 6, one epoch ({args.repeats} runs):")
+    what = f"tiny-pixel, {args.size} px, 2 images, S_gen = 6, one epoch"
+    print(f"{what} (target: plain loop time / editflow time >= 0.95):")
+    results: dict = {"what": what}
     for mode in ("full", "light"):
-        ours, theirs = [], []
-        editflow_loop(unet, alphas, x_t0, loss, mode, False)  # warm-up
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            editflow_loop(unet, alphas, x_t0, loss, mode, False)
-            ours.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            plain_loop(unet, alphas, x_t0, loss, mode)
-            theirs.append(time.perf_counter() - started)
-        a, b = statistics.median(ours), statistics.median(theirs)
-        print(f"  {mode:5s} editflow {a * 1000:7.1f} ms  plain loop {b * 1000:7.1f} ms"
-              f"  speed x{b / a:.3f} (target >= 0.95)")  # fmt: skip
-    print("peak memory of one epoch (resident growth, fresh process):")
-    for label, spec in (("full, checkpointed", "full:1"), ("full", "full:0"), ("light", "light:0")):
-        command = [sys.executable, __file__, "--size", str(args.size), "--memory-of", spec]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        print(f"  {label:19s} {float(result.stdout):7.1f} MiB")
+        result = compare(
+            "plain torch loop",
+            lambda mode=mode: measure(lambda: plain_loop(unet, alphas, x_t0, loss, mode)),
+            f"editflow {mode}",
+            lambda mode=mode: measure(
+                lambda: editflow_loop(unet, alphas, x_t0, loss, mode, False)
+            ),
+            pairs=args.pairs,
+        )  # fmt: skip
+        results[mode] = result
+        print(f"  {mode} (no checkpointing):")
+        print(format_comparison(result))
+    checkpointed = series(
+        "editflow full, checkpointed",
+        lambda: measure(lambda: editflow_loop(unet, alphas, x_t0, loss, "full", True)),
+        repeats=args.pairs,
+    )  # fmt: skip
+    results["full checkpointed"] = checkpointed
+    print("  memory of one epoch with checkpointing:")
+    print(format_series(checkpointed))
+    print(write_results("bench_diffusionclip", results, command=command_line()))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ the same UNet calls (same batch, timesteps and embeddings) and nothing else, the
 noise-map sequence in raw fp32, and a few numbers worth knowing about the run (the
 reconstruction error, the noise-map statistics, the error of a shifted reconstruction).
 
-Run: ``python bench/bench_edit_friendly.py [--steps 100] [--repeats 5]``. The tiny model is
+Both comparisons (through the UNet, and with a predictor that costs nothing) are ABBA pairs
+(``harness.compare``): wall and CPU time, memory growth, ratios per pair.
+
+Run: ``python bench/bench_edit_friendly.py [--steps 100] [--pairs 5]``. The tiny model is
 built on first use under ``$EDITFLOW_MODELS`` (default ``~/.cache/editflow/models``).
+Writes bench/results/bench_edit_friendly.json.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from quiet import quiet
 quiet()  # before diffusers and transformers are imported
 
 import argparse
-import time
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from harness import command_line, compare, format_comparison, measure, write_results
 from support import models_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -84,17 +88,13 @@ def plain_loop(setup: Setup, name: str) -> None:
         guided_noise(setup.predict, setup.x0, t, setup.embeds[prompt], setup.embeds[""], scale)
 
 
-def seconds(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     folder = ensure_tiny(models_dir())
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -118,16 +118,24 @@ def main() -> None:
     constant = torch.randn(2, *x0.shape[1:], generator=torch.Generator().manual_seed(0))
     free = replace(setup, predict=lambda x_t, t, embeds: constant[: len(x_t)])
 
+    results = {}
     for name in ("ddim", "dpmsolver++"):
-        ours(setup, name)  # warm up
-        ours_s = plain_s = float("inf")
-        for _ in range(args.repeats):  # interleaved, so background load hits both alike
-            ours_s = min(ours_s, seconds(lambda: ours(setup, name)))  # noqa: B023
-            plain_s = min(plain_s, seconds(lambda: plain_loop(setup, name)))  # noqa: B023
-        # The same with the free predictor: what the method itself costs per step.
-        free_ours = min(seconds(lambda: ours(free, name)) for _ in range(args.repeats))  # noqa: B023
-        free_plain = min(seconds(lambda: plain_loop(free, name)) for _ in range(args.repeats))  # noqa: B023
         calls = 2 * setup.steps - SKIP
+        unet = compare(
+            "plain UNet loop", lambda: measure(lambda: plain_loop(setup, name)),  # noqa: B023
+            "inversion + edit", lambda: measure(lambda: ours(setup, name)),  # noqa: B023
+            pairs=args.pairs,
+        )  # fmt: skip
+        # The same with the free predictor: what the method itself costs per step.
+        free_result = compare(
+            "plain loop, free predictor", lambda: measure(lambda: plain_loop(free, name)),  # noqa: B023
+            "ours, free predictor", lambda: measure(lambda: ours(free, name)),  # noqa: B023
+            pairs=args.pairs,
+        )  # fmt: skip
+        overhead = (
+            free_result["ours, free predictor"]["wall"]["median"]
+            - free_result["plain loop, free predictor"]["wall"]["median"]
+        ) / calls
         inversion, _ = ours(setup, name)
         scheduler = build_scheduler(name, setup.config, setup.steps)
         reconstruct = (setup.predict, inversion, scheduler, embeds[SOURCE], embeds[""])
@@ -138,12 +146,27 @@ def main() -> None:
         variance, correlation = noise_map_statistics(inversion.noise_maps)
         maps = inversion.noise_maps
         sd_mib = setup.steps * 4 * 64 * 64 * 4 / 2**20
-        print(f"\n[{name}]")
-        print(f"  inversion + edit   {ours_s * 1000:8.1f} ms (best of {args.repeats})")
-        print(f"  plain UNet loop    {plain_s * 1000:8.1f} ms (same UNet calls)")
-        print(f"  ratio              {ours_s / plain_s:8.3f}x (target <= 1.03x)")
-        print(f"  method overhead    {(free_ours - free_plain) / calls * 1000:8.3f} ms per step"
-              f" (free predictor; UNet call here {plain_s / calls * 1000:.1f} ms)")  # fmt: skip
+        unet_call = unet["plain UNet loop"]["wall"]["median"] / calls
+        facts = {
+            "UNet calls": calls,
+            "method overhead ms per step (free predictor, medians)": overhead * 1000,
+            "UNet call ms (plain loop median / calls)": unet_call * 1000,
+            "noise maps shape": list(maps.shape),
+            "noise maps bytes fp32": maps.numel() * 4,
+            "SD 1.x 512 px noise maps MiB": sd_mib,
+            "reconstruction relative error": relative(same, x0),
+            "shift (2, 3) relative error": relative(shifted, rolled),
+            "noise-map variance mean": float(variance.mean()),
+            "noise-map variance median": float(variance.median()),
+            "consecutive correlation mean": float(correlation.mean()),
+        }
+        results[name] = {"through the UNet": unet, "free predictor": free_result, **facts}
+        print(f"\n[{name}] through the UNet (target inversion + edit <= 1.03x the plain loop):")
+        print(format_comparison(unet))
+        print("  free predictor:")
+        print(format_comparison(free_result))
+        print(f"  method overhead    {overhead * 1000:8.3f} ms per step"
+              f" (free predictor; UNet call here {unet_call * 1000:.1f} ms)")  # fmt: skip
         print(f"  noise maps         {tuple(maps.shape)}: {maps.numel() * 4} bytes fp32"
               f" (SD 1.x at 512 px: {sd_mib:.2f} MiB)")  # fmt: skip
         print(f"  reconstruction     relative error {relative(same, x0):.2e}"
@@ -153,6 +176,8 @@ def main() -> None:
         print(f"  noise-map variance mean {float(variance.mean()):.3g},"
               f" median {float(variance.median()):.3g}")  # fmt: skip
         print(f"  consecutive corr.  mean {float(correlation.mean()):.3f}")
+    results["what"] = f"tiny, latents {tuple(x0.shape)}, {setup.steps} steps, skip {SKIP}"
+    print(write_results("bench_edit_friendly", results, command=command_line()))
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

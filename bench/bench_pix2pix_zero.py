@@ -1,30 +1,29 @@
 """Benchmark pix2pix-zero's cross-attention guided edit against an unguided edit (tiny model).
 
-Prints:
+Prints and records:
 
 - the size of the reference attention maps per step and for the whole run, as editflow
   stores them (conditional half, fp16) and as the released code holds them (both CFG halves,
   fp32), measured on the tiny model and projected for SD 1.x at 512 px (16 cross-attention
   layers, 8 heads, 77 tokens, 5 layers each at 64/32/16 px latents and 1 at 8 px);
-- the peak memory and wall time of three edits from the same x_T, each in a fresh process:
-  ``unguided`` (xa_guidance 0), ``guided-streamed`` (maps written to and read back from
-  editflow's zarr cache one step at a time, as the engine streams them) and ``guided-in-ram`` (every step's
-  maps loaded before the edit, as the released code keeps them: fp32, both CFG halves);
-- the ratios guided / unguided.
+- three edits from the same x_T, interleaved in one process (A B C, C B A, ... through
+  ``harness.compare_many``): ``unguided`` (xa_guidance 0), ``guided-streamed`` (maps read
+  back from editflow's zarr cache one step at a time, as the engine streams them: a fresh
+  reader per edit) and ``guided-in-ram`` (every step's maps held in memory before the edits,
+  as the released code keeps them: fp32, both CFG halves); wall and CPU time and the peak
+  growth of resident memory of each edit over where it started;
+- the ratios to the unguided edit, and the held maps' size, which the in-RAM edit keeps on
+  top of its own growth.
 
-Why this way of measuring memory: torch's CPU allocator is invisible to ``tracemalloc``, and
-``ru_maxrss`` is a high-water mark of the whole process, dominated by imports and model
-loading. Each edit therefore runs in its own subprocess which loads everything, warms up,
-then resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``, Linux) and
-reads ``VmHWM`` after the edit: the peak resident memory of the edit alone, allocator caching
-included, which is what runs out on a real machine. (``torch.profiler``'s memory view counts
-tensor bytes only and misses allocator and library overheads.) Linux only.
+Memory: before each edit freed heap memory is handed back (``malloc_trim``) and the kernel's
+peak-RSS mark is reset (``/proc/self/clear_refs``); the growth is the mark after the edit
+minus the RSS before it: the edit's own transient memory (the guided edit's autograd graph
+through the UNet), which a whole-process peak, dominated by imports and the model, hides.
 
 Run: ``python bench/bench_pix2pix_zero.py [--steps 50] [--size 64] [--threads 1]
-[--repeats 3]``. The time is the fastest of the repeats; the peak covers all of them.
-``--size`` is the image size in pixels (latents are size / 8); try 256 to make the maps of
-the tiny model large enough to stand out of the process's noise. The tiny model is built on
-first use under ``$EDITFLOW_MODELS`` (default ``~/.cache/editflow/models``).
+[--pairs 5]``. ``--size`` is the image size in pixels (latents are size / 8). The tiny
+model is built on first use under ``$EDITFLOW_MODELS`` (default ``~/.cache/editflow/models``).
+Writes bench/results/bench_pix2pix_zero.json.
 """
 
 from __future__ import annotations
@@ -34,16 +33,20 @@ from quiet import quiet
 quiet()  # before diffusers and transformers are imported
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
+from harness import (
+    command_line,
+    compare_many,
+    format_comparison,
+    measure,
+    ratio_of,
+    write_results,
+)
 from support import models_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -135,71 +138,51 @@ def prepare(workdir: Path, folder: Path, steps: int, size: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# One edit (worker process)
+# The edits
 
 
-def vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def worker(mode: str, workdir: Path, folder: Path, steps: int, repeats: int) -> dict:
+def edits(workdir: Path, folder: Path, steps: int) -> tuple[dict, float]:
+    """One call per mode (each does one whole edit), and the MiB of the maps held in RAM."""
     unet, config = load(folder)
     inputs = torch.load(workdir / "inputs.pt", weights_only=True)
     x_T, caption = inputs["x_T"], inputs["caption"]
     edit_embeds = caption + inputs["direction"]
-
     names = inputs["layer_names"]
-
     entry = Cache(workdir / "cache").get(MAPS_KEY)
 
     def read_step(i: int) -> dict[str, torch.Tensor]:
         """One step of every layer, read from its chunk in the cache."""
         return {name: entry.step(f"layer{k}", i) for k, name in enumerate(names)}
 
-    def streamed(i: int) -> dict[str, torch.Tensor]:
-        """The engine's reader: one step per call, the next one read in the background."""
-        if i == 0:  # a fresh reader per edit, as each engine run makes one
-            streamed.maps = CachedSteps(Cache(workdir / "cache"), MAPS_KEY, "attention_maps")
-        return streamed.maps[i]
-
-    def run(n_steps: int, reference_maps) -> float:
+    def run(mode: str, reference_maps) -> None:
         scheduler = DDIMScheduler.from_config(config)
-        scheduler.set_timesteps(n_steps)
+        scheduler.set_timesteps(steps)
         with install_attention_recorder(unet) as recorder:
             predict = unet_noise_predictor(unet)
-            start = time.perf_counter()
             guided_edit(
-                predict,
-                x_T,
-                scheduler,
-                edit_embeds,
-                caption,
-                predict_maps=recorder.predictor(predict),
-                reference_maps=reference_maps,
+                predict, x_T, scheduler, edit_embeds, caption,
+                predict_maps=recorder.predictor(predict), reference_maps=reference_maps,
                 xa_guidance=0.0 if mode == "unguided" else 0.1,
-            )
-            return time.perf_counter() - start
+            )  # fmt: skip
 
-    held: list[dict[str, torch.Tensor]] = []
-    if mode == "guided-in-ram":
-        # The released layout: every step, fp32, both CFG halves (the unconditional half is
-        # the caption's too, so a copy of the conditional one has the right size).
-        held = [
-            {k: torch.cat([m, m]).float() for k, m in read_step(i).items()} for i in range(steps)
-        ]
-        reader = lambda i: {k: m[: len(m) // 2] for k, m in held[i].items()}  # noqa: E731
-    else:
-        reader = streamed
+    # The released layout: every step, fp32, both CFG halves (the unconditional half is the
+    # caption's too, so a copy of the conditional one has the right size).
+    held = [{k: torch.cat([m, m]).float() for k, m in read_step(i).items()} for i in range(steps)]
+    held_mib = sum(m.numel() * m.element_size() for step in held for m in step.values()) / MIB
 
-    run(2, reader)  # warm-up: allocator pools, lazy inits, page faults of the weights
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    baseline = vm_kib("VmRSS")
-    seconds = min(run(steps, reader) for _ in range(repeats))
-    peak = vm_kib("VmHWM")
-    return {"mode": mode, "seconds": seconds, "baseline_kib": baseline, "peak_kib": peak}
+    def in_ram(i: int) -> dict[str, torch.Tensor]:
+        return {k: m[: len(m) // 2] for k, m in held[i].items()}
+
+    def streamed() -> None:
+        maps = CachedSteps(Cache(workdir / "cache"), MAPS_KEY, "attention_maps")
+        run("guided-streamed", lambda i: maps[i])  # a fresh reader per edit, as each run
+
+    calls = {
+        "unguided": lambda: measure(lambda: run("unguided", in_ram)),
+        "guided-streamed": lambda: measure(streamed),
+        "guided-in-ram": lambda: measure(lambda: run("guided-in-ram", in_ram)),
+    }
+    return calls, held_mib
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,40 +193,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed edits; the fastest counts")
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", type=int, default=5, help="timed edits of each mode")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = ensure_tiny(models_dir())
 
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.workdir, folder, args.steps, args.repeats)))
-        return
-
     with tempfile.TemporaryDirectory(prefix="bench-p2pz-") as tmp:
         workdir = Path(tmp)
         shapes = prepare(workdir, folder, args.steps, args.size)
-        results = {}
-        for mode in MODES:
-            command = [sys.executable, __file__, "--worker", mode, "--workdir", str(workdir)]
-            command += ["--steps", str(args.steps), "--threads", str(args.threads)]
-            command += ["--repeats", str(args.repeats)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[mode] = json.loads(output.strip().splitlines()[-1])
+        calls, held_mib = edits(workdir, folder, args.steps)
+        result = compare_many(calls, rounds=args.pairs)
 
     per_step = sum(torch.Size(shape).numel() for shape in shapes.values())
     sd_per_step = sd15_map_elements_per_step()
-    print(
+    what = (
         f"pix2pix-zero guided edit, tiny model, {args.size} px, {args.steps} steps, "
         f"{args.threads} thread(s)"
     )
+    print(what)
     print("\nreference cross-attention maps")
     print(f"  tiny layers: {len(shapes)}: " + ", ".join(f"{tuple(s)}" for s in shapes.values()))
     print(f"  {'':50}{'per step':>14}{'whole run':>14}")
+    sizes = {}
     for label, elements in (("tiny", per_step), ("SD 1.x 512 px (projected)", sd_per_step)):
         for layout, factor in (("editflow (cond, fp16)", 2), ("released (both, fp32)", 8)):
             step_bytes = elements * factor
+            sizes[f"{label}, {layout}"] = {
+                "MiB per step": step_bytes / MIB,
+                "MiB per run": step_bytes * args.steps / MIB,
+            }
             print(
                 f"  {label:>26}: {layout:<22}{step_bytes / MIB:>10.2f} MiB"
                 f"{step_bytes * args.steps / MIB:>10.1f} MiB"
@@ -252,22 +230,18 @@ def main() -> None:
         "  SD 1.x: 16 layers, 8 heads, 77 tokens, 5 layers at each of 64/32/16 px, 1 at 8 px:"
         f" {sd_per_step:,} elements per step and CFG half"
     )
-
-    print("\nedits from the same x_T (each in a fresh process; peak = VmHWM during the edit)")
-    print(f"  {'mode':<18}{'time':>9}{'baseline RSS':>15}{'peak RSS':>12}{'peak - base':>14}")
-    for mode, r in results.items():
-        print(
-            f"  {mode:<18}{r['seconds']:>8.2f}s{r['baseline_kib'] / 1024:>11.1f} MiB"
-            f"{r['peak_kib'] / 1024:>8.1f} MiB"
-            f"{(r['peak_kib'] - r['baseline_kib']) / 1024:>10.1f} MiB"
-        )
-    unguided = results["unguided"]
-    for mode in ("guided-streamed", "guided-in-ram"):
-        r = results[mode]
-        print(
-            f"  {mode} / unguided: time x{r['seconds'] / unguided['seconds']:.2f},"
-            f" peak RSS x{r['peak_kib'] / unguided['peak_kib']:.3f}"
-        )
+    print("\nedits from the same x_T, interleaved; peak = growth of resident memory over the edit")
+    print(format_comparison(result, unit="s"))
+    streamed = ratio_of(result, "guided-in-ram", "guided-streamed")
+    result["ratio guided-streamed / guided-in-ram"] = streamed
+    print(
+        f"  guided-streamed / guided-in-ram: wall {streamed['wall']['median']:.3f}x"
+        f" ({streamed['wall']['min']:.3f}-{streamed['wall']['max']:.3f}), cpu"
+        f" {streamed['cpu']['median']:.3f}x (target <= 1.05x)"
+    )
+    print(f"  guided-in-ram also holds its maps: {held_mib:.1f} MiB (fp32, both halves)")
+    result.update(what=what, **{"held maps MiB (guided-in-ram)": held_mib, "map sizes": sizes})
+    print(write_results("bench_pix2pix_zero", {"edits": result}, command=command_line()))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,35 @@
-"""A sweep on Ray's 2 CPU workers against the same sweep in process, and Ray's overhead.
+"""A sweep on Ray's 2 CPU workers against the same sweep in process with the same threads.
 
-The edit-friendly text edit (100 steps) swept over 2 x 2 values of skip and cfg_tar, images
-at ``--size`` px, from a cold cache each time, one torch thread per process:
+The edit-friendly text edit swept over 2 x 2 values of skip and cfg_tar (4 points sharing
+one inversion), images at ``--size`` px, ``--steps`` steps, from a cold cache each run. Ray
+runs 2 workers of one torch thread each; its in-process peer runs the sweep with 2 torch
+threads: the same total threads, so the figure is what Ray's scheduling (whole stages side
+by side, stages that follow a running inversion's streamed noise maps) buys over intra-op
+parallelism, not over an idle core.
 
-1. in process, sequential, in a fresh process (imports and model loads included);
-2. Ray with 2 workers started for the run (their start included);
-3. in process again, imports done (what a long-lived driver pays);
-4. Ray again on the workers the first Ray run left (models loaded).
+1. Fresh processes (``editflow run --sweep ...``, imports, model loads and, for Ray, the
+   cluster's and the workers' start included): ``--threads 2`` against ``--executor ray
+   --workers 2 --threads 1``. CPU time is every process's the command started (Ray's own
+   and its workers, reaped when they exit); memory the largest peak of any one.
+2. In this process, imports done and models loaded: ``run_sweep`` on a ``RayExecutor``
+   whose 2 workers are kept from an earlier run, against ``run_sweep(threads=2)`` and
+   ``run_sweep(threads=1)`` lending the models of an earlier run, the three interleaved
+   (A B C, C B A, ...). On a 2-core machine others share, 2 torch threads in one process
+   can be many times slower than 1 (OpenMP's threads wait for each other at every
+   operation, and lose the core to other processes), so the 1-thread peer is shown too.
+   Ray's CPU time and memory growth add its processes' (workers, raylet, GCS) from /proc;
+   the in-process sides' are this process's (where Ray's driver threads also live).
+3. All-hit reruns of both (no stage is dispatched when every key hits): Ray's per-run cost.
 
-It prints the count of stages computed (the shared inversion once), the stages that started
-while the inversion was still running (they follow its streamed noise maps), the speed-ups
-1/2 and 3/4, and the bound that no schedule of whole stages beats, from the in-process run's
-own stage times: following is what goes past it. Then an all-hit rerun of both: the
-difference is Ray's per-run overhead (no stage is dispatched when every key hits).
+Each comparison has ``--pairs`` rounds. It also records the stages computed (the shared
+inversion once), those that started while the inversion ran (they follow its noise maps),
+and the bound no schedule of whole stages on 2 ideal workers beats, from the 1-thread
+in-process run's stage times.
 
-    python bench/bench_ray.py [--size 128]
+    python bench/bench_ray.py [--size 128] [--steps 100] [--pairs 5] [--fresh-pairs N]
+        [--skip-fresh | --fresh-only]
+
+Writes bench/results/bench_ray-fresh.json (part 1) and bench/results/bench_ray.json.
 """
 
 from __future__ import annotations
@@ -26,12 +41,22 @@ quiet()
 import argparse
 import os
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import networkx as nx
 import torch
+from harness import (
+    command_line,
+    compare,
+    compare_many,
+    format_comparison,
+    measure,
+    measure_command,
+    write_results,
+)
+from support import models_dir
 
 from editflow.cache import Cache
 from editflow.cli.sweeps import base_document, parse_sweep, plan_points, run_sweep
@@ -63,67 +88,152 @@ def makespan_bound(seconds: dict[str, float], graph: nx.DiGraph, workers: int) -
     )
 
 
+def cold_facts(result, events: CollectEvents) -> dict:
+    """What a cold sweep computed, and which stages ran alongside the inversion."""
+    stages = [entry.split("/")[1] for entry in result.computed]
+    order = [(e.type, e.stage) for e in events.events]
+    before = order[: order.index(("done", "invert"))] if ("done", "invert") in order else order
+    alongside = [stage for kind, stage in before if kind == "running"
+                 and stage != "invert" and ("done", stage) not in before]  # fmt: skip
+    return {"stages computed": len(stages), "inversions": stages.count("invert"),
+            "started while the inversion ran": alongside}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=100, help="inversion (and edit) steps")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--fresh-pairs", type=int, help="pairs of fresh processes (--pairs)")
+    parser.add_argument("--skip-fresh", action="store_true", help="skip the fresh processes")
+    parser.add_argument("--fresh-only", action="store_true", help="only the fresh processes")
     args = parser.parse_args()
+    if args.steps <= 36:
+        parser.error("--steps must be above 36 (the recipe's edit skips 36)")
     torch.set_num_threads(1)
-    import ray
-
+    results: dict = {
+        "what": f"edit-friendly text edit, 4-point sweep ({', '.join(AXES)}), {args.size} px,"
+        f" {args.steps} steps, cold cache per run; Ray 2 workers x 1 thread vs in process"
+        " 2 threads (and 1 thread, in process with imports done)"
+    }
+    print(results["what"])
+    counter = iter(range(10**6))
     with tempfile.TemporaryDirectory() as folder:
-        recipe = Path(folder) / "text_edit.toml"
-        text = (ROOT / "manifests" / "edit_friendly" / "text_edit.toml").read_text()
-        shutil.copytree(ROOT / "manifests" / "edit_friendly", Path(folder), dirs_exist_ok=True)
-        recipe.write_text(text.replace("[64, 64]", f"[{args.size}, {args.size}]"))
-        axes = [parse_sweep(axis) for axis in AXES]
-        # One models folder for every run (each cache would have its own): built once, here.
-        os.environ["EDITFLOW_MODELS"] = str(Path(folder) / "models")
-        tiny.ensure_tiny(Path(folder) / "models")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        timings, stage_seconds, graph = {}, {}, nx.DiGraph()
-        on_ray = RayExecutor(workers=2)  # keeps its workers from the first Ray run for the second
-        runs = (
-            ("in process, fresh process", None),
-            ("Ray, 2 workers started", on_ray),
-            ("in process, imports done", None),
-            ("Ray, 2 workers kept", on_ray),
+        work = Path(folder)
+        shutil.copytree(ROOT / "manifests" / "edit_friendly", work, dirs_exist_ok=True)
+        recipe = work / "text_edit.toml"
+        text = recipe.read_text().replace("[64, 64]", f"[{args.size}, {args.size}]")
+        text = text.replace(
+            'source_prompt = "a photo of a cat"',
+            f'source_prompt = "a photo of a cat"\nnum_inference_steps = {args.steps}',
         )
-        for name, executor in runs:
-            cache = Cache(Path(folder) / name.replace(" ", "-").replace(",", ""))
+        recipe.write_text(text)
+        axes = [parse_sweep(axis) for axis in AXES]
+        # One models folder for every run (each cache would have its own): built once.
+        models = models_dir()
+        os.environ["EDITFLOW_MODELS"] = str(models)
+        tiny.ensure_tiny(models)
+
+        if not args.skip_fresh:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDITFLOW_MODELS": str(models)}
+
+            def cli(*extra: str):
+                n = next(counter)
+                argv = [sys.executable, "-m", "editflow", "run", str(recipe),
+                        "--cache", str(work / f"cli-cache{n}"), "--out", str(work / f"cli{n}")]  # fmt: skip
+                for axis in AXES:
+                    argv += ["--sweep", axis]
+                return measure_command([*argv, *extra], env, cwd=ROOT, tree=True)
+
+            fresh = compare(
+                "CLI in process, --threads 2", lambda: cli("--threads", "2"),
+                "CLI Ray, 2 workers x 1 thread",
+                lambda: cli("--executor", "ray", "--workers", "2", "--threads", "1"),
+                pairs=args.fresh_pairs or args.pairs,
+            )  # fmt: skip
+            print("fresh processes (imports, model loads, Ray's start included):")
+            print(format_comparison(fresh, unit="s"))
+            fresh["what"] = results["what"]
+            print(write_results("bench_ray-fresh", {"fresh processes": fresh},
+                                command=command_line()))  # fmt: skip
+            if args.fresh_only:
+                return
+
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        on_ray = RayExecutor(workers=2)  # keeps its workers between runs
+        lent = {"registry": None}
+        facts: dict = {}
+
+        def sweep(
+            cache: Cache, out: Path, executor: RayExecutor | None, label: str, threads: int = 2
+        ) -> None:
+            events = CollectEvents()
             if executor is None:
-                document = base_document(recipe)
-                plans = [plan_recipe(recipe, point.overrides, cache=cache, document=document)
-                         for point in plan_points(recipe, axes, cache)]  # fmt: skip
-                graph = stages_to_compute(plans, cache)
-            for run in ("cold", "all-hit"):
-                events = CollectEvents()
-                started = time.perf_counter()
-                result = run_sweep(recipe, axes, cache=cache, out_root=Path(folder) / "out" / name,
-                                   device="cpu", events=events, ray=executor)  # fmt: skip
-                timings[name, run] = time.perf_counter() - started
-                if run == "cold":
-                    stages = [entry.split("/")[1] for entry in result.computed]
-                    order = [(e.type, e.stage) for e in events.events]
-                    before = order[: order.index(("done", "invert"))]
-                    alongside = [stage for kind, stage in before if kind == "running"
-                                 and stage != "invert" and ("done", stage) not in before]  # fmt: skip
-                    print(f"{name}: {len(stages)} stages computed, inversion"
-                          f" {stages.count('invert')}x, {alongside or 'none'} started while it"
-                          f" ran; cold {timings[name, run]:.1f} s")  # fmt: skip
-                    if executor is None:
-                        stage_seconds = {e.key: e.seconds for e in events.of("done")}
+                result = run_sweep(recipe, axes, cache=cache, out_root=out, device="cpu",
+                                   events=events, registry=lent["registry"], threads=threads)  # fmt: skip
+                lent["registry"] = result.outcomes[-1].registry or lent["registry"]
+            else:
+                torch.set_num_threads(1)  # the workers' spec: one thread each, as started
+                result = run_sweep(recipe, axes, cache=cache, out_root=out, device="cpu",
+                                   events=events, ray=executor)  # fmt: skip
+            if result.computed:
+                facts[label] = cold_facts(result, events)
+                if executor is None and threads == 1:
+                    facts["stage seconds"] = {e.key: e.seconds for e in events.of("done")}
+
+        def cold(executor: RayExecutor | None, label: str, threads: int = 2):
+            def call() -> None:
+                n = next(counter)
+                sweep(Cache(work / f"cache{n}"), work / f"out{n}", executor, label, threads)
+
+            return lambda: measure(call, tree=executor is not None)
+
+        # Ray first: each ratio is an in-process time over Ray's, Ray's speed-up.
+        kept = compare_many(
+            {
+                "Ray, 2 kept workers x 1 thread": cold(on_ray, "Ray"),
+                "in process, 2 threads, models lent": cold(None, "in process, 2 threads"),
+                "in process, 1 thread, models lent": cold(None, "in process, 1 thread", 1),
+            },
+            rounds=args.pairs,
+        )
+        results["imports done"] = kept
+        print("in this process, imports done, models loaded, workers kept:")
+        print(format_comparison(kept, unit="s"))
+
+        warm = Cache(work / "warm")
+        sweep(warm, work / "warm-out", None, "warm")  # fills it: later runs are all hits
+        hits = compare(
+            "all-hit, in process",
+            lambda: measure(lambda: sweep(warm, work / "warm-out", None, "hit")),
+            "all-hit, Ray",
+            lambda: measure(lambda: sweep(warm, work / "warm-out", on_ray, "hit"), tree=True),
+            pairs=args.pairs,
+        )  # fmt: skip
+        results["all-hit rerun"] = hits
+        print("all-hit reruns:")
+        print(format_comparison(hits))
+        on_ray.pool.release()
         ray.shutdown()
-    first = timings[runs[0][0], "cold"] / timings[runs[1][0], "cold"]
-    kept = timings[runs[2][0], "cold"] / timings[runs[3][0], "cold"]
-    bound = sum(stage_seconds.values()) / makespan_bound(stage_seconds, graph, 2)
-    print(f"4-point sweep at {args.size} px, Ray speed-up (target >= 1.6): x{first:.2f} with"
-          f" the workers' start, x{kept:.2f} on kept workers")  # fmt: skip
-    print(f"  no schedule of whole stages on 2 ideal workers beats x{bound:.2f}")
-    extra = timings[runs[3][0], "all-hit"] - timings[runs[2][0], "all-hit"]
-    print(
-        f"all-hit rerun: in process {timings[runs[2][0], 'all-hit'] * 1000:.0f} ms,"
-        f" Ray {timings[runs[3][0], 'all-hit'] * 1000:.0f} ms ({extra * 1000:+.0f} ms)"
-    )
+
+        plans_cache = Cache(work / "plans")
+        document = base_document(recipe)
+        plans = [plan_recipe(recipe, point.overrides, cache=plans_cache, document=document)
+                 for point in plan_points(recipe, axes, plans_cache)]  # fmt: skip
+        graph = stages_to_compute(plans, plans_cache)
+        seconds = facts.pop("stage seconds", {})
+        bound = sum(seconds.values()) / makespan_bound(seconds, graph, 2) if seconds else None
+        # (from the 1-thread in-process run's stage times: each Ray worker has one thread)
+        results["cold runs"] = facts
+        results["whole-stage bound on 2 ideal workers (x over the stage sum)"] = bound
+        for label, fact in facts.items():
+            print(f"  {label}: {fact}")
+        if bound:
+            print(f"  no schedule of whole stages on 2 ideal workers beats x{bound:.2f}"
+                  " the sum of the in-process stage times (1 thread)")  # fmt: skip
+    print(write_results("bench_ray", results, command=command_line()))
 
 
 if __name__ == "__main__":
