@@ -2,8 +2,8 @@
 streams, pixel-encoded arrays and direct reads of several shards (commit edc41a0's
 ``cache/``), with steps made small enough to spread over several shards.
 
-    git archive COMMIT cache | tar -x -C /tmp/before
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/cache/data/make_format3.py /tmp/before/cache OUT
+    before=$(mktemp -d) && git archive edc41a0 cache | tar -x -C "$before"
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/cache/data/make_format3.py "$before/cache" OUT
 
 ``tests/cache/test_old_entries.py`` reads it with today's cache.
 """
