@@ -26,6 +26,7 @@ from harness import (
     command_line,
     compare,
     compare_many,
+    compile_bytecode,
     format_comparison,
     measure_command,
     write_results,
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--skip-figures", action="store_true")
     args = parser.parse_args()
     editflow = [sys.executable, "-m", "editflow"]
+    compile_bytecode()  # as an installed package has it; see compile_bytecode
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDITFLOW_CACHE": f"{folder}/cache"}

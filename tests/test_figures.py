@@ -122,3 +122,31 @@ def test_the_report_loads_in_a_browser_with_every_image_and_no_console_error(
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "ERR_" in line]
     assert console == []
     assert "within tolerance (max 1 level" in done.stdout or "identical pixels" in done.stdout
+
+
+def test_a_lock_is_parsed_once_per_text_and_a_changed_lock_is_parsed_again(tmp_path, monkeypatch):
+    import tomllib
+
+    from editflow.cache import Cache
+    from editflow.cli import lock as lock_module
+
+    recipe = tmp_path / "quickstart.toml"
+    shutil.copy(MANIFESTS / "quickstart.toml", recipe)
+    shutil.copy(lock_path(MANIFESTS / "quickstart.toml"), lock_path(recipe))
+    parses, loads = [], tomllib.loads
+
+    def counting_loads(text: str) -> dict:
+        parses.append(text)
+        return loads(text)
+
+    monkeypatch.setattr(lock_module.tomllib, "loads", counting_loads)
+    memo = Cache(str(tmp_path / "cache"))
+    first = lock_module.read_lock(recipe, memo=memo)
+    again = lock_module.read_lock(recipe, memo=memo)
+    assert len(parses) == 1 and again == first
+    # Another text is another record: a relocked or edited lock is never read from the memo.
+    text = lock_path(recipe).read_text()
+    lock_path(recipe).write_text(text.replace(f'recipe = "{recipe.name}"', 'recipe = "other.toml"'))
+    with pytest.raises(lock_module.EditflowError, match="the lock of another recipe"):
+        lock_module.read_lock(recipe, memo=memo)
+    assert len(parses) == 2

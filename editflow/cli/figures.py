@@ -138,7 +138,7 @@ def check_recipes(
         result = RecipeResult(recipe, label, out_root / Path(label).with_suffix(""))
         started = time.perf_counter()
         try:
-            lock = _lock_or_none(recipe, update)
+            lock = _lock_or_none(recipe, update, cache)
             count = threads_for_check(*threads, lock.threads() if lock else None)
             outcome = rerun(
                 recipe, cache=cache, out_dir=result.out_dir, device=device, events=events,
@@ -166,14 +166,14 @@ def check_recipes(
     return results
 
 
-def _lock_or_none(recipe: Path, update: bool) -> Any:
+def _lock_or_none(recipe: Path, update: bool, cache: Any = None) -> Any:
     """The recipe's lock; with ``update`` an unreadable one is as good as none."""
     from editflow.cli.lock import lock_path, read_lock
 
     if not lock_path(recipe).is_file():
         return None
     try:
-        return read_lock(recipe)
+        return read_lock(recipe, memo=cache)
     except EditflowError:
         if update:
             return None
