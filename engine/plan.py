@@ -198,6 +198,10 @@ def resolve_models(
     A stage that is not needed, or whose configuration uses no model, resolves nothing.
     """
     providers = {spec.provider for stage in needed for spec in stage.components}
+    if loaded.confined and (outside := loaded.recipe.model.paths_outside(loaded.folder)):
+        raise EditflowError(problems=[loaded.located(Problem(
+            f"{value} is outside the base folder {loaded.folder}: an untrusted recipe reads"
+            " models only from under it", key=key)) for key, value in outside])  # fmt: skip
     try:
         return resolve_providers(
             loaded.recipe.model, providers, base_dir=loaded.folder, models_dir=models_dir

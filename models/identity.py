@@ -19,9 +19,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from editflow.errors import ModelUnavailableError
+
+if TYPE_CHECKING:
+    from huggingface_hub import CachedRevisionInfo
 
 # Files that make a model what it is. Tokenizer vocabularies (merges.txt, spiece.model)
 # change outputs as much as weights do, so they count too.
@@ -229,20 +232,18 @@ def hub_offline() -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The hub cache folder, following huggingface_hub's variables but read now.
+    """The hub cache folder: ``huggingface_hub.constants.HF_HUB_CACHE``, unless the
+    environment names another one now.
 
-    huggingface_hub reads HF_HOME and HF_HUB_CACHE once, at import; reading them here lets a
-    changed environment (a test, a command-line flag) take effect.
+    huggingface_hub reads HF_HUB_CACHE and HF_HOME once, at import; reading them again here
+    lets a changed environment (a test, a command-line flag) take effect.
     """
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
-    )
-    cache = (
-        os.environ.get("HF_HUB_CACHE")
-        or os.environ.get("HUGGINGFACE_HUB_CACHE")
-        or os.path.join(home, "hub")
-    )
-    return Path(os.path.expandvars(os.path.expanduser(cache)))
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not cache and os.environ.get("HF_HOME"):
+        cache = os.path.join(os.environ["HF_HOME"], "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache or constants.HF_HUB_CACHE)))
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ def resolve_hub(
         ModelUnavailableError: Offline and not cached (the hint says how to get it), or the
             repository or revision does not exist.
     """
-    cached = _from_cache(repo_id, revision, select, hash_memo, key, configs)
+    cached = cached_hub(repo_id, revision, select, key=key, hash_memo=hash_memo, configs=configs)
     if cached is not None:
         return cached
     offline = hub_offline()
@@ -304,38 +305,60 @@ def resolve_hub(
     return _from_metadata(repo_id, revision, select, key, configs, f"run '{fetch}'", otherwise)
 
 
-def _from_cache(
+def cached_hub(
     repo_id: str,
     revision: str | None,
     select: FileSelector,
-    hash_memo: Path | None,
+    *,
     key: str,
-    configs: tuple[str, ...],
+    hash_memo: Path | None,
+    configs: tuple[str, ...] = (),
 ) -> HubModel | None:
-    repo = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    commit = revision if revision is not None and _COMMIT.match(revision) else None
-    if commit is None:
-        ref = repo / "refs" / (revision or "main")
-        try:
-            commit = ref.read_text(encoding="utf-8").strip()
-        except OSError:
-            return None
-    snapshot = repo / "snapshots" / commit
-    if not snapshot.is_dir():
+    """A hub model pinned down from the local Hugging Face cache alone; ``None`` when the
+    revision is not cached there. Nothing is fetched.
+
+    The cache is read through huggingface_hub's ``scan_cache_dir``: a revision is a commit
+    or a ref pointing at one, and each snapshot file links to a blob named by the hash the
+    Hub publishes, so no cached weights are hashed by editflow.
+    """
+    revision_info = _cached_revision(repo_id, revision)
+    if revision_info is None:
         return None
+    snapshot = revision_info.snapshot_path
+    blobs = {
+        file.file_path.relative_to(snapshot).as_posix(): file.blob_path
+        for file in revision_info.files
+    }
     read = folder_reader(snapshot, key)
-    chosen = select(folder_paths(snapshot), read)
     files: dict[str, str] = {}
     plain: list[str] = []
-    for name in chosen:
-        target = os.path.realpath(snapshot / name)
-        if Path(target).parent.name == "blobs":
-            files[name] = Path(target).name  # the cache names each blob by its Hub hash
+    for name in select(sorted(blobs), read):
+        if blobs[name].parent.name == "blobs":
+            files[name] = blobs[name].name  # the cache names each blob by its Hub hash
         else:
-            plain.append(name)
+            plain.append(name)  # a plain copy (a cache without symlinks): hashed here
     files.update(hash_files(snapshot, plain, hash_memo))
     read_configs = {name: value for name in configs if (value := read(name)) is not None}
-    return HubModel(commit, dict(sorted(files.items())), snapshot, read_configs)
+    return HubModel(revision_info.commit_hash, dict(sorted(files.items())), snapshot, read_configs)
+
+
+def _cached_revision(repo_id: str, revision: str | None) -> CachedRevisionInfo | None:
+    """The ``CachedRevisionInfo`` of ``repo_id`` at ``revision`` (a commit, or a branch or tag
+    the cache's refs resolve; ``main`` by default), or ``None``."""
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
+    try:
+        scanned = scan_cache_dir(hub_cache_dir())
+    except (CacheNotFound, ValueError):  # no cache folder yet (or a file in its place)
+        return None
+    ref = revision or "main"
+    for repo in scanned.repos:
+        if repo.repo_type != "model" or repo.repo_id != repo_id:
+            continue
+        for cached in repo.revisions:
+            if ref in cached.refs or (_COMMIT.match(ref) and cached.commit_hash == ref):
+                return cached
+    return None
 
 
 # What a failure to reach the Hub is called by the HTTP libraries huggingface_hub may use

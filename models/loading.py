@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -20,6 +24,7 @@ from editflow.errors import ModelUnavailableError
 from editflow.models.identity import is_component, read_json_file
 
 if TYPE_CHECKING:
+    from editflow.models.references import ResolvedModel
     from editflow.models.registry import ModelRegistry
 
 # The only classes model_index.json (or a component config) may name: loading goes through
@@ -58,9 +63,12 @@ Captioner = ModelWithProcessor
 
 
 def load_pipeline_part(registry: ModelRegistry, component: str) -> Any:
-    """One component of a diffusers pipeline, of the class its ``model_index.json`` names."""
+    """One component of a diffusers pipeline, of the class its ``model_index.json`` names
+    (from a single-file checkpoint when the model is one)."""
     import torch
 
+    if registry.resolved.checkpoint is not None:
+        return load_single_file_part(registry, component)
     folder, resolved = registry.folder, registry.resolved
     library, class_name = _component_class(folder, component, resolved.spec.id)
     cls = getattr(importlib.import_module(library), class_name)
@@ -79,14 +87,197 @@ def load_pipeline_part(registry: ModelRegistry, component: str) -> Any:
             f"model '{resolved.spec.id}': cannot load '{component}': {str(error).splitlines()[0]}",
             key=resolved.provider,
         ) from None
-    if is_module:
-        loaded = loaded.to(registry.device)
-        loaded.eval()
-        loaded.requires_grad_(False)
-        if resolved.compiled and class_name in DENOISERS:
-            # Channels-last feeds the convolutions' fast kernels; compile fuses the rest.
-            loaded = torch.compile(loaded.to(memory_format=torch.channels_last))
-    return loaded
+    return _ready(loaded, registry, class_name) if is_module else loaded
+
+
+def _ready(module: Any, registry: ModelRegistry, class_name: str) -> Any:
+    """A loaded module on the registry's device, in eval mode, without gradients (compiled
+    when the recipe asks and it is the denoiser)."""
+    import torch
+
+    module = module.to(registry.device)
+    module.eval()
+    module.requires_grad_(False)
+    if registry.resolved.compiled and class_name in DENOISERS:
+        # Channels-last feeds the convolutions' fast kernels; compile fuses the rest.
+        module = torch.compile(module.to(memory_format=torch.channels_last))
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# Single-file checkpoints
+
+# Where each class's tensors lie in an original (LDM) Stable Diffusion checkpoint, by name
+# prefix (the prefixes diffusers' single_file_utils converts from): a load reads only these.
+LDM_PREFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "UNet2DConditionModel": ("model.diffusion_model.",),
+        "AutoencoderKL": ("first_stage_model.", "vae."),
+        "CLIPTextModel": ("cond_stage_model.", "conditioner.embedders."),
+        "CLIPTextModelWithProjection": ("cond_stage_model.", "conditioner.embedders."),
+    }
+)
+
+
+def load_single_file_part(registry: ModelRegistry, component: str) -> Any:
+    """One component of a single-file checkpoint, through diffusers' single-file loading.
+
+    The class and config come from the config folder (``model.config``, its
+    ``model_index.json`` checked against :data:`ALLOWED_CLASSES`); the weights only from the
+    checkpoint, converted from the original layout by ``from_single_file`` (diffusers models)
+    or ``create_diffusers_clip_model_from_ldm`` (the CLIP text encoder). Tokenizers are
+    configs and vocabularies, loaded from the config folder.
+    """
+    import torch
+
+    folder, resolved = registry.folder, registry.resolved
+    library, class_name = _component_class(folder, component, resolved.spec.id)
+    cls = getattr(importlib.import_module(library), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        return cls.from_pretrained(folder, subfolder=component, local_files_only=True)
+    missing = ModelUnavailableError(
+        f"model '{resolved.spec.id}': the checkpoint holds no weights for '{component}'"
+        f" ({class_name})",
+        key=resolved.provider,
+        hint="editflow reads UNet, VAE and CLIP text encoder weights in the original Stable"
+        " Diffusion layout from a single file",
+    )
+    if class_name not in LDM_PREFIXES or resolved.checkpoint is None:
+        raise missing
+    checkpoint = read_checkpoint(resolved.checkpoint, LDM_PREFIXES[class_name], resolved)
+    incomplete = ModelUnavailableError(
+        f"model '{resolved.spec.id}': the checkpoint lacks some of the '{component}' tensors"
+        " its config calls for",
+        key=resolved.provider,
+        hint="check that model.config describes this checkpoint",
+    )
+    try:
+        model = _from_single_file(cls, checkpoint, folder, component, registry.dtype)
+    except NotImplementedError as error:
+        # A tensor the checkpoint lacks stays on accelerate's meta device, which cannot
+        # be moved: never fill it with anything else.
+        if "meta tensor" not in str(error):
+            raise
+        raise incomplete from None
+    except ValueError as error:  # a tensor's shape differs from what the config builds
+        raise ModelUnavailableError(
+            f"model '{resolved.spec.id}': the checkpoint does not fit the '{component}' config:"
+            f" {' '.join(_first_line(error).split('. ')[0].split())}",
+            key=resolved.provider,
+            hint="check that model.config describes this checkpoint",
+        ) from None
+    if model is None:
+        raise missing
+    if any(tensor.is_meta for tensor in model.state_dict().values()):
+        raise incomplete  # the text encoder is not moved while loading: same check here
+    return _ready(model, registry, class_name)
+
+
+def _from_single_file(
+    cls: type, checkpoint: dict[str, Any], folder: Path, component: str, dtype: Any
+) -> Any | None:
+    """A module of class ``cls`` from an original-layout state dict, with its config from
+    ``folder/component``; ``None`` when the checkpoint holds no weights for it."""
+    from diffusers.loaders.single_file_model import FromOriginalModelMixin
+    from diffusers.loaders.single_file_utils import (
+        SingleFileComponentError,
+        create_diffusers_clip_model_from_ldm,
+        is_clip_model_in_single_file,
+    )
+
+    if not checkpoint:
+        return None
+    kwargs: dict[str, Any] = {
+        "config": str(folder),
+        "subfolder": component,
+        "torch_dtype": dtype,
+        "local_files_only": True,
+    }
+    if issubclass(cls, FromOriginalModelMixin):
+        try:
+            with _without_empty_float32_warning():
+                return cls.from_single_file(checkpoint, **kwargs)
+        except SingleFileComponentError:
+            return None
+    if is_clip_model_in_single_file(cls, checkpoint):
+        return create_diffusers_clip_model_from_ldm(cls, checkpoint, **kwargs)
+    return None
+
+
+@contextmanager
+def _without_empty_float32_warning() -> Iterator[None]:
+    """Drop diffusers' warning about modules to keep in float32 when there are none.
+
+    ``from_single_file`` casts with ``.to(dtype)``, and diffusers then warns "There are
+    modules in ... that should be kept in float32: []" on every load: noise in progress.
+    """
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def read_checkpoint(
+    path: Path, prefixes: tuple[str, ...], resolved: ResolvedModel
+) -> dict[str, Any]:
+    """The tensors of a single-file checkpoint whose names start with one of ``prefixes``.
+
+    A safetensors file is read tensor by tensor, only those asked for. A pickled PyTorch
+    checkpoint is read only through ``torch.load(weights_only=True)``, which rebuilds tensors
+    and plain containers and refuses anything else: a checkpoint can never run code here.
+
+    Raises:
+        ModelUnavailableError: The file cannot be read, or holds objects other than tensors.
+    """
+    import torch
+
+    name, key = resolved.spec.id, resolved.provider
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as tensors:
+                return {k: tensors.get_tensor(k) for k in tensors.keys() if k.startswith(prefixes)}
+        except Exception as error:  # safetensors raises its own SafetensorError, among others
+            raise ModelUnavailableError(
+                f"cannot read checkpoint '{name}': {_first_line(error)}", key=key
+            ) from None
+    try:
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except pickle.UnpicklingError:
+        raise ModelUnavailableError(
+            f"refused to load checkpoint '{name}': it holds Python objects other than tensors,"
+            " and editflow unpickles only tensors (torch.load with weights_only=True)",
+            key=key,
+            hint="use the model's .safetensors release, or convert the file to safetensors"
+            " where you trust it",
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise ModelUnavailableError(
+            f"cannot read checkpoint '{name}': {_first_line(error)}", key=key
+        ) from None
+    # Training checkpoints (PyTorch Lightning) keep the weights under "state_dict".
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelUnavailableError(f"checkpoint '{name}' holds no state dict", key=key)
+    return {
+        k: tensor
+        for k, tensor in state.items()
+        if isinstance(k, str) and k.startswith(prefixes) and isinstance(tensor, torch.Tensor)
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_controlnet(registry: ModelRegistry, component: str) -> Any:

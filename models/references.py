@@ -72,6 +72,10 @@ class ResolvedModel:
             enters keys separately); empty when the model has none.
         provider: The recipe field it resolves (``model.id``, ``model.captioner`` ...).
         compiled: The denoiser runs through ``torch.compile``.
+        checkpoint: A single-file checkpoint holding the weights; ``folder`` then holds
+            only the configs that describe it (``model.config``).
+        adapters: LoRA files and textual-inversion embeddings applied on loading
+            (:mod:`editflow.models.adapters`); each has an ``identity()`` for cache keys.
     """
 
     spec: ModelSpec
@@ -80,6 +84,8 @@ class ResolvedModel:
     scheduler_config: dict[str, Any]
     provider: str = "model.id"
     compiled: bool = False
+    checkpoint: Path | None = None
+    adapters: tuple[Any, ...] = ()
 
     def fingerprint(self) -> dict[str, Any]:
         """What enters the cache key of a stage that uses this model."""
@@ -89,4 +95,6 @@ class ResolvedModel:
             fingerprint["scheduler"] = {"class": config.get("_class_name"), "config": config}
         if self.compiled:  # compiled kernels may round differently: another result
             fingerprint["compiled"] = True
+        if self.adapters:  # absent without any: keys of models without adapters stay as they were
+            fingerprint["adapters"] = [adapter.identity() for adapter in self.adapters]
         return fingerprint

@@ -18,6 +18,7 @@ from typing import Any, NotRequired, TypedDict
 
 from editflow.errors import Problem
 from editflow.lazy import lazy, no_grad
+from editflow.models.adapters import ADAPTERS_ATTRIBUTE
 
 torch = lazy("torch")
 
@@ -151,9 +152,10 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     return text_encoder(tokens.input_ids.to(device))[0]
 
 
-# Text encoder -> tokenizer -> prompts -> embeddings: the prompts a run's stages encode,
-# each once (an inversion and its edits share a prompt, and on Stable Diffusion the text
-# encoder costs as much as several UNet steps). Frozen encoders only; bounded per encoder.
+# Text encoder -> tokenizer -> (adapters, vocabulary size, prompts) -> embeddings: the
+# prompts a run's stages encode, each once (an inversion and its edits share a prompt, and on
+# Stable Diffusion the text encoder costs as much as several UNet steps). Frozen encoders
+# only; bounded per encoder.
 _PROMPT_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROMPT_MEMO_SIZE = 32
 
@@ -161,14 +163,19 @@ _PROMPT_MEMO_SIZE = 32
 def encode_prompts_once(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
     """:func:`encode_prompts`, remembered per (text encoder, tokenizer, prompts) for as long as
     the encoder is loaded: the same call gives the same tensor's values without running the
-    encoder again. For the prompts of samplers, not for banks of hundreds of sentences."""
+    encoder again. For the prompts of samplers, not for banks of hundreds of sentences.
+
+    The LoRA files and embeddings applied to the encoder (the registry marks it) and the
+    tokenizer's vocabulary size are part of the key, so an encoder or tokenizer that one of
+    them changed in place never answers with what it encoded before."""
     by_tokenizer = _PROMPT_MEMO.setdefault(text_encoder, weakref.WeakKeyDictionary())
     memo = by_tokenizer.setdefault(tokenizer, {})
-    key = tuple(prompts)
+    adapters = getattr(getattr(text_encoder, "_orig_mod", text_encoder), ADAPTERS_ATTRIBUTE, None)
+    key = (adapters, len(tokenizer), tuple(prompts))
     if key not in memo:
         if len(memo) >= _PROMPT_MEMO_SIZE:
             memo.pop(next(iter(memo)))
-        memo[key] = encode_prompts(tokenizer, text_encoder, key)
+        memo[key] = encode_prompts(tokenizer, text_encoder, prompts)
     return memo[key].clone()  # a caller may change its copy
 
 

@@ -187,3 +187,33 @@ def test_an_animation_replays_like_a_png(world, capsys) -> None:
     code, err = _run(world, capsys, str(gif))
     assert code == 0, err
     assert (world / "out" / "animation" / "decode.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", "../models/sd"),
+        ("id", "/etc"),
+        ("clip", "link"),
+        ("lora", "../secret.safetensors"),
+    ],
+)
+def test_a_figures_model_paths_never_leave_its_base_folder(world, capsys, field, value) -> None:
+    (world / "models" / "sd").mkdir(parents=True)
+    (world / "downloads" / "link").symlink_to(world / "models" / "sd")
+    document = json.loads(json.dumps(QUICK))
+    if field == "lora":
+        document["model"]["lora"] = [{"path": value}]
+        key = "model.lora[0].path"
+    else:
+        document["model"][field] = value
+        key = f"model.{field}"
+    figure = _figure(world / "downloads" / "f.png", document)
+    before = {p for p in world.rglob("*")}
+    code, err = _run(world, capsys, str(figure))
+    assert code == 2
+    assert err == (
+        f"{world / 'downloads' / 'edit.toml'}: {key}: {value} is outside the base folder"
+        f" {world / 'downloads'}: an untrusted recipe reads models only from under it"
+    )
+    _nothing_secret_cached_or_written(world, before)

@@ -1,0 +1,161 @@
+"""Textual-inversion embeddings (``[[model.embedding]]``): a file's token works in prompts."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from editflow.cache import Cache
+from editflow.cli import main
+from editflow.engine.api import models_dir_for, plan_recipe, run_recipe
+from editflow.errors import ModelUnavailableError
+from editflow.models import RunModels
+from editflow.models.tiny import TINY_COMPONENTS
+from editflow.stages.diffusion import encode_prompts
+
+WIDTH = TINY_COMPONENTS["text_encoder"].config["hidden_size"]
+TOKEN = "<cat-toy>"
+
+
+def vector(seed: int, width: int = WIDTH) -> torch.Tensor:
+    return torch.randn(width, generator=torch.Generator().manual_seed(seed))
+
+
+def recipe(folder: Path, embeddings: str = "", prompt: str = f"a photo of a {TOKEN}") -> Path:
+    """Encode a 32 px photo and invert it in 2 steps on ``tiny`` with ``prompt``."""
+    path = folder / "r.toml"
+    path.write_text(
+        f"""schema_version = 1
+[model]
+id = "tiny"
+{embeddings}
+[inputs.photo]
+image = "skimage:chelsea"
+size = [32, 32]
+
+[stages.encode]
+kind = "encode.vae"
+images = "inputs.photo"
+
+[stages.invert]
+kind = "invert.ddim"
+latents = "encode.latents"
+prompt = "{prompt}"
+num_inference_steps = 2
+"""
+    )
+    return path
+
+
+def entry(file: str, token: str | None = None) -> str:
+    return f'[[model.embedding]]\npath = "{file}"\n' + (f'token = "{token}"\n' if token else "")
+
+
+def text_parts(path: Path, cache: Cache) -> tuple:
+    plan = plan_recipe(path, cache=cache)
+    registry = RunModels(plan.models, device=torch.device("cpu"), dtype=torch.float32,
+                         models_dir=models_dir_for(cache)).registry("model.id")  # fmt: skip
+    return plan, registry.get("tokenizer"), registry.get("text_encoder")
+
+
+@pytest.mark.parametrize(
+    ("name", "contents", "token"),
+    [
+        ("learned_embeds.safetensors", "diffusers", None),  # diffusers' {token: vector}
+        ("learned_embeds.bin", "diffusers", None),
+        ("a1111.pt", "a1111", TOKEN),  # AUTOMATIC1111's string_to_param, renamed
+    ],
+)
+def test_the_files_token_encodes_to_its_vector(
+    name: str, contents: str, token: str | None, tmp_path: Path
+) -> None:
+    learned = vector(0)
+    if contents == "diffusers" and name.endswith(".safetensors"):
+        save_file({TOKEN: learned}, tmp_path / name)
+    elif contents == "diffusers":
+        torch.save({TOKEN: learned}, tmp_path / name)
+    else:
+        torch.save({"string_to_param": {"*": learned[None]}, "name": "cat", "step": 500},
+                   tmp_path / name)  # fmt: skip
+    _, tokenizer, encoder = text_parts(recipe(tmp_path, entry(name, token)), Cache(tmp_path / "c"))
+    ids = tokenizer("a photo of a <cat-toy>").input_ids
+    token_id = tokenizer.convert_tokens_to_ids(TOKEN)
+    assert token_id == TINY_COMPONENTS["text_encoder"].config["vocab_size"]  # one new row
+    assert ids.count(token_id) == 1
+    assert torch.equal(encoder.get_input_embeddings().weight[token_id], learned)
+    # The prompt conditions on the vector: another vector, another encoding.
+    encoded = encode_prompts(tokenizer, encoder, ["a photo of a <cat-toy>"])
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[token_id] = vector(1)
+    assert not torch.allclose(
+        encoded, encode_prompts(tokenizer, encoder, ["a photo of a <cat-toy>"])
+    )
+
+
+def test_embeddings_enter_the_keys_and_a_recipe_prompt_runs_with_the_token(tmp_path: Path) -> None:
+    save_file({TOKEN: vector(0)}, tmp_path / "a.safetensors")
+    save_file({TOKEN: vector(1)}, tmp_path / "b.safetensors")
+    cache = Cache(tmp_path / "c")
+    base = plan_recipe(recipe(tmp_path, prompt="a photo of a cat"), cache=cache)
+    with_a = plan_recipe(recipe(tmp_path, entry("a.safetensors")), cache=cache)
+    with_b = plan_recipe(recipe(tmp_path, entry("b.safetensors")), cache=cache)
+    digest = hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+    adapters = with_a.stages["invert"].preimage["models"]["model.id"]["adapters"]
+    assert adapters == [{"embedding": digest, "token": TOKEN}]
+    assert len({plan.stages["invert"].key for plan in (base, with_a, with_b)}) == 3
+    result = run_recipe(recipe(tmp_path, entry("a.safetensors")), cache=cache, out_dir=None,
+                        device="cpu")  # fmt: skip
+    # The inversion conditioned on the prompt with the token's vector in it.
+    registry = result.registry.registry("model.id")
+    tokenizer, encoder = registry.get("tokenizer"), registry.get("text_encoder")
+    assert tokenizer.convert_tokens_to_ids(TOKEN) in tokenizer(f"a photo of a {TOKEN}").input_ids
+    stored = cache.get(result.keys["invert"]).tensor("prompt_embeds")
+    assert torch.equal(stored, encode_prompts(tokenizer, encoder, [f"a photo of a {TOKEN}"]))
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda folder: None,
+         "model.embedding[0].path: file not found: e.safetensors (relative paths start at the"
+         " recipe's folder)"),
+        (lambda folder: save_file({TOKEN: vector(0, 24)}, folder / "e.safetensors"),
+         f"model.embedding[0].path: e.safetensors holds a vector of 24 numbers but the model's"
+         f" text encoder embeds tokens in {WIDTH} (use an embedding trained for this model)"),
+        (lambda folder: save_file({TOKEN: torch.zeros(3, WIDTH)}, folder / "e.safetensors"),
+         "model.embedding[0].path: holds 3 vectors; editflow takes one-vector embeddings"),
+        (lambda folder: save_file({"emb_params": torch.zeros(1, WIDTH)}, folder / "e.safetensors"),
+         "model.embedding[0].path: the file names no token: set token (for example"
+         " '<my-concept>')"),
+    ],
+    ids=["missing", "wrong-width", "several-vectors", "no-token"],
+)  # fmt: skip
+def test_an_unusable_embedding_file_is_one_line_naming_its_entry(
+    make, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    make(tmp_path)
+    path = recipe(tmp_path, entry("e.safetensors"))
+    assert main(["validate", str(path), "--cache", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.strip() == f"{path}:2: {expected}"
+
+
+class Payload:
+    """Not a tensor: unpickling it would run a constructor."""
+
+
+def test_a_bin_file_is_read_with_weights_only(tmp_path: Path) -> None:
+    torch.save({TOKEN: Payload()}, tmp_path / "e.bin")
+    with pytest.raises(ModelUnavailableError, match=r"model\.embedding\[0\]\.path: e\.bin cannot be"
+                       r" read with torch\.load\(weights_only=True\)"):  # fmt: skip
+        plan_recipe(recipe(tmp_path, entry("e.bin")), cache=Cache(tmp_path / "c"))
+
+
+def test_a_token_already_in_the_vocabulary_is_refused_when_it_loads(tmp_path: Path) -> None:
+    save_file({"cat</w>": vector(0)}, tmp_path / "e.safetensors")
+    with pytest.raises(ModelUnavailableError, match=r"model\.embedding\[0\]\.token: token "
+                       r"'cat</w>' is already in the model's vocabulary"):  # fmt: skip
+        text_parts(recipe(tmp_path, entry("e.safetensors")), Cache(tmp_path / "c"))
