@@ -35,8 +35,15 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
+MARK_COLOUR = (0, 160, 60)  # the frame around a marked tile (a ranking's best)
+
+
 def image_grid(
-    tiles: list[torch.Tensor], labels: list[str], columns: int, tile_size: int | None = None
+    tiles: list[torch.Tensor],
+    labels: list[str],
+    columns: int,
+    tile_size: int | None = None,
+    marked: int | None = None,
 ) -> torch.Tensor:
     """Arrange images in a grid with a caption under each.
 
@@ -46,6 +53,7 @@ def image_grid(
         labels: One caption per tile ('' for none).
         columns: Tiles per row.
         tile_size: Optional display size of the longer side of every tile.
+        marked: Optional index of a tile to frame (in the padding around it).
 
     Returns:
         (1, 3, H_grid, W_grid) in [0, 1].
@@ -70,4 +78,7 @@ def image_grid(
         left, top = PADDING + column * cell_w, PADDING + row * cell_h
         canvas.paste(to_pil(tile), (left, top))
         draw.text((left, top + height + 1), label, fill="black", font=font)
+        if index == marked:
+            frame = (left - 3, top - 3, left + width + 2, top + height + 2)
+            draw.rectangle(frame, outline=MARK_COLOUR, width=2)
     return from_pil(canvas)

@@ -242,3 +242,83 @@ def test_an_all_hit_sweep_keeps_its_grid_and_imports_no_torch(tmp_path: Path) ->
     assert main(argv) == 0
     with Image.open(grid) as remade:
         assert remade.width > 8 and "editflow:made_of" in remade.info
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("range(10,40,10)", [10, 20, 30]),
+        ("range(3, 0, -1)", [3, 2, 1]),
+        ("range(2)", None),  # not two or three numbers: an error below, not a range
+        ("range(0, 0.3, 0.1)", [0.0, 0.1, 0.2]),  # exact decimal steps, 0.3 excluded
+        ("linspace(10, 40, 4)", [10, 20, 30, 40]),  # whole: integers, for integer keys
+        ("linspace(1, 2, 3)", [1.0, 1.5, 2.0]),
+        ("linspace(0, 1, 4)", [0.0, 1 / 3, 2 / 3, 1.0]),
+        ("1,2,3", None),
+    ],
+)
+def test_range_and_linspace_spell_evenly_spaced_values(text: str, values) -> None:
+    from editflow.cli.sweeps import span
+
+    if text == "range(2)":
+        with pytest.raises(Exception, match=r"expected range\(START, STOP\[, STEP\]\)"):
+            span(text, "x")
+        return
+    got = span(text, "x")
+    assert got == values and [type(v) for v in got or []] == [type(v) for v in values or []]
+
+
+@pytest.mark.parametrize(
+    ("argument", "table", "expected"),
+    [
+        ("stages.edit.skip=range(1,3,0)", "", "--sweep stages.edit.skip=range(1,3,0): range(1,3,0): STEP must not be 0"),
+        ("stages.edit.skip=range(3,1)", "", "--sweep stages.edit.skip=range(3,1): range(3,1): no values (STOP is not beyond START in STEP's direction)"),
+        ("stages.edit.skip=range(a,3)", "", "--sweep stages.edit.skip=range(a,3): range(a,3): expected range(START, STOP[, STEP]) with numbers"),
+        ("stages.edit.cfg_tar=linspace(1,2,1)", "", "--sweep stages.edit.cfg_tar=linspace(1,2,1): linspace(1,2,1): COUNT must be a whole number >= 2"),
+        ("stages.edit.cfg_tar=linspace(1,2,2000)", "", "--sweep stages.edit.cfg_tar=linspace(1,2,2000): linspace(1,2,2000): more than 1024 values"),
+        (None, '"stages.edit.skip" = "range(1, 1)"', 'sweep."stages.edit.skip": range(1, 1): no values (STOP is not beyond START in STEP\'s direction)'),
+        (None, '"stages.edit.skip" = "1, 2"', "sweep.\"stages.edit.skip\": must be an array of values, 'range(START, STOP[, STEP])' or 'linspace(START, STOP, COUNT)'"),
+        (None, '"stages.edit.skip" = "range(1, 3)"\n[sweep.grid]\nx = "edit.skip"\ny = "edit.skip"', "sweep.grid.y: 'edit.skip' is already on another axis"),
+    ],
+)  # fmt: skip
+def test_a_bad_range_is_one_line_naming_where_it_was_given(
+    tmp_path: Path, capsys, argument, table, expected
+) -> None:
+    recipe = _recipe(tmp_path / "recipe", RECIPE + (f"\n[sweep]\n{table}\n" if table else ""))
+    extra = ["--sweep", argument] if argument else []
+    assert main(["plan", str(recipe), *extra, "--cache", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+
+
+def test_a_range_in_the_table_plans_as_its_values_and_set_fixes_a_value_in_every_point(
+    tmp_path: Path, capsys
+) -> None:
+    from editflow.cache import Cache
+    from editflow.engine.api import plan_recipe
+
+    recipe = _recipe(
+        tmp_path / "recipe", RECIPE + '\n[sweep]\n"stages.edit.skip" = "range(1, 3)"\n'
+    )
+    where = ["--cache", str(tmp_path / "c"), "--json"]
+    assert main(["plan", str(recipe), "--set", "stages.edit.cfg_tar=5", *where]) == 0
+    planned = json.loads(capsys.readouterr().out)["points"]
+    assert [point["name"] for point in planned] == ["edit.skip=1", "edit.skip=2"]
+    plain = recipe.parent / "plain.toml"
+    plain.write_text(RECIPE)
+    for point, skip in zip(planned, (1, 2), strict=True):
+        assert point["overrides"] == ["stages.edit.cfg_tar=5", f"stages.edit.skip={skip}"]
+        alone = plan_recipe(plain, [f"stages.edit.skip={skip}", "stages.edit.cfg_tar=5"],
+                            cache=Cache(tmp_path / "c"))  # fmt: skip
+        assert point["keys"] == {name: stage.key for name, stage in alone.stages.items()}
+    # The value set is in the keys: without it, the edits differ.
+    assert main(["plan", str(recipe), *where]) == 0
+    unset = json.loads(capsys.readouterr().out)["points"]
+    assert unset[0]["keys"]["invert"] == planned[0]["keys"]["invert"]
+    assert unset[0]["keys"]["edit"] != planned[0]["keys"]["edit"]
+    # A key set and swept at once is refused, naming both.
+    argv = ["run", str(recipe), "--set", "stages.edit.skip=3", "--cache", str(tmp_path / "c")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        '--set stages.edit.skip=3: stages.edit.skip is also swept (sweep."stages.edit.skip"):'
+        " set it or sweep it"
+    )

@@ -1,46 +1,49 @@
 """Sweeps: a recipe run over the Cartesian product of parameter values.
 
-Axes come from ``--sweep stages.edit.skip=20,30,40`` (repeatable) or the recipe's ``[sweep]``
-table (``"stages.edit.skip" = [20, 30, 40]``); the command line replaces a table axis of the
-same key. Each point is the recipe with one value per axis set, as ``--set`` would; all
-points are planned before anything runs (so every bad value is reported first), and they
-run through one cache and one set of loaded models, so a stage whose key is the same in
-several points (the caption, the inversion, the attention maps) is computed once. Each
-point writes under ``out/<recipe>/<point>/`` with a readable point name, and the sweep's
-grid of figures, labelled with the axis values, is ``out/<recipe>/sweep.png``.
+Axes come from ``--sweep stages.edit.skip=20,30,40`` (repeatable; ``range(10,40,10)`` and
+``linspace(1,7.5,4)`` spell evenly spaced values) or the recipe's ``[sweep]`` table
+(``"stages.edit.skip" = [20, 30, 40]`` or ``"range(10,40,10)"``); the command line replaces a
+table axis of the same key, and ``--set`` fixes a value in every point. Each point is the
+recipe with one value per axis set, as ``--set`` would; all points are planned before
+anything runs (so every bad value is reported first), and they run through one cache and one
+set of loaded models, so a stage whose key is the same in several points (the caption, the
+inversion, the attention maps) is computed once. Each point writes under
+``OUT/<point>/`` with a readable point name; the sweep's X/Y/Z plot is ``OUT/sweep.png``
+(:mod:`editflow.cli.sweep_grid`) and its index ``OUT/sweep.json`` and ``OUT/sweep.csv``;
+the axes are read in :mod:`editflow.cli.sweep_axes`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import itertools
 import json
-import math
 import re
-import tomllib
+import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from editflow.cli.sweep_axes import (  # noqa: F401 (the sweep's axes, used from here too)
+    MAX_POINTS,
+    Axis,
+    combine,
+    grid_spec,
+    parse_sweep,
+    span,
+    table_axes,
+)
 from editflow.errors import EditflowError, Problem, RecipeError
 
 if TYPE_CHECKING:
+    from editflow.cli.sweep_grid import GridLayout
     from editflow.executors.ray import RayExecutor
 
 _POINT_NAME = re.compile(r"[^A-Za-z0-9_.=,+-]")
 MAX_NAME = 200  # characters of a point's folder name
-MAX_POINTS = 1024  # a sweep larger than this is almost surely a typo (1e8 points plan forever)
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One swept key, its values, and where the user gave it (for messages)."""
-
-    key: str
-    values: tuple[Any, ...]
-    origin: str  # "--sweep KEY=V1,V2" or 'sweep."KEY"'
 
 
 @dataclass
@@ -52,94 +55,7 @@ class Point:
     label: str
     values: tuple[Any, ...]
     keys: dict[str, str] = field(default_factory=dict)  # stage -> key, once planned
-
-
-def parse_sweep(argument: str) -> Axis:
-    """``stages.edit.skip=20,30,40`` -> an axis (values parsed as TOML, else strings)."""
-    origin = f"--sweep {argument}"
-    key, separator, text = argument.partition("=")
-    key = key.strip()
-    if not separator or not key or not text.strip():
-        raise EditflowError("expected KEY.PATH=VALUE,VALUE,...", file=origin)
-    try:
-        values = tomllib.loads(f"values = [{text}]")["values"]
-    except tomllib.TOMLDecodeError:  # bare words: each value on its own, as --set reads it
-        values = [_value(value.strip()) for value in text.split(",")]
-    return _checked(Axis(key, tuple(values), origin))
-
-
-def _checked(axis: Axis) -> Axis:
-    """The axis, if its values can be swept: finite numbers, no value twice."""
-    for value in axis.values:
-        if not _finite(value):
-            raise EditflowError(f"{value!r} is not a finite value", file=axis.origin)
-    seen = [json.dumps(value, sort_keys=True) for value in axis.values]
-    twice = sorted({text for text in seen if seen.count(text) > 1})
-    if twice:
-        raise EditflowError(f"the value {twice[0]} is given twice", file=axis.origin)
-    return axis
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(_finite(item) for item in value)
-    if isinstance(value, dict):
-        return all(_finite(item) for item in value.values())
-    return True
-
-
-def _value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def table_axes(document: Mapping[str, Any]) -> list[Axis]:
-    """The axes of a recipe's ``[sweep]`` table."""
-    if "sweep" not in document:
-        return []
-    table = document["sweep"]
-    if not isinstance(table, dict):
-        raise EditflowError(
-            'must be a table of axes: [sweep] "stages.NAME.PARAMETER" = [values]', file="sweep"
-        )
-    if not table:
-        raise EditflowError("an empty table: give it an axis or remove it", file="sweep")
-    axes = []
-    for key, values in table.items():
-        origin = f"sweep.{json.dumps(key)}"
-        if not isinstance(values, list) or not values:
-            raise EditflowError("must be a non-empty array of values", file=origin)
-        axes.append(_checked(Axis(key, tuple(values), origin)))
-    return axes
-
-
-def combine(table: list[Axis], command_line: list[Axis]) -> list[Axis]:
-    """The table's axes with the command line's replacing those of the same key.
-
-    Raises:
-        EditflowError: The command line gives one key twice, or there are more points than
-            :data:`MAX_POINTS`.
-    """
-    given: dict[str, Axis] = {}
-    for axis in command_line:
-        if axis.key in given:
-            raise EditflowError(
-                f"{axis.key} is swept twice (also {given[axis.key].origin})", file=axis.origin
-            )
-        given[axis.key] = axis
-    axes = [axis for axis in table if axis.key not in given] + command_line
-    count = math.prod(len(axis.values) for axis in axes)
-    if count > MAX_POINTS:
-        shape = " x ".join(str(len(axis.values)) for axis in axes)
-        raise EditflowError(
-            f"{count} points ({shape}), more than {MAX_POINTS}: nothing was planned",
-            file="sweep", hint="sweep fewer values, or several smaller sweeps",
-        )  # fmt: skip
-    return axes
+    seconds: float | None = None  # how long it ran, once run
 
 
 def _toml(value: Any) -> str:
@@ -159,7 +75,7 @@ def points(axes: list[Axis]) -> list[Point]:
     result = []
     for values in itertools.product(*(axis.values for axis in axes)):
         pairs = list(zip(axes, values, strict=True))
-        parts = [f"{_short(axis.key)}={_text(value)}" for axis, value in pairs]
+        parts = [f"{_short(axis.key)}={value_text(value)}" for axis, value in pairs]
         overrides = [f"{axis.key}={_toml(value)}" for axis, value in pairs]
         result.append(Point(",".join(parts), overrides, ", ".join(parts), values))
     raw = Counter(point.name for point in result)  # "1" and 1 read alike
@@ -178,45 +94,75 @@ def _short(key: str) -> str:
     return key.removeprefix("stages.")
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A value as a point name and a header show it: strings bare, the rest as TOML."""
     return value if isinstance(value, str) else _toml(value)
 
 
-def plan_points(recipe: Path, axes: list[Axis], cache: Any) -> list[Point]:
+def plan_points(
+    recipe: Path, axes: list[Axis], cache: Any, overrides: list[str] | None = None
+) -> list[Point]:
     """Plan every point (nothing runs, no weights load); every bad value is reported with
-    the sweep that gave it.
+    the sweep that gave it. ``overrides`` (``--set``) are the same in every point.
 
     Raises:
         RecipeError: Some point does not plan; its problems name the ``--sweep`` argument or
-            the ``[sweep]`` table key instead of the ``--set`` it became.
+            the ``[sweep]`` table key instead of the ``--set`` it became, and a bad
+            ``[sweep.grid]`` names its key.
+        EditflowError: A key is both set and swept, or ``[sweep.grid]`` names an axis that is
+            not swept.
     """
+    from editflow.cli.sweep_grid import arrange, image_problem
     from editflow.engine.api import plan_recipe
 
     if not axes:
         raise EditflowError("a sweep needs at least one axis", file=str(recipe))
-    plan_recipe(recipe, cache=cache)  # the recipe itself, its problems located in its file
+    fixed = _fixed(overrides or [], axes)
+    spec = grid_spec(_document(recipe))
+    arrange(axes, spec)
+    plan_recipe(recipe, fixed, cache=cache)  # the recipe itself, its problems located in its file
     document = base_document(recipe)
     problems: list[Problem] = []
     planned = points(axes)
     for point in planned:
+        point.overrides = fixed + point.overrides
         try:
             plan = plan_recipe(recipe, point.overrides, cache=cache, document=document)
         except RecipeError as error:
             problems += [_relabel(problem, axes) for problem in error.problems]
             continue
         point.keys = {name: stage.key for name, stage in plan.stages.items() if stage.needed}
+        problems += [problem] if (problem := image_problem(spec, plan)) else []
     if problems:
         unique = list({(p.file, p.line, p.key, p.message, p.hint): p for p in problems}.values())
         raise RecipeError(problems=unique)
     return planned
 
 
+def _fixed(overrides: list[str], axes: list[Axis]) -> list[str]:
+    """The ``--set`` overrides every point shares; a key both set and swept is refused (which
+    value would win is not obvious)."""
+    swept = {axis.key: axis for axis in axes}
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in swept:
+            raise EditflowError(
+                f"{key} is also swept ({swept[key].origin}): set it or sweep it",
+                file=f"--set {override}",
+            )
+    return list(overrides)
+
+
+def _document(recipe: Path) -> dict[str, Any]:
+    from editflow.documents import read_document
+
+    return read_document(recipe)[0]
+
+
 def base_document(recipe: Path) -> dict[str, Any]:
     """The recipe without its ``[sweep]`` table: every point is this plus its values, so a
     sweep given on the command line and the same sweep in the table make the same files."""
-    from editflow.documents import read_document
-
-    document, _ = read_document(recipe)
+    document = _document(recipe)
     document.pop("sweep", None)
     return document
 
@@ -242,6 +188,8 @@ class SweepResult:
     written: list[Path]
     grid: Path | None
     outcomes: list[Any] = field(default_factory=list)  # each point's RunResult
+    layout: GridLayout | None = None  # where the grid's tiles and headers are (None: kept)
+    index: list[Path] = field(default_factory=list)  # sweep.json, sweep.csv
 
 
 def run_sweep(
@@ -255,17 +203,19 @@ def run_sweep(
     ray: RayExecutor | None = None,
     registry: Any = None,
     threads: int | None = None,
+    overrides: list[str] | None = None,
 ) -> SweepResult:
     """Run every point through one cache and one set of models (or, with a ``ray``
     executor, on Ray: points and independent stages in parallel, on the executor's workers,
-    which it keeps for its next run); write the sweep grid. ``registry`` lends models loaded
-    by an earlier run; ``threads`` sets torch's CPU threads in process."""
+    which it keeps for its next run); write the X/Y/Z plot and the index. ``registry`` lends
+    models loaded by an earlier run; ``threads`` sets torch's CPU threads in process;
+    ``overrides`` (``--set``) hold in every point. Each point is announced to ``events`` as a
+    ``point`` event (step i of total; again with its seconds when done)."""
     from editflow.engine.api import run_recipe
 
-    planned = plan_points(recipe, axes, cache)
+    planned = plan_points(recipe, axes, cache, overrides)
     document = base_document(recipe)
     result = SweepResult(planned, [], [], [], None)
-    figures = []
     outcomes = None
     if ray is not None:
         from editflow.executors.ray import Job
@@ -273,39 +223,91 @@ def run_sweep(
         jobs = [Job(recipe, p.overrides, out_root / p.name, document) for p in planned]
         outcomes = ray.run_jobs(jobs, cache=cache, device=device, events=events)
     for index, point in enumerate(planned):
+        _announce(_of_point(events, point), index, point, len(planned))
+        started = time.perf_counter()
         if outcomes is not None:
             outcome = outcomes[index]
+            seconds = sum(outcome.seconds.values())  # the points ran side by side
         else:
             outcome = run_recipe(
                 recipe, point.overrides, cache=cache, out_dir=out_root / point.name,
-                device=device, events=events, registry=registry, document=document,
-                threads=threads,
+                device=device, events=_of_point(events, point), registry=registry,
+                document=document, threads=threads,
             )  # fmt: skip
+            seconds = time.perf_counter() - started
+        point.seconds = round(seconds, 3)
+        _announce(_of_point(events, point), index, point, len(planned))
         registry = outcome.registry or registry
         result.outcomes.append(outcome)
         result.computed += [f"{point.name}/{stage}" for stage in outcome.computed]
         result.cached += [f"{point.name}/{stage}" for stage in outcome.hits]
         result.written += outcome.written
-        figures.append(_figure_of(outcome.written))
-    result.grid = _write_grid(out_root / "sweep.png", planned, axes, figures)
-    write_index(out_root / "sweep.json", planned, axes)
+    result.grid, result.layout = _plot(recipe, out_root / "sweep.png", planned, axes, cache, result)
+    result.index = write_index(out_root, planned, axes, result.layout, overrides or [])
+    from editflow.files.tables import export_sweep  # the recipe's tables: a row per point
+
+    result.written += export_sweep(recipe, axes, planned, result.outcomes, cache, out_root,
+                                   overrides or [])  # fmt: skip
     return result
 
 
-def write_index(path: Path, planned: list[Point], axes: list[Axis]) -> Path:
-    """``sweep.json``: each point's folder with the values that made it."""
+def _of_point(events: Any, point: Point) -> Any:
+    """``events`` with each event naming the point it belongs to (its folder), where events
+    have that field (the event log's ``point``)."""
+    import dataclasses
+
+    from editflow.engine.events import Event
+
+    if events is None or "point" not in {f.name for f in dataclasses.fields(Event)}:
+        return events
+    return lambda event: events(dataclasses.replace(event, point=point.name))
+
+
+def _announce(events: Any, index: int, point: Point, total: int) -> None:
+    """A ``point`` event: point ``index + 1`` of ``total`` starts (or, with seconds, ends)."""
+    if events is not None:
+        from editflow.engine.events import Event
+
+        events(Event("point", step=index + 1, total=total, message=point.label,
+                     seconds=point.seconds))  # fmt: skip
+
+
+def write_index(
+    folder: Path, planned: list[Point], axes: list[Axis], layout: GridLayout | None = None,
+    overrides: list[str] | None = None,
+) -> list[Path]:  # fmt: skip
+    """``sweep.json`` and ``sweep.csv``: each point's folder, the values that made it, its
+    stages' keys, its seconds (and, in the JSON, its tile in the grid as left, top, width,
+    height)."""
     from editflow.files.outputs import write_text
 
+    rows = []
+    for number, point in enumerate(planned):
+        row = {
+            "folder": point.name,
+            "values": {axis.key: value for axis, value in zip(axes, point.values, strict=True)},
+            "stages": point.keys, "seconds": point.seconds,
+        }  # fmt: skip
+        if layout is not None:
+            row["tile"] = list(layout.tiles[number])
+        rows.append(row)
     index = {
         "axes": [{"key": axis.key, "values": list(axis.values)} for axis in axes],
-        "points": [
-            {"folder": point.name,
-             "values": {axis.key: value for axis, value in zip(axes, point.values, strict=True)},
-             "stages": point.keys}
-            for point in planned
-        ],
-    }  # fmt: skip
-    return write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        "set": list(overrides or []),
+        "points": rows,
+    }
+    stages = list(dict.fromkeys(name for point in planned for name in point.keys))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["folder", *(axis.key for axis in axes), "seconds",
+                     *(f"key.{name}" for name in stages)])  # fmt: skip
+    for point in planned:
+        writer.writerow([point.name, *(value_text(value) for value in point.values),
+                         point.seconds, *(point.keys.get(name, "") for name in stages)])  # fmt: skip
+    return [
+        write_text(folder / "sweep.json", json.dumps(index, indent=2, sort_keys=True) + "\n"),
+        write_text(folder / "sweep.csv", table.getvalue()),
+    ]
 
 
 def _figure_of(written: list[Path]) -> Path | None:
@@ -317,38 +319,35 @@ def _figure_of(written: list[Path]) -> Path | None:
     return (main or chosen or images or [None])[-1]
 
 
-def _write_grid(
-    path: Path, planned: list[Point], axes: list[Axis], figures: list[Path | None]
-) -> Path | None:
-    """Each point's figure in a grid (the last axis along a row), labelled by its values."""
-    if not figures or any(figure is None for figure in figures):
-        return None
-    import hashlib
+def _plot(
+    recipe: Path, path: Path, planned: list[Point], axes: list[Axis], cache: Any,
+    result: SweepResult,
+) -> tuple[Path | None, GridLayout | None]:  # fmt: skip
+    """The X/Y/Z plot of the sweep (:mod:`editflow.cli.sweep_grid`), unless the one at
+    ``path`` was made of the same cells; no plot when some point has nothing to show."""
+    from editflow.cli import sweep_grid
 
-    from PIL import Image, PngImagePlugin
-
-    from editflow.files.outputs import write_png
-
-    # What the grid is made of: an all-hit rerun finds it made already (and imports no torch).
-    made_of = hashlib.sha256(json.dumps(
-        [[axis.key for axis in axes], [point.label for point in planned],
-         [hashlib.sha256(figure.read_bytes()).hexdigest() for figure in figures]]  # type: ignore[union-attr]
-    ).encode()).hexdigest()  # fmt: skip
-    try:
-        with Image.open(path) as existing:
-            if existing.info.get("editflow:made_of") == made_of:
-                return path
-    except (OSError, ValueError):
-        pass
-    from editflow.stages.images import from_pil, image_grid, to_pil
-
-    tiles = []
-    for figure in figures:
-        with Image.open(figure) as image:
-            tiles.append(from_pil(image.convert("RGB"))[0])
-    columns = len(axes[-1].values)
-    grid = image_grid(tiles, [point.label for point in planned], columns)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("editflow:sweep", json.dumps([axis.key for axis in axes]))
-    info.add_text("editflow:made_of", made_of)
-    return write_png(path, to_pil(grid[0]), info)
+    spec = grid_spec(_document(recipe))
+    arrangement = sweep_grid.arrange(axes, spec)
+    if spec.image is not None:
+        stage, port = spec.image.split(".")
+        sources = [f"{point.keys[stage]}.{port}" for point in planned]
+    else:
+        figures = [_figure_of(outcome.written) for outcome in result.outcomes]
+        if not figures or any(figure is None for figure in figures):
+            return None, None
+        sources = [hashlib.sha256(figure.read_bytes()).hexdigest() for figure in figures]  # type: ignore[union-attr]
+    digest = sweep_grid.made_of(arrangement, spec, [point.label for point in planned], sources)
+    kept = sweep_grid.kept_layout(path, digest)
+    if kept is not None:
+        return path, kept
+    if spec.image is not None:
+        cells = [
+            sweep_grid.output_cell(cache, source.rsplit(".", 1)[0], port) for source in sources
+        ]
+    else:
+        cells = [sweep_grid.figure_cell(figure) for figure in figures]  # type: ignore[arg-type]
+    places = sweep_grid.cell_places(len(planned), arrangement, axes)
+    canvas, layout = sweep_grid.draw(cells, arrangement, places)
+    keys = [axis.key for axis in axes]
+    return sweep_grid.write_grid(path, canvas, keys, digest, layout), layout
