@@ -226,14 +226,11 @@ def _run_sweep(path: Path, document: Any, overrides: list[str], sweep: Mapping[s
 
     if document is not None:
         raise EditflowError("a sweep runs a recipe file: give its path", file="<recipe>")
-    if overrides:  # as on the command line, where --set and --sweep do not go together yet
-        raise EditflowError("set and sweep together are not supported yet: sweep a copy of the"
-                            " recipe with the value set", file="<recipe>")  # fmt: skip
     axes = [parse_sweep(f"{key}={','.join(_toml_value(v) for v in values)}")
             for key, values in sweep.items()]  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch, _display(progress) as events:
         swept = run_sweep(path, axes, cache=store, out_root=Path(out or scratch), device=device,
-                          events=events)  # fmt: skip
+                          events=events, overrides=overrides)  # fmt: skip
     return {
         point.label: Result(outcome.plan, store, outcome.computed, outcome.hits, outcome.written)
         for point, outcome in zip(swept.points, swept.outcomes, strict=True)

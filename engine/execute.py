@@ -7,9 +7,11 @@ stage that actually runs (or an export) needs them, so an all-hit rerun loads no
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +42,12 @@ from editflow.stages import ArtifactType, StageContext
 from editflow.stages.base import MemorySteps, Port, is_step_sequence
 
 torch = lazy("torch")
+
+# The stage (name, kind, key) whose first use of a model component loads it, for the
+# 'loaded' event; context-local, as stages may run on threads.
+_LOADING_FOR: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
+    "editflow_loading_for", default=None
+)
 
 # How the cache stores each artifact type (the rest: one array). Sequences are stored one
 # step per chunk, so a consumer can read a single step.
@@ -96,7 +104,8 @@ class Session:
             return self.registry
 
         def on_load(component: str, seconds: float) -> None:
-            self.events(Event("loaded", message=component, seconds=seconds))
+            stage, kind, key = _LOADING_FOR.get() or ("", "", "")  # "": loaded ahead (Ray)
+            self.events(Event("loaded", stage, kind, key, message=component, seconds=seconds))
 
         self.registry = RunModels(
             plan.models,
@@ -377,11 +386,25 @@ class _Run:
             seed=self.plan.loaded.recipe.seed,
             device=self.session.device,
             dtype=self.plan.loaded.recipe.model.torch_dtype,
-            models=models.for_stage(stage.components) if models is not None else None,
+            models=models.for_stage(stage.components, functools.partial(self._loading, stage))
+            if models is not None
+            else None,
             progress=progress,
             write_steps=write_steps,
             references=stage.references,
         )
+
+    @contextlib.contextmanager
+    def _loading(self, stage: PlannedStage, component: str) -> Iterator[None]:
+        """Say 'loading' before a stage's first use of a component loads it, and let the
+        registry's 'loaded' after it name the stage."""
+        name, kind = stage.name, stage.kind.kind
+        self.session.events(Event("loading", name, kind, stage.key, message=component))
+        token = _LOADING_FOR.set((name, kind, stage.key))
+        try:
+            yield
+        finally:
+            _LOADING_FOR.reset(token)
 
 
 def provenance(plan: Plan, stage: PlannedStage) -> dict[str, str]:

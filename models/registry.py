@@ -4,7 +4,10 @@
 registry per provider for a run; a stage sees a :class:`StageModels` view that loads only the
 components its kind declared. Each component loads through its provider's loader
 (:mod:`editflow.models.loading`): the ordinary ``from_pretrained`` of diffusers or
-transformers, restricted to an allow-list of classes, never with remote code.
+transformers, restricted to an allow-list of classes, never with remote code. The model's
+LoRA files and textual-inversion embeddings (:mod:`editflow.models.adapters`) are applied as
+a part loads; they are part of the model's fingerprint, so a model with other adapters, or
+none, is held by another registry and never sees them.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from editflow.errors import ModelUnavailableError
+from editflow.models.adapters import apply_adapters, needs_pair
 from editflow.models.identity import hub_cache_dir, hub_offline, quiet_libraries
 from editflow.models.loading import Captioner as Captioner
 from editflow.models.loading import ModelWithProcessor as ModelWithProcessor
@@ -139,8 +144,9 @@ class ModelRegistry:
         """Return a component (``unet``, ``vae``, ``text_encoder``, ``tokenizer`` ...).
 
         Loaded on the first call through ``from_pretrained`` of the class named in
-        ``model_index.json`` (modules moved to the device, in eval mode, without gradients);
-        later calls return the same object. ``scheduler_config`` is the read-only config.
+        ``model_index.json`` (modules moved to the device, in eval mode, without gradients),
+        with the model's LoRA files fused and its embeddings' tokens added (the tokenizer and
+        text encoder then load together); later calls return the same object. ``scheduler_config`` is the read-only config.
 
         Raises:
             ModelUnavailableError: The model has no such component, names a class outside
@@ -164,7 +170,19 @@ class ModelRegistry:
         if component == "scheduler":
             # Schedulers hold per-run state (set_timesteps), so one shared instance is a bug.
             raise ValueError("build schedulers from ModelRegistry.scheduler_config instead")
-        return self.provider.load(self, component)
+        if not self.resolved.adapters:
+            return self.provider.load(self, component)
+        # LoRA files and embeddings change the parts as they load, never a part that was
+        # handed out: a model with other adapters (or none) is another registry's.
+        parts = {component: self.provider.load(self, component)}
+        partner = needs_pair(self.resolved, component)
+        if partner is not None:  # a new token's id and its embedding row are made together
+            parts[partner] = self.provider.load(self, partner)
+        apply_adapters(self.resolved, parts)
+        if partner is not None:
+            self._components[partner] = parts[partner]
+            self.loads.append(partner)
+        return parts[component]
 
 
 class RunModels:
@@ -217,16 +235,29 @@ class RunModels:
         """``provider:component`` for every component loaded so far."""
         return [f"{p}:{name}" for p, registry in self.registries.items() for name in registry.loads]
 
-    def for_stage(self, specs: Iterable[ComponentSpec]) -> StageModels:
-        return StageModels(self, specs)
+    def for_stage(
+        self,
+        specs: Iterable[ComponentSpec],
+        loading: Callable[[str], AbstractContextManager[Any]] | None = None,
+    ) -> StageModels:
+        return StageModels(self, specs, loading)
 
 
 class StageModels:
-    """What a running stage sees: exactly the components its kind declared, loaded lazily."""
+    """What a running stage sees: exactly the components its kind declared, loaded lazily.
 
-    def __init__(self, models: RunModels, specs: Iterable[ComponentSpec]) -> None:
+    ``loading(component)``: a context entered around a component's first load (the engine
+    says 'loading' and names the stage: imports and weights take seconds before a step)."""
+
+    def __init__(
+        self,
+        models: RunModels,
+        specs: Iterable[ComponentSpec],
+        loading: Callable[[str], AbstractContextManager[Any]] | None = None,
+    ) -> None:
         self._models = models
         self._specs = {spec.name: spec for spec in specs}
+        self._loading = loading
 
     def get(self, component: str) -> Any:
         spec = self._specs.get(component)
@@ -235,7 +266,11 @@ class StageModels:
                 f"component {component!r} was not declared by this stage "
                 f"(declared: {', '.join(sorted(self._specs)) or 'none'})"
             )
-        return self._models.registry(spec.provider).get(component)
+        registry = self._models.registry(spec.provider)
+        if self._loading is None or component in registry.loads:
+            return registry.get(component)
+        with self._loading(component):
+            return registry.get(component)
 
     @property
     def scheduler_config(self) -> Mapping[str, Any]:

@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     _offline_option(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = _recipe_command(commands, "run", "run a recipe, reusing cached stages")
-    run.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: out/<recipe path under manifests/, else its name>, and"
+        " with --set a folder per set of overrides in it: out/<recipe>/<digest>/)",
+    )
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _threads_option(run)
     run.add_argument("--log-json", action="store_true", help="print events as JSON lines")
@@ -125,9 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_command(commands, "validate", "check a recipe and its graph")
     commands.add_parser("schema", help="print the recipe JSON Schema")
     explain = _recipe_command(
-        commands, "explain", "what changed in a stage's key since its last run", targets=False
+        commands,
+        "explain",
+        "what changed in a stage's key: since its last run, the lock or a git revision",
+        targets=False,
     )
     explain.add_argument("stage", help="stage name")
+    explain.add_argument(
+        "--against",
+        metavar="lock|REV",
+        help="compare with the recipe's lock file (lock) or with the recipe at a git revision"
+        " (REV), instead of with the stage's last run in this cache",
+    )
 
     cache = commands.add_parser("cache", help="inspect and maintain the cache")
     _cache_option(cache)

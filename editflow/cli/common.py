@@ -22,12 +22,14 @@ def open_cache_of(args: argparse.Namespace):
 
 @contextlib.contextmanager
 def event_display(args: argparse.Namespace) -> Iterator[Any]:
-    """The run's event display: JSON lines with ``--log-json``, else progress bars."""
-    from editflow.cli.progress import JsonLines, ProgressDisplay
+    """The run's event display: JSON lines with ``--log-json``, else progress bars; the run
+    between a 'run-start' and a 'run-end' event."""
+    from editflow.cli.progress import JsonLines, ProgressDisplay, reported_run
 
     display = JsonLines() if args.log_json else ProgressDisplay()
     try:
-        yield display
+        with reported_run(display, str(args.recipe)):
+            yield display
     finally:
         if isinstance(display, ProgressDisplay):
             display.close()

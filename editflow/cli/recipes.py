@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,10 +27,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if is_figure(args.recipe):
         return run_figure(args)
-    out_dir = args.out or Path("out") / args.recipe.stem
+    out_dir = args.out or default_out_dir(args.recipe, args.overrides)
     axes = _sweep_axes(args)
     if axes:
-        return run_swept(args, axes, out_dir)
+        code = run_swept(args, axes, out_dir)
+        if not args.out:
+            write_overrides(out_dir, args.recipe, args.overrides)
+        return code
     if out_dir.exists() and not out_dir.is_dir():
         raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
     started = time.perf_counter()
@@ -45,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             executor=executor,
             threads=resolve_threads(args.threads)[0],
         )
+    if not args.out:
+        write_overrides(out_dir, args.recipe, args.overrides)
     if not args.log_json:
         seconds = time.perf_counter() - started
         print(
@@ -53,6 +60,64 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+OVERRIDES_FILE = "overrides.toml"
+
+
+def out_root_of(recipe: Path) -> Path:
+    """The folder a recipe's default output path is taken under: the nearest ancestor named
+    ``manifests`` (this project's recipes, as ``figures`` and ``lock`` lay them out), else
+    the recipe's own folder."""
+    folder = Path(os.path.abspath(recipe)).parent
+    for ancestor in (folder, *folder.parents):
+        if ancestor.name == "manifests":
+            return ancestor
+    return folder
+
+
+def default_out_dir(recipe: Path, overrides: list[str] | None = None) -> Path:
+    """``out/<the recipe's path under its root, without suffix>/``, and with ``--set`` values
+    a folder of their own in it, ``<short digest of the overrides>/``, so an exploratory run
+    never overwrites the recipe's own outputs.
+
+    ``manifests/compositing/background.toml`` -> ``out/compositing/background``; with
+    ``--set stages.edit.eta=0.5`` -> ``out/compositing/background/<digest>``.
+    """
+    path = Path(os.path.abspath(recipe))
+    out_dir = Path("out") / path.relative_to(out_root_of(path)).with_suffix("")
+    return out_dir / overrides_digest(overrides) if overrides else out_dir
+
+
+def normalized_overrides(overrides: list[str]) -> list[str]:
+    """``KEY=VALUE`` with the spaces around both taken off; sorted when every key is set once
+    (the order then changes nothing), else in the given order (the last one wins)."""
+    pairs = [override.partition("=") for override in overrides]
+    normal = [f"{key.strip()}{sep}{value.strip()}" for key, sep, value in pairs]
+    keys = [key.strip() for key, _, _ in pairs]
+    return sorted(normal) if len(set(keys)) == len(keys) else normal
+
+
+def overrides_digest(overrides: list[str]) -> str:
+    """12 hex digits of sha256 over the normalised ``--set`` values (stable across runs and
+    machines: the same overrides always name the same folder)."""
+    text = json.dumps(normalized_overrides(overrides))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_overrides(out_dir: Path, recipe: Path, overrides: list[str]) -> Path | None:
+    """``OUT/overrides.toml``: the recipe and the ``--set`` values the folder's outputs were
+    made with (nothing without overrides: the folder is the recipe's own)."""
+    import tomli_w
+
+    if not overrides:
+        return None
+    path = out_dir / OVERRIDES_FILE
+    document = {"recipe": recipe.as_posix(), "set": list(overrides)}
+    header = "# The --set values the outputs in this folder were made with.\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + tomli_w.dumps(document), encoding="utf-8")
+    return path
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -103,7 +168,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     summary = f"{len(plan.stages)} stages, {len(plan.inputs)} inputs"
     axes = _sweep_axes(args) if figure_document(args) is None else []
     if axes:  # every point, as run and plan would make it
-        summary += f", {len(plan_points(args.recipe, axes, cache))} sweep points"
+        summary += f", {len(plan_points(args.recipe, axes, cache, args.overrides))} sweep points"
     print(f"{args.recipe}: ok ({summary})")
     return 0
 
@@ -134,27 +199,23 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from editflow.cli.explain import against_last_run, against_lock, against_revision
     from editflow.engine.api import plan_recipe
-    from editflow.engine.execute import last_run_record
-    from editflow.engine.keys import describe_changes
 
     cache = open_cache_of(args)
     plan = plan_recipe(args.recipe, args.overrides, cache=cache)
     if args.stage not in plan.stages:
         raise EditflowError(f"no stage named {args.stage!r}", file=str(args.recipe))
     stage = plan.stages[args.stage]
+    if args.against is None:
+        lines = against_last_run(plan, stage, cache)
+    elif args.against == "lock":
+        lines = against_lock(args.recipe, plan, stage)
+    else:
+        lines = against_revision(args.recipe, plan, stage, args.against, cache)
     print(f"{stage.name} ({stage.kind.kind}) key {stage.key}")
-    record = cache.get_record(last_run_record(plan, stage.name))
-    if record is None:
-        print("  no earlier run of this stage is recorded in this cache")
-        return 0
-    if record["key"] == stage.key:
-        state = "present" if cache.has(stage.key) else "missing from the cache"
-        print(f"  unchanged since the last run (entry {state})")
-        return 0
-    print(f"  last run {record['key']}")
-    for reason in describe_changes(record["preimage"], stage.preimage, width=None):
-        print(f"  {reason}")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 
@@ -182,8 +243,8 @@ def _ray_executor(args: argparse.Namespace) -> RayExecutor:
 def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
     from editflow.cli.sweeps import run_sweep
 
-    if args.overrides or args.targets:
-        raise EditflowError("--sweep runs whole recipes: use --sweep alone", file="--set/--target")
+    if args.targets:
+        raise EditflowError("--sweep runs whole recipes: leave --target out", file="--target")
     started = time.perf_counter()
     if not args.log_json:
         count = math.prod(len(axis.values) for axis in axes)
@@ -193,6 +254,7 @@ def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
         result = run_sweep(
             args.recipe, axes, cache=open_cache_of(args), out_root=out_dir, device=args.device,
             events=display, ray=ray, threads=resolve_threads(args.threads)[0],
+            overrides=args.overrides,
         )  # fmt: skip
     if not args.log_json:
         grid = f", grid {result.grid}" if result.grid else ""
@@ -208,7 +270,7 @@ def run_swept(args: argparse.Namespace, axes: list[Any], out_dir: Path) -> int:
 def plan_swept(args: argparse.Namespace, axes: list[Any], cache: Any) -> int:
     from editflow.cli.sweeps import plan_points, shared_stages
 
-    planned = plan_points(args.recipe, axes, cache)
+    planned = plan_points(args.recipe, axes, cache, args.overrides)
     shared = shared_stages(planned)
     if args.json:
         rows = {

@@ -94,11 +94,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def run_figure(args: argparse.Namespace) -> int:
     """``editflow run FIGURE.png`` (or an animation's GIF): rerun the recipe it carries,
-    confined to its base folder, writing to ``--out`` or ``out/<figure stem>``."""
+    confined to its base folder, writing to ``--out`` or ``out/<figure stem>`` (with
+    ``--set``, ``out/<figure stem>/<digest of the overrides>``)."""
+    from editflow.cli.recipes import overrides_digest, write_overrides
     from editflow.engine.api import run_recipe
 
     recipe, document = figure_document(args)
     out_dir = args.out or Path("out") / args.recipe.stem
+    if args.overrides and not args.out:
+        out_dir = out_dir / overrides_digest(args.overrides)
     if out_dir.exists() and not out_dir.is_dir():
         raise EditflowError(f"{out_dir} is a file, not a folder", file="--out")
     started = time.perf_counter()
@@ -108,6 +112,8 @@ def run_figure(args: argparse.Namespace) -> int:
             events=display, targets=args.targets, document=document, confined=True,
             threads=resolve_threads(args.threads)[0],
         )  # fmt: skip
+    if not args.out:
+        write_overrides(out_dir, args.recipe, args.overrides)
     print(
         f"{args.recipe}: the recipe it carries ({recipe.name}, inputs from {recipe.parent});"
         f" {len(result.hits)} stages were in the cache, {len(result.computed)} computed;"

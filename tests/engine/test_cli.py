@@ -73,9 +73,19 @@ def test_log_json_emits_one_event_per_line(tmp_path: Path, capsys) -> None:
     )  # fmt: skip
     assert code == 0
     events = [json.loads(line) for line in out.strip().splitlines()]
-    assert [e["type"] for e in events] == ["pending", "running", "loaded", "done"]
-    assert events[1]["stage"] == "encode" and events[1]["message"] == "never run"
-    assert events[2]["message"] == "vae"
+    assert [e["type"] for e in events] == [
+        "run-start", "pending", "running", "loading", "loaded", "done", "run-end"
+    ]  # fmt: skip
+    assert {e["schema_version"] for e in events} == {2}
+    assert events[0]["message"] == QUICKSTART and "stage" not in events[0]
+    assert events[2]["stage"] == "encode" and events[2]["message"] == "never run"
+    # The model part a stage's first use loads, announced before and timed after, with the
+    # stage whose use loaded it.
+    loading, loaded = events[3], events[4]
+    assert (loading["stage"], loading["message"]) == ("encode", "vae") and "seconds" not in loading
+    assert (loaded["stage"], loaded["kind"], loaded["message"]) == ("encode", "encode.vae", "vae")
+    assert loaded["key"] == events[2]["key"] and loaded["seconds"] > 0
+    assert events[-1]["message"] == "ok" and events[-1]["seconds"] >= loaded["seconds"]
 
 
 def test_schema_is_json_schema_with_every_stage_kind(capsys) -> None:
@@ -143,8 +153,9 @@ def test_run_on_an_fsspec_memory_cache_then_all_hits(tmp_path: Path, capsys) -> 
     code, out, _ = _run(capsys, *argv)
     types = [json.loads(line)["type"] for line in out.strip().splitlines()]
     assert code == 0
-    assert "running" not in types and "loaded" not in types
+    assert "running" not in types and "loaded" not in types and "loading" not in types
     assert types.count("cached") == 7
+    assert (types[0], types[-1]) == ("run-start", "run-end")
 
 
 def test_a_stage_error_names_the_stage_exits_2_and_leaves_no_entry(tmp_path: Path, capsys) -> None:
