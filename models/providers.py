@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from editflow.errors import ModelUnavailableError
+from editflow.models.adapters import with_adapters
 from editflow.models.identity import pipeline_files, read_json_file, single_folder_files
 from editflow.models.layouts import FOLDER, PIPELINE, Layout
 from editflow.models.loading import load_controlnet, load_pipeline_part, load_with_processor
@@ -32,7 +33,16 @@ from editflow.models.section import (
     DEFAULT_CONTROLNET,
     ModelSection,
 )
-from editflow.models.tiny import TINY_VARIANTS, TinyComponent, ensure_tiny, jsonable
+from editflow.models.tiny import (
+    TINY_LPIPS,
+    TINY_VARIANTS,
+    TinyComponent,
+    ensure_tiny,
+    ensure_tiny_lpips,
+    jsonable,
+    tiny_lpips_folder_name,
+    tiny_lpips_identity,
+)
 
 if TYPE_CHECKING:
     from editflow.models.registry import ModelRegistry
@@ -41,6 +51,7 @@ __all__ = [
     "CAPTIONER",
     "CLIP",
     "CONTROLNET",
+    "LPIPS",
     "MODEL",
     "PROVIDERS",
     "PROVIDER_TABLE",
@@ -80,7 +91,7 @@ class Provider:
     """
 
     field: str
-    default: str
+    default: str | None
     layout: Layout
     files: FileSelector
     load: Callable[[ModelRegistry, str], Any]
@@ -142,6 +153,53 @@ class CaptionerProvider(Provider):
         return text.get("max_position_embeddings")
 
 
+class LpipsProvider(Provider):
+    """LPIPS's network: a folder or hub id (:mod:`editflow.models.lpips`), or the built-in
+    random one, which has its own identity and folder (``tiny``'s would change every key)."""
+
+    def resolve(
+        self, section: ModelSection, *, base_dir: Path, models_dir: Path, hash_memo: Path | None
+    ) -> ResolvedModel:
+        model_id = section.lpips
+        if model_id == TINY_ID or (model_id is None and section.id in TINY_VARIANTS):
+            built = Path(models_dir) / tiny_lpips_folder_name()
+            folder = built if (built / "model.safetensors").is_file() else None
+            identity = {"tiny_lpips": tiny_lpips_identity()}
+            return ResolvedModel(ModelSpec(TINY_ID), folder, identity, {}, self.field)
+        if model_id is None:
+            raise ModelUnavailableError(
+                "metric.lpips needs an LPIPS network, and model.id is not a built-in model",
+                key=self.field,
+                hint="set model.lpips to a folder holding config.json and model.safetensors"
+                " (docs/metrics.md shows how to convert the published weights), or 'tiny'"
+                " for the built-in random network",
+            )
+        folder = local_path(model_id, Path(base_dir))
+        if folder is not None and not (folder / "config.json").is_file():
+            missing = "does not exist" if not folder.exists() else "has no config.json"
+            raise ModelUnavailableError(
+                f"lpips folder '{model_id}' {missing}",
+                key=self.field,
+                hint=f"looked for {folder}; an LPIPS folder holds config.json and"
+                " model.safetensors (docs/metrics.md)",
+            )
+        return super().resolve(
+            section, base_dir=base_dir, models_dir=models_dir, hash_memo=hash_memo
+        )
+
+    def tiny_component(self, variant: str, component: str) -> TinyComponent:
+        return TINY_LPIPS
+
+    def tiny_folder(self, models_dir: Path, variant: str) -> Path:
+        return ensure_tiny_lpips(models_dir)
+
+
+def _load_lpips(registry: ModelRegistry, component: str) -> Any:
+    from editflow.models.lpips import load_lpips  # imports torch: only when loading
+
+    return load_lpips(registry, component)
+
+
 def _folder_files(paths: list[str], read: Any, variant: str | None) -> list[str]:
     return single_folder_files(paths)  # a helper folder has no weight variants
 
@@ -186,7 +244,17 @@ CONTROLNET = Provider(
     offline_hint="or set model.controlnet to a local folder",
 )
 
-PROVIDER_TABLE: tuple[Provider, ...] = (MODEL, CAPTIONER, CLIP, CONTROLNET)
+LPIPS = LpipsProvider(
+    field="model.lpips",
+    default=None,
+    layout=FOLDER,
+    files=_folder_files,
+    load=_load_lpips,
+    tiny_part="lpips",
+    offline_hint="or set model.lpips to a local folder",
+)
+
+PROVIDER_TABLE: tuple[Provider, ...] = (MODEL, CAPTIONER, CLIP, CONTROLNET, LPIPS)
 PROVIDERS: Mapping[str, Provider] = MappingProxyType({p.field: p for p in PROVIDER_TABLE})
 if len(PROVIDERS) != len(PROVIDER_TABLE):
     raise ImportError("PROVIDER_TABLE names a field twice")
@@ -210,6 +278,12 @@ def resolve_providers(
                 section,
                 base_dir=base_dir,
                 models_dir=models_dir,
+                hash_memo=Path(models_dir) / "file-hashes.json",
+            )
+            resolved[field] = with_adapters(  # model.id's LoRA files and embeddings
+                resolved[field],
+                section,
+                base_dir=base_dir,
                 hash_memo=Path(models_dir) / "file-hashes.json",
             )
         except ModelUnavailableError as error:
@@ -261,4 +335,6 @@ def has_component(model: ResolvedModel, component: str) -> bool:
     the files that identify it; nothing is read or loaded."""
     if model.spec.id in TINY_VARIANTS:
         return component in TINY_VARIANTS[model.spec.id].components
-    return any(path.startswith(f"{component}/") for path in model.identity.get("files", {}))
+    # A single-file checkpoint's parts are those its configs (model.config) describe.
+    files = model.identity.get("files") or model.identity.get("config", {}).get("files", {})
+    return any(path.startswith(f"{component}/") for path in files)

@@ -45,6 +45,8 @@ CAPTIONER = ComponentSpec("captioner", "BlipForConditionalGeneration", "model.ca
 CLIP = ComponentSpec("clip", "CLIPModel", "model.clip")
 # A ControlNet that steers the denoiser with a condition image (a pose drawing ...).
 CONTROLNET = ComponentSpec("controlnet", "ControlNetModel", "model.controlnet")
+# LPIPS's network (Zhang et al. 2018), for the perceptual distance metric.lpips computes.
+LPIPS = ComponentSpec("lpips", "LpipsNetwork", "model.lpips")
 
 # What most samplers need: the denoiser, the prompt encoder and the scheduler config.
 DENOISER = (UNET, TEXT_ENCODER, TOKENIZER, SCHEDULER_CONFIG)

@@ -407,6 +407,53 @@ _PIXEL = MappingProxyType(
         ),
     }
 )
+# LPIPS (metric.lpips) is a helper with its own identity and folder, outside TINY_COMPONENTS:
+# there it would enter tiny's identity, and so the cache key of every stage run on tiny.
+TINY_LPIPS = TinyComponent(
+    "editflow", "LpipsNetwork", MappingProxyType({"backbone": "tiny", "builder_version": 1})
+)
+TINY_LPIPS_ID = "tiny-lpips"
+
+
+def tiny_lpips_identity() -> dict[str, Any]:
+    """The built-in LPIPS network's identity (seed and config): cheap, builds nothing."""
+    return {"seed": TINY_SEED, "config": jsonable(TINY_LPIPS.config)}
+
+
+def tiny_lpips_folder_name() -> str:
+    """``tiny-lpips-<12 hex digits of sha256 over its identity>``."""
+    canonical = json.dumps(tiny_lpips_identity(), sort_keys=True, separators=(",", ":"))
+    return f"{TINY_LPIPS_ID}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def ensure_tiny_lpips(models_dir: Path) -> Path:
+    """The built-in LPIPS network's folder under ``models_dir``, built first when missing."""
+    final = Path(models_dir) / tiny_lpips_folder_name()
+    return _build_once(final, "model.safetensors", _save_tiny_lpips)
+
+
+def _save_tiny_lpips(folder: Path) -> None:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        network = _build_lpips(TINY_LPIPS.config)
+    network.save_pretrained(folder)
+
+
+def _build_lpips(config: Mapping[str, Any]) -> Any:
+    import torch
+
+    from editflow.models.lpips import LpipsNetwork
+
+    network = LpipsNetwork(config["backbone"])
+    # Trained LPIPS heads are non-negative (the paper clamps them), so distances are >= 0.
+    with torch.no_grad():
+        for head in network.lin:
+            head.weight.abs_()
+    return network
+
+
 TINY_VARIANTS: Mapping[str, TinyVariant] = MappingProxyType(
     {
         "tiny": TinyVariant(TINY_COMPONENTS, "StableDiffusionPipeline"),
@@ -485,18 +532,24 @@ def ensure_tiny(models_dir: Path, variant: str = "tiny") -> Path:
         ``models_dir / tiny_folder_name(variant)``, a folder in the diffusers layout.
     """
     final = Path(models_dir) / tiny_folder_name(variant)
-    if (final / "model_index.json").is_file():
+    return _build_once(final, "model_index.json", lambda staging: build_tiny(staging, variant))
+
+
+def _build_once(final: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``final``, built by ``build(staging)`` and published by one atomic rename unless a
+    file ``marker`` in it says it is there already."""
+    if (final / marker).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
     staging = final.parent / f".{final.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny(staging, variant)
+        build(staging)
         try:
             os.rename(staging, final)
         except OSError:
             # Another process published first (the target exists and is not empty).
-            if not (final / "model_index.json").is_file():
+            if not (final / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

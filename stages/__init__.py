@@ -1,7 +1,8 @@
 """Stage kinds: the one explicit registry the recipe union, schema and README come from.
 
 One folder per method, each holding its math and its kinds and exporting them as ``KINDS``;
-``io`` holds the kinds every method uses. Adding a method is one folder and one line below.
+``io`` holds the kinds every method uses, ``metrics`` the numbers about their results.
+Adding a method is one folder and one line below.
 A duplicate kind fails at import.
 """
 
@@ -14,6 +15,7 @@ from editflow.stages import (
     edit_friendly,
     interpolation,
     io,
+    metrics,
     pix2pix_zero,
 )
 from editflow.stages.base import ArtifactType, Params, Port, StageContext, StageKind, type_name
@@ -26,6 +28,7 @@ STAGE_KINDS: tuple[type[StageKind], ...] = (
     *compositing.KINDS,
     *interpolation.KINDS,
     *diffusionclip.KINDS,
+    *metrics.KINDS,
 )
 
 

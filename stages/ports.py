@@ -24,6 +24,7 @@ class ArtifactType(enum.StrEnum):
     SCORES = "scores"  # float (N,)
     WEIGHTS = "weights"  # {parameter name: float32 tensor}: tuned model weights
     KEYPOINTS = "keypoints"  # float (N, 18, 3) OpenPose body points: x, y in [0, 1], confidence
+    METRIC = "metric"  # float64 (N,): a metric's value per image (N = 1 for a batch's mean)
 
 
 # What each type is, in errors: the three latent types differ in what they mean, not in shape.

@@ -1,7 +1,7 @@
 """Stage-version guards: a small golden of every stage kind's numbers on the tiny models.
 
 Each kind's golden comes from the first example recipe with a stage of that kind (the quick
-start, then manifests/ in sorted order): a summary of every output (the first 1,024 values of its flattened tensors,
+start, tests/recipes/metrics.toml, then manifests/ in sorted order): a summary of every output (the first 1,024 values of its flattened tensors,
 their sum and absolute sum in float64; texts as they are), stored as safetensors under
 tests/goldens/ with the kind's version. A kind whose numbers change while its version does
 not fails ``tests/test_goldens.py``; bump the kind's ``version`` and regenerate its golden
@@ -54,8 +54,9 @@ def sources() -> dict[str, tuple[Path, str]]:
 
     found: dict[str, tuple[Path, str]] = {}
     quickstart = MANIFESTS / "quickstart.toml"  # the canonical uses of the common kinds
+    metrics = ROOT / "tests" / "recipes" / "metrics.toml"  # every metric.* kind, on tiny
     others = sorted(path for path in MANIFESTS.rglob("*.toml") if path != quickstart)
-    for recipe in [quickstart, *others]:
+    for recipe in [quickstart, metrics, *others]:
         for name, stage in load_recipe(recipe).stages.items():
             found.setdefault(stage.kind.kind, (recipe, name))
     return found
