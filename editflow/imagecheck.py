@@ -38,6 +38,10 @@ class CheckSection(Table):
     outliers: float = Field(
         0.01, ge=0, le=1, description="... except in at most this fraction of the pixels"
     )
+    numbers: float = Field(
+        0.01, ge=0, le=1, description="Numbers in exported tables may differ by this fraction"
+        " of their value (in SVG plots: of the plot's size)",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from editflow.engine.execute import (
 )
 from editflow.engine.plan import Plan, build_plan
 from editflow.engine.recipe import load_recipe
+from editflow.files.tables import export_run
 from editflow.models import RunModels, models_dir, resolve_device
 
 
@@ -79,4 +80,6 @@ def run_recipe(
     )
     result = (executor or InProcessExecutor()).execute(plan, session)
     result.registry, result.plan = session.registry, plan
+    if out_dir is not None:  # the recipe's tables and plots, from the cached outputs
+        result.written += export_run(plan, cache, Path(out_dir))
     return result

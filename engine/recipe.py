@@ -32,6 +32,8 @@ from editflow.documents import (
 )
 from editflow.errors import Problem, RecipeError, sort_problems, unique_problems
 from editflow.files.inputs import InputSection
+from editflow.files.plots import PlotSpec
+from editflow.files.tables import TableSpec, spec_problems, valid_specs
 from editflow.imagecheck import CheckSection
 from editflow.models import ModelSection
 from editflow.stages import KINDS_BY_NAME, Params, StageKind
@@ -93,10 +95,19 @@ class Recipe(Table):
         description="How `figures --check` compares exported images with the lock's baselines"
         " where the platform differs (exact bytes are compared where it does not)",
     )
-    sweep: dict[str, list[Any]] = Field(
+    sweep: dict[str, list[Any] | str | dict[str, str]] = Field(
         default_factory=dict,
-        description='Sweep axes: {"stages.edit.skip" = [20, 30, 40], ...}; run and plan go'
-        " over their Cartesian product",
+        description='Sweep axes: {"stages.edit.skip" = [20, 30, 40] or "range(20, 50, 10)"'
+        ' or "linspace(1, 7.5, 4)", ...}; run and plan go over their Cartesian product.'
+        ' [sweep.grid]: the plot: image = "STAGE.OUTPUT" to tile, x, y, z = swept keys',
+    )
+    tables: dict[Annotated[str, Field(pattern=NAME_PATTERN)], TableSpec] = Field(
+        default_factory=dict,
+        description="Tables of numbers (NAME.csv, NAME.md, NAME.tex): a row per sweep point"
+        " (or one), a column per stage output, each reduced to one number",
+    )
+    plots: dict[Annotated[str, Field(pattern=NAME_PATTERN)], PlotSpec] = Field(
+        default_factory=dict, description="Plots of the tables (NAME.png, NAME.svg)"
     )
 
 
@@ -200,6 +211,13 @@ def load_recipe(
                 if kind is not None:
                     ports = {port.name for port in kind.inputs}
                     loose[name] = (kind, {k: v for k, v in raw.items() if k in ports})
+    # Tables and plots read stages' outputs: checked against them (those that are valid
+    # alone, when something else in the recipe is not, so every problem is said at once).
+    kinds = {name: None for name in raw_stages} if isinstance(raw_stages, dict) else {}
+    kinds |= {name: kind for name, (kind, _) in loose.items()}
+    kinds |= {name: spec.kind for name, spec in stages.items()}
+    tables, plots = (recipe.tables, recipe.plots) if recipe is not None else valid_specs(document)
+    problems += [locator.locate(p) for p in spec_problems(tables, plots, kinds)]
     problems = unique_problems(problems)
     if recipe is None or (problems and not defer):
         raise RecipeError(problems=sort_problems(problems))
@@ -265,4 +283,6 @@ def _known_keys(loc: tuple) -> list[str]:
         return list(ModelSection.model_fields)
     if len(loc) == 2 and loc[0] == "inputs":
         return list(InputSection.model_fields)
+    if len(loc) == 2 and loc[0] in ("tables", "plots"):
+        return list((TableSpec if loc[0] == "tables" else PlotSpec).model_fields)
     return []

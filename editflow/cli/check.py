@@ -29,7 +29,8 @@ from editflow.cli.lock import (
     file_sha256,
     lock_facts,
 )
-from editflow.imagecheck import CheckSection, ImageDifference, compare_images
+from editflow.files.textcheck import compare_exported
+from editflow.imagecheck import CheckSection, ImageDifference
 
 # File statuses that are drift.
 BAD = ("beyond", "differs", "missing", "new", "no baseline", "distrusted")
@@ -172,7 +173,7 @@ def _check_files(
             line = f"its baseline {baseline.relative_to(folder.parent)} is not the locked file"
             checks.append(FileCheck(name, "distrusted", f"{line} ({REWRITE})", image))
             continue
-        difference = compare_images(baseline, image, tolerance)
+        difference = compare_exported(baseline, image, tolerance)  # tables, SVG: as text
         described = difference.describe(tolerance)
         if exact:  # the lock's platform: any other pixel is drift
             line = f"other pixels than the lock's on the lock's platform: {described}"

@@ -116,7 +116,7 @@ def lock_facts(
         known_pixels: File sha256 -> pixel digest already known (a lock's): a file with
             those bytes has those pixels, so it is not decoded again.
     """
-    from editflow.imagecheck import pixel_digest
+    from editflow.files.textcheck import exported_digest  # tables and SVG: their bytes
 
     facts: dict[str, Any] = {
         "format": LOCK_FORMAT,
@@ -149,7 +149,7 @@ def lock_facts(
         facts["stage"][name] = table
     for name, path in sorted(files.items()):
         sha256 = file_sha256(path)
-        pixels = (known_pixels or {}).get(sha256) or pixel_digest(path)
+        pixels = (known_pixels or {}).get(sha256) or exported_digest(path)
         facts["file"][name] = {"sha256": sha256, "pixels": pixels}
     # As TOML reads them back (sorted tables, lists, no None), without writing TOML here.
     return _tomlable(facts)

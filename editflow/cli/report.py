@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from editflow.files.textcheck import is_text
 from editflow.imagecheck import difference_image
 
 STYLE = """
@@ -92,13 +93,16 @@ def _file_figures(check: Any, result: Any, root: Path, pictures: Path) -> str:
         cells.append((copy, "lock"))
     if check.image is not None and check.image.is_file():
         cells.append((check.image, "new"))
-    if len(cells) == 2 and check.status != "exact":  # same pixels: nothing to picture
+    pictured = not is_text(Path(check.name)) or check.name.endswith(".svg")
+    if len(cells) == 2 and check.status != "exact" and not is_text(Path(check.name)):
         picture = folder / f"{check.name}.difference.png"
         difference_image(check.baseline, check.image, result.tolerance).save(picture)
         cells.append((picture, "difference"))
-    figures = "".join(
+    figures = "".join(  # a table is linked, not shown as a (broken) image
         f'<figure><img src="{html.escape(os.path.relpath(path, root))}" alt="{caption}">'
         f"<figcaption>{caption}</figcaption></figure>"
+        if pictured
+        else f'<figure><a href="{html.escape(os.path.relpath(path, root))}">{caption}</a></figure>'
         for path, caption in cells
     )
     return (f"<h3>{html.escape(check.name)}: {html.escape(check.line)}</h3>"
