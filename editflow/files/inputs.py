@@ -7,6 +7,7 @@ tests can use a real image without downloading anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import Field, model_validator
 
 from editflow.documents import Table
@@ -108,10 +109,12 @@ class ResolvedInput:
     size: tuple[int, int] | None = None  # (height, width) of an image as stages will see it
 
 
+@functools.cache  # a folder listing per process: checking 17 recipes listed it 35 times
 def skimage_photos() -> dict[str, Path]:
     """The photographs scikit-image ships in its wheel, by name (``chelsea``, ``coffee`` ...).
 
     Found without importing scikit-image (a recipe's validation needs its files, not it).
+    Callers read the mapping and never change it.
     """
     import importlib.util
 
@@ -251,20 +254,14 @@ def _load_image(item: ResolvedInput, field: str) -> torch.Tensor:
 
 
 def fit(image: Image.Image, size: tuple[int, int], policy: str) -> Image.Image:
-    """Resize to (height, width) by center-crop, stretch or pad (pad fills with black)."""
+    """Resize to (height, width) by center-crop, stretch or pad (pad fills with black).
+
+    Pillow's own: ``ImageOps.fit`` resamples the centred crop box straight to the size (no
+    crop after a rounded resize), ``ImageOps.pad`` fits inside and centres on black.
+    """
     height, width = size
     if policy == "stretch":
         return image.resize((width, height), Image.Resampling.BICUBIC)
-    source_w, source_h = image.size
     if policy == "center-crop":
-        scale = max(width / source_w, height / source_h)
-    else:
-        scale = min(width / source_w, height / source_h)
-    scaled = (max(1, round(source_w * scale)), max(1, round(source_h * scale)))
-    image = image.resize(scaled, Image.Resampling.BICUBIC)
-    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-    if policy == "center-crop":
-        return image.crop((left, top, left + width, top + height))
-    canvas = Image.new(image.mode, (width, height))
-    canvas.paste(image, (-left, -top))
-    return canvas
+        return ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
+    return ImageOps.pad(image, (width, height), Image.Resampling.BICUBIC, color=0)
