@@ -59,10 +59,12 @@ def run_recipe(
     document: dict[str, Any] | None = None,
     threads: int | None = None,
     confined: bool = False,
+    tables: bool = True,
 ) -> RunResult:
     """Plan and run a recipe; returns what ran, what hit and which files were written.
 
-    ``threads`` sets torch's CPU thread count when a stage computes (default: leave it).
+    ``threads`` sets torch's CPU thread count when a stage computes (default: leave it);
+    ``tables`` False: not its tables and plots (a sweep writes one of all its points).
     """
     if device not in ("auto", "cpu"):
         resolve_device(device)  # a device this machine lacks is an error before any work
@@ -80,6 +82,6 @@ def run_recipe(
     )
     result = (executor or InProcessExecutor()).execute(plan, session)
     result.registry, result.plan = session.registry, plan
-    if out_dir is not None:  # the recipe's tables and plots, from the cached outputs
+    if out_dir is not None and tables:  # the recipe's tables and plots, from cached outputs
         result.written += export_run(plan, cache, Path(out_dir))
     return result

@@ -60,6 +60,7 @@ class Job:
     out_dir: Path | None
     document: dict[str, Any] | None = None
     targets: list[str] | None = None  # run only what these stages need (``--target``)
+    tables: bool = True  # its tables and plots (a sweep writes one of all its points)
 
 
 class RayExecutor:
@@ -125,6 +126,7 @@ class RayExecutor:
                 document=job.document,
                 targets=job.targets,
                 executor=finish,
+                tables=job.tables,
             )  # fmt: skip
             for job in jobs
         ]

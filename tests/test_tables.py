@@ -188,11 +188,20 @@ def test_the_plot_has_its_labels_legend_and_one_line_of_three_markers_per_series
     assert _group(scatter, "series-0").count("<use ") == 6 and "legend-0" not in scatter
 
 
-def test_a_point_of_the_sweep_has_its_one_row_table_and_no_plot_of_one_marker(swept) -> None:
+def test_a_point_writes_no_table_and_a_plain_run_one_row_and_no_plot(swept) -> None:
     folder = next(path for path in swept["out"].iterdir() if path.is_dir())
-    rows = _rows(folder / "numbers.csv")
-    assert len(rows) == 1 and list(rows[0]) == COLUMNS
-    assert sorted(path.name for path in folder.iterdir()) == [
+    assert sorted(path.name for path in folder.iterdir()) == ["clip.png", "decode_edit.png"]
+    # The recipe without its [sweep] (every stage cached by the sweep): one row, no plot of
+    # one marker.
+    text = swept["recipe"].read_text()
+    plain = swept["recipe"].with_name("plain.toml")
+    plain.write_text(text[: text.index("[sweep]")])
+    out = swept["root"] / "plain"
+    arguments = ["--cache", str(swept["cache"]), "--out", str(out), "--device", "cpu"]
+    assert main(["run", str(plain), *arguments]) == 0
+    rows = _rows(out / "numbers.csv")
+    assert len(rows) == 1 and list(rows[0]) == COLUMNS  # no swept keys lead it
+    assert sorted(path.name for path in out.iterdir()) == [
         "clip.png", "decode_edit.png", "numbers.csv", "numbers.md", "numbers.tex",
     ]  # fmt: skip
 
@@ -357,3 +366,41 @@ def test_the_schema_describes_tables_and_plots() -> None:
     }  # fmt: skip
     assert definitions["PlotSpec"]["properties"]["style"]["enum"] == ["line", "scatter"]
     assert np.isclose(CheckSection().numbers, 0.01)
+
+
+def test_a_plots_png_is_checked_by_its_svg_and_other_pngs_by_their_pixels(tmp_path) -> None:
+    from PIL import PngImagePlugin
+
+    from editflow.files.textcheck import compare_exported
+
+    def written(folder: Path, shade: int, y: str, plot: bool = True) -> Path:
+        folder.mkdir()
+        info = PngImagePlugin.PngInfo()
+        if plot:
+            info.add_text("editflow:plot", "curve")
+        noise = np.random.default_rng(shade).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / "curve.png", pnginfo=info)
+        svg = f'<svg width="360pt" height="252pt"><path d="M 10 {y} L 20 30"/></svg>'
+        (folder / "curve.svg").write_text(svg)
+        return folder / "curve.png"
+
+    baseline = written(tmp_path / "lock", 1, "100.0")
+    # Other pixels everywhere (antialiasing after an axis moved), the same drawing: within.
+    same = compare_exported(baseline, written(tmp_path / "a", 2, "100.5"), CheckSection())
+    assert same.within(CheckSection()), same.describe(CheckSection())
+    # The drawing moved by 50 of 360 points: beyond, though the PNG is checked at all.
+    moved = compare_exported(baseline, written(tmp_path / "b", 1, "150.0"), CheckSection())
+    assert not moved.within(CheckSection())
+    assert moved.describe(CheckSection()).startswith(
+        "beyond tolerance (1 of 6 numbers differ by more than 1.00%"
+    )
+    # A PNG that is not a plot's keeps the pixel check, SVG beside it or not.
+    other = baseline.parent / "grid.png"
+    shutil.copy(baseline, other)
+    (baseline.parent / "grid.svg").write_text((baseline.parent / "curve.svg").read_text())
+    noise = written(tmp_path / "c", 2, "100.0", plot=False)
+    shutil.copy(noise, noise.parent / "grid.png")
+    (noise.parent / "grid.svg").write_text((noise.parent / "curve.svg").read_text())
+    assert not compare_exported(other, noise.parent / "grid.png", CheckSection()).within(
+        CheckSection()
+    )

@@ -220,7 +220,8 @@ def run_sweep(
     if ray is not None:
         from editflow.executors.ray import Job
 
-        jobs = [Job(recipe, p.overrides, out_root / p.name, document) for p in planned]
+        jobs = [Job(recipe, p.overrides, out_root / p.name, document, tables=False)
+                for p in planned]  # fmt: skip
         outcomes = ray.run_jobs(jobs, cache=cache, device=device, events=events)
     for index, point in enumerate(planned):
         _announce(_of_point(events, point), index, point, len(planned))
@@ -232,7 +233,7 @@ def run_sweep(
             outcome = run_recipe(
                 recipe, point.overrides, cache=cache, out_dir=out_root / point.name,
                 device=device, events=_of_point(events, point), registry=registry,
-                document=document, threads=threads,
+                document=document, threads=threads, tables=False,
             )  # fmt: skip
             seconds = time.perf_counter() - started
         point.seconds = round(seconds, 3)
