@@ -193,7 +193,11 @@ class Locator:
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set dotted.key=value`` overrides; values are parsed as TOML, else strings."""
+    """Apply ``--set dotted.key=value`` overrides; values are parsed as TOML, else strings.
+
+    A part that is a number indexes an array of tables (``model.lora.0.scale=0.5``), so an
+    entry of ``[[model.lora]]`` can be set and swept like any table's key.
+    """
     document = json.loads(json.dumps(document))
     problems: list[Problem] = []
     for override in overrides:
@@ -203,18 +207,29 @@ def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str,
         if not sep or not all(keys):
             problems.append(Problem("expected KEY.PATH=VALUE", file=where))
             continue
-        table = document
+        table: Any = document
         for depth, key in enumerate(keys[:-1]):
-            if not isinstance(table.get(key), dict):
+            inner = _part(table, key)
+            last = depth == len(keys) - 2  # the value's own table: not an array
+            if not isinstance(inner, dict) and (last or not isinstance(inner, list)):
                 missing = ".".join(keys[: depth + 1])
                 problems.append(Problem(f"the recipe has no table '{missing}'", file=where))
                 break
-            table = table[key]
+            table = inner
         else:
             table[keys[-1]] = _parse_value(text.strip())
     if problems:
         raise RecipeError(problems=problems)
     return document
+
+
+def _part(container: Any, key: str) -> Any:
+    """``container[key]`` for a table, ``container[int(key)]`` for an array; None if absent."""
+    if isinstance(container, dict):
+        return container.get(key)
+    if isinstance(container, list) and key.isdigit() and int(key) < len(container):
+        return container[int(key)]
+    return None
 
 
 def overridden(overrides: list[str]) -> dict[str, str]:

@@ -253,13 +253,10 @@ def run_sweep(
 
 
 def _of_point(events: Any, point: Point) -> Any:
-    """``events`` with each event naming the point it belongs to (its folder), where events
-    have that field (the event log's ``point``)."""
+    """``events`` with each event naming the point it belongs to (its folder)."""
     import dataclasses
 
-    from editflow.engine.events import Event
-
-    if events is None or "point" not in {f.name for f in dataclasses.fields(Event)}:
+    if events is None:
         return events
     return lambda event: events(dataclasses.replace(event, point=point.name))
 

@@ -168,3 +168,18 @@ def test_override_values_are_parsed_as_toml(tmp_path: Path) -> None:
     assert loaded.stages["edit"].params.guidance_scale == 12.0
     assert loaded.stages["edit"].params.prompt == "a photo of a horse"
     assert loaded.recipe.seed == 3
+
+
+def test_set_indexes_an_array_of_tables_and_names_a_missing_entry() -> None:
+    from editflow.documents import apply_overrides
+    from editflow.errors import RecipeError
+
+    document = {"model": {"lora": [{"path": "a.safetensors", "scale": 1.0}]}}
+    changed = apply_overrides(document, ["model.lora.0.scale=0.25"])
+    assert changed["model"]["lora"] == [{"path": "a.safetensors", "scale": 0.25}]
+    assert document["model"]["lora"][0]["scale"] == 1.0  # the document itself is left alone
+    for override, missing in [("model.lora.1.scale=2", "model.lora.1"),
+                              ("model.lora.x.scale=2", "model.lora.x")]:  # fmt: skip
+        with pytest.raises(RecipeError) as error:
+            apply_overrides(document, [override])
+        assert error.value.render() == f"--set {override}: the recipe has no table '{missing}'"
