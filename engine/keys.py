@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from editflow.files.inputs import LOADER_VERSION
 from editflow.models import ResolvedModel
 from editflow.stages import StageKind
 
@@ -57,10 +58,9 @@ def library_versions() -> dict[str, str]:
 
 
 def input_key(section: BaseModel, digest: str) -> str:
-    """The key of an input file: its recipe section and the sha256 of its bytes."""
-    return key_of(
-        {"format": KEY_FORMAT, "input": section.model_dump(mode="json"), "digest": digest}
-    )
+    """The key of an input file: its recipe section, the sha256 of its bytes, and the loader."""
+    facts = {"input": section.model_dump(mode="json"), "digest": digest, "loader": LOADER_VERSION}
+    return key_of({"format": KEY_FORMAT, **facts})
 
 
 def stage_preimage(

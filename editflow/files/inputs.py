@@ -28,6 +28,9 @@ from editflow.stages.interpolation.pose import check_openpose, read_openpose
 torch = lazy("torch")
 
 SKIMAGE_PREFIX = "skimage:"
+# How load_input turns a file into pixels, in every input's cache key: a change that moves
+# pixels (2: fit by Pillow's ImageOps.fit and pad) must never meet entries of the old way.
+LOADER_VERSION = 2
 MAX_SIDE = 8192  # px; bigger images do not fit a diffusion model (SD 1.x works at 512)
 MIN_SIDE = 8  # px; latent models map 8x8 pixels to one latent pixel
 MAX_TEXT_BYTES = 16 << 20

@@ -170,3 +170,13 @@ def test_keys_do_not_depend_on_the_recipe_location(tmp_path: Path) -> None:
     moved = tmp_path / "elsewhere.toml"
     moved.write_text(QUICKSTART.read_text())
     assert _keys(tmp_path, [], moved) == _keys(tmp_path, [])
+
+
+def test_an_inputs_key_changes_with_how_its_file_becomes_pixels(monkeypatch) -> None:
+    from editflow.engine import keys
+    from editflow.files.inputs import InputSection
+
+    section = InputSection.model_validate({"image": "photo.png", "size": [64, 64]})
+    before = keys.input_key(section, "0" * 64)
+    monkeypatch.setattr(keys, "LOADER_VERSION", keys.LOADER_VERSION + 1)
+    assert keys.input_key(section, "0" * 64) != before
