@@ -78,8 +78,9 @@ def test_a_figures_inputs_never_leave_its_base_folder(world, capsys, value) -> N
     assert code == 2
     assert err == (
         f"{world / 'downloads' / 'edit.toml'}: inputs.prompt.text: {value} is outside the base"
-        f" folder {world / 'downloads'}: a recipe carried by a figure reads only files under it"
-        " (pass --base DIR to replay it from the folder its inputs are in)"
+        f" folder {world / 'downloads'}: an untrusted recipe (a figure's, or one read from git)"
+        " reads only files under it (replaying a figure? --base DIR names the folder its inputs"
+        " are in)"
     )
     _nothing_secret_cached_or_written(world, before)
 

@@ -156,9 +156,9 @@ def resolve_input(
         path = (base_dir / value).resolve()
         if confined and (Path(value).is_absolute() or not path.is_relative_to(base_dir.resolve())):
             return Problem(
-                f"{value} is outside the base folder {base_dir}: a recipe carried by a figure"
-                " reads only files under it", file=label, key=key,
-                hint="pass --base DIR to replay it from the folder its inputs are in",
+                f"{value} is outside the base folder {base_dir}: an untrusted recipe (a"
+                " figure's, or one read from git) reads only files under it", file=label,
+                key=key, hint="replaying a figure? --base DIR names the folder its inputs are in",
             )  # fmt: skip
     if not path.is_file():
         where = f" (looked in {base_dir})" if confined else ""

@@ -134,6 +134,6 @@ def test_a_committed_recipe_reads_no_file_outside_the_recipes_folder(recipe: Pat
     assert code == 2
     assert lines == [
         f"HEAD:recipes/quick.toml: inputs.photo.image: ../secret.png is outside the base folder"
-        f" {recipe.parent}: a recipe carried by a figure reads only files under it (pass --base"
-        " DIR to replay it from the folder its inputs are in)"
+        f" {recipe.parent}: an untrusted recipe (a figure's, or one read from git) reads only"
+        " files under it (replaying a figure? --base DIR names the folder its inputs are in)"
     ]
