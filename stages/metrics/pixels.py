@@ -16,7 +16,7 @@ scikit-image) averages over the windows that lie inside the image ('valid' filte
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from editflow.errors import Problem
 from editflow.lazy import lazy
@@ -129,72 +129,52 @@ def ssim(
     return (centres * per_window).sum((1, 2, 3)) / centres.sum((1, 2, 3))
 
 
-def pixel_metric(
-    formula: Callable[..., torch.Tensor],
-    ctx: StageContext,
-    params: MaskedParams,
-    images: torch.Tensor,
-    reference: torch.Tensor | None,
-    mask: torch.Tensor | None,
-) -> dict[str, Any]:
-    """A pixel kind's ``run``: pair the inputs, weigh the region, compute, summarise."""
-    images, reference, mask = paired(ctx.name, images, reference, mask)
-    return metric_outputs(formula(images, reference, region_weights(mask, params.region)))
+class _PixelMetric(StageKind):
+    """A metric of images against references over a region of a mask: pair the inputs,
+    weigh the region, compute the kind's ``formula`` per image, summarise."""
+
+    params = MaskedParams
+    inputs = shared_inputs(masked=True)
+    outputs = OUTPUTS
+    formula: ClassVar[Callable[..., torch.Tensor]]
+
+    @classmethod
+    def check(cls, params: MaskedParams, view: CheckView) -> list[Problem]:
+        return pair_problems(view, masked=True, region=params.region)
+
+    def run(
+        self,
+        ctx: StageContext,
+        params: MaskedParams,
+        *,
+        images: torch.Tensor,
+        reference: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        images, reference, mask = paired(ctx.name, images, reference, mask)
+        weights = region_weights(mask, params.region)
+        return metric_outputs(type(self).formula(images, reference, weights))
 
 
-class MetricMse(StageKind):
+class MetricMse(_PixelMetric):
     """Mean squared error between images and references (data range 1)."""
 
     kind = "metric.mse"
     version = "1"
     description = "Mean squared error per image, in [0, 1] units, over a region of a mask"
-    params = MaskedParams
-    inputs = shared_inputs(masked=True)
-    outputs = OUTPUTS
-
-    @classmethod
-    def check(cls, params: MaskedParams, view: CheckView) -> list[Problem]:
-        return pair_problems(view, masked=True, region=params.region)
-
-    def run(
-        self,
-        ctx: StageContext,
-        params: MaskedParams,
-        *,
-        images: torch.Tensor,
-        reference: torch.Tensor | None,
-        mask: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        return pixel_metric(masked_mse, ctx, params, images, reference, mask)
+    formula = staticmethod(masked_mse)
 
 
-class MetricPsnr(StageKind):
+class MetricPsnr(_PixelMetric):
     """Peak signal-to-noise ratio in dB (data range 1); background preservation outside a mask."""
 
     kind = "metric.psnr"
     version = "1"
     description = "PSNR per image in dB, 10 log10(1 / MSE), over a region of a mask"
-    params = MaskedParams
-    inputs = shared_inputs(masked=True)
-    outputs = OUTPUTS
-
-    @classmethod
-    def check(cls, params: MaskedParams, view: CheckView) -> list[Problem]:
-        return pair_problems(view, masked=True, region=params.region)
-
-    def run(
-        self,
-        ctx: StageContext,
-        params: MaskedParams,
-        *,
-        images: torch.Tensor,
-        reference: torch.Tensor | None,
-        mask: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        return pixel_metric(psnr, ctx, params, images, reference, mask)
+    formula = staticmethod(psnr)
 
 
-class MetricSsim(StageKind):
+class MetricSsim(_PixelMetric):
     """SSIM (Wang et al. 2004): Gaussian 11x11 windows, sigma 1.5, K1 0.01, K2 0.03."""
 
     kind = "metric.ssim"
@@ -203,26 +183,13 @@ class MetricSsim(StageKind):
         "SSIM per image (Wang et al. 2004; Gaussian 11x11, sigma 1.5, valid windows, channels"
         " averaged), over a region of a mask"
     )
-    params = MaskedParams
-    inputs = shared_inputs(masked=True)
-    outputs = OUTPUTS
+    formula = staticmethod(ssim)
 
     @classmethod
     def check(cls, params: MaskedParams, view: CheckView) -> list[Problem]:
-        problems = pair_problems(view, masked=True, region=params.region)
+        problems = super().check(params, view)
         size = view.sizes.get("images")
         if size is not None and min(size) < SSIM_WINDOW:
             message = f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got"
             problems.append(Problem(f"{message} {size[0]}x{size[1]}", key="images"))
         return problems
-
-    def run(
-        self,
-        ctx: StageContext,
-        params: MaskedParams,
-        *,
-        images: torch.Tensor,
-        reference: torch.Tensor | None,
-        mask: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        return pixel_metric(ssim, ctx, params, images, reference, mask)
