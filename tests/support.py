@@ -33,3 +33,32 @@ def modules_imported_by(argv: list[str], modules: tuple[str, ...]) -> list[str]:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def invert_recipe(
+    folder: Path, *, model_lines: str = "", prompt: str = "a photo of a cat", name: str = "r.toml"
+) -> Path:
+    """A recipe that encodes a 32 px photo and DDIM-inverts it in 2 steps on ``tiny``, with
+    extra ``[model]`` lines (LoRA or embedding entries): the model tests' smallest run."""
+    path = folder / name
+    path.write_text(
+        f"""schema_version = 1
+[model]
+id = "tiny"
+{model_lines}
+[inputs.photo]
+image = "skimage:chelsea"
+size = [32, 32]
+
+[stages.encode]
+kind = "encode.vae"
+images = "inputs.photo"
+
+[stages.invert]
+kind = "invert.ddim"
+latents = "encode.latents"
+prompt = "{prompt}"
+num_inference_steps = 2
+"""
+    )
+    return path

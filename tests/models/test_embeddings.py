@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import invert_recipe
 
 from editflow.cache import Cache
 from editflow.cli import main
@@ -27,28 +28,7 @@ def vector(seed: int, width: int = WIDTH) -> torch.Tensor:
 
 def recipe(folder: Path, embeddings: str = "", prompt: str = f"a photo of a {TOKEN}") -> Path:
     """Encode a 32 px photo and invert it in 2 steps on ``tiny`` with ``prompt``."""
-    path = folder / "r.toml"
-    path.write_text(
-        f"""schema_version = 1
-[model]
-id = "tiny"
-{embeddings}
-[inputs.photo]
-image = "skimage:chelsea"
-size = [32, 32]
-
-[stages.encode]
-kind = "encode.vae"
-images = "inputs.photo"
-
-[stages.invert]
-kind = "invert.ddim"
-latents = "encode.latents"
-prompt = "{prompt}"
-num_inference_steps = 2
-"""
-    )
-    return path
+    return invert_recipe(folder, model_lines=embeddings, prompt=prompt)
 
 
 def entry(file: str, token: str | None = None) -> str:

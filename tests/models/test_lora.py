@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import invert_recipe
 
 from editflow.cache import Cache
 from editflow.cli import main
@@ -64,28 +65,7 @@ def lora_folder(tmp_path_factory: pytest.TempPathFactory, base_parts: dict) -> P
 
 def recipe(folder: Path, name: str, lora: str = "") -> Path:
     """Encode a 32 px photo and invert it in 2 steps on ``tiny``, with ``lora`` entries."""
-    path = folder / name
-    path.write_text(
-        f"""schema_version = 1
-[model]
-id = "tiny"
-{lora}
-[inputs.photo]
-image = "skimage:chelsea"
-size = [32, 32]
-
-[stages.encode]
-kind = "encode.vae"
-images = "inputs.photo"
-
-[stages.invert]
-kind = "invert.ddim"
-latents = "encode.latents"
-prompt = "a photo of a cat"
-num_inference_steps = 2
-"""
-    )
-    return path
+    return invert_recipe(folder, model_lines=lora, name=name)
 
 
 def lora_entry(file: str, scale: float | None = None, name: str | None = None) -> str:
