@@ -29,7 +29,8 @@ in-process run's stage times.
     python bench/bench_ray.py [--size 128] [--steps 100] [--pairs 5] [--fresh-pairs N]
         [--skip-fresh | --fresh-only]
 
-Writes bench/results/bench_ray-fresh.json (part 1) and bench/results/bench_ray.json.
+Writes bench/results/bench_ray-fresh.json (part 1) and bench/results/bench_ray.json
+(``-64px-40steps`` added to both names at ``--size 64 --steps 40``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def main() -> None:
         " 2 threads (and 1 thread, in process with imports done)"
     }
     print(results["what"])
+    # Another size or step count writes its own record beside the default one.
+    suffix = "" if (args.size, args.steps) == (128, 100) else f"-{args.size}px-{args.steps}steps"
     counter = iter(range(10**6))
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -154,7 +157,7 @@ def main() -> None:
             print("fresh processes (imports, model loads, Ray's start included):")
             print(format_comparison(fresh, unit="s"))
             fresh["what"] = results["what"]
-            print(write_results("bench_ray-fresh", {"fresh processes": fresh},
+            print(write_results(f"bench_ray-fresh{suffix}", {"fresh processes": fresh},
                                 command=command_line()))  # fmt: skip
             if args.fresh_only:
                 return
@@ -233,7 +236,7 @@ def main() -> None:
         if bound:
             print(f"  no schedule of whole stages on 2 ideal workers beats x{bound:.2f}"
                   " the sum of the in-process stage times (1 thread)")  # fmt: skip
-    print(write_results("bench_ray", results, command=command_line()))
+    print(write_results(f"bench_ray{suffix}", results, command=command_line()))
 
 
 if __name__ == "__main__":
