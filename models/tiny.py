@@ -20,7 +20,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -556,7 +556,7 @@ def _build_once(final: Path, marker: str, build: Callable[[Path], None]) -> Path
     return final
 
 
-def build_tiny(folder: Path, variant: str = "tiny") -> None:
+def build_tiny(folder: Path, variant: str = "tiny", only: Collection[str] | None = None) -> None:
     """Create every component of a built-in model from its config and save it under ``folder``.
 
     Each component is initialised under its own forked RNG seeded with ``TINY_SEED``, so the
@@ -565,17 +565,23 @@ def build_tiny(folder: Path, variant: str = "tiny") -> None:
 
     Args:
         folder: A new or empty folder to write to.
+        variant: Which built-in model (:data:`TINY_VARIANTS`).
+        only: Build just these components (``sd15-shaped``'s scheduler without its 4 GB of
+            random weights, say); the folder then lacks ``model_index.json``.
     """
     import torch  # imported here: identity and planning must not pay for torch or diffusers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, component in TINY_VARIANTS[variant].components.items():
+        if only is not None and name not in only:
+            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             built = _BUILDERS[name](component.config)
         _save(built, folder / name)
-    _write_model_index(folder, TINY_VARIANTS[variant])
+    if only is None:
+        _write_model_index(folder, TINY_VARIANTS[variant])
 
 
 def _save(component: Any, folder: Path) -> None:
