@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -210,27 +211,64 @@ def entry() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, 2 for user errors, 130 when interrupted)."""
+    previous = _notice_interrupts()
     try:
         args = build_parser().parse_args(argv)
         if args.offline:  # read when the Hub is first asked, not at import
             os.environ["HF_HUB_OFFLINE"] = "1"
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return _interrupted()
     except EditflowError as error:
+        if _INTERRUPT_SEEN.is_set():
+            return _interrupted()
         print(error.render(), file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `editflow cache ls | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as error:
-        if error.errno not in USER_OS_ERRORS:
+    except Exception as error:
+        # A library that meets Ctrl-C in its own import can raise its own error instead (numpy's
+        # C extension: "ImportError: PyCapsule_Import could not import module datetime").
+        if _INTERRUPT_SEEN.is_set():
+            return _interrupted()
+        if not isinstance(error, OSError) or error.errno not in USER_OS_ERRORS:
             raise
         where = f"{error.filename}: " if error.filename else ""
         print(f"{where}{error.strerror}", file=sys.stderr)  # the cache stays consistent
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot interrupt this
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None and not _INTERRUPT_SEEN.is_set():
+            signal.signal(signal.SIGINT, previous)
+
+
+# Set by our SIGINT handler: whatever a command raises after it is the interrupt's doing.
+_INTERRUPT_SEEN = threading.Event()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    _INTERRUPT_SEEN.set()
+    raise KeyboardInterrupt
+
+
+def _notice_interrupts() -> Any:
+    """Put :func:`_raise_interrupt` in place of Python's own SIGINT handler; returns the one
+    to restore, or None where SIGINT is ignored (a shell's background job) or handled by
+    someone else, or off the main thread."""
+    _INTERRUPT_SEEN.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    return previous
+
+
+def _interrupted() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot interrupt this
+    print("interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 COMMANDS = {

@@ -334,6 +334,49 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path, delay: float) -> N
     assert err.strip().splitlines()[-1] == "interrupted"
 
 
+@pytest.mark.parametrize("converted", [ImportError, RuntimeError, OSError])
+def test_ctrl_c_turned_into_a_library_error_still_ends_as_an_interrupt(
+    converted: type[Exception], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """numpy met Ctrl-C in its own import and raised "ImportError: PyCapsule_Import could not
+    import module datetime" with a traceback (a stress run of 40 interrupts found it)."""
+    import os
+    import signal
+
+    import editflow.cli
+
+    def command(args: object) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):  # the handler runs between two bytecodes of this loop
+                pass
+        except KeyboardInterrupt:
+            raise converted("a library's own words") from None
+        raise AssertionError("SIGINT never arrived")
+
+    monkeypatch.setitem(editflow.cli.COMMANDS, "schema", command)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        assert main(["schema"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_an_error_without_ctrl_c_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import editflow.cli
+
+    def command(args: object) -> int:
+        raise ImportError("a bug")
+
+    monkeypatch.setitem(editflow.cli.COMMANDS, "schema", command)
+    with pytest.raises(ImportError, match="a bug"):
+        main(["schema"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handler restored"
+
+
 def test_output_into_a_closed_pipe_ends_quietly() -> None:
     """`editflow schema | head -1`: the reader leaves early; no traceback, exit 0."""
     import os
