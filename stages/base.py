@@ -308,7 +308,11 @@ class StageKind:
         """``run`` with the inputs as a mapping (optional ports left out arrive as ``None``),
         for params a plan has inherited and checked: the engine's entry."""
         self._check_ports(inputs)
-        return self.run(ctx, params, **{port.name: inputs.get(port.name) for port in self.inputs})
+        outputs = self.run(
+            ctx, params, **{port.name: inputs.get(port.name) for port in self.inputs}
+        )
+        check_no_nan(outputs, ctx.dtype)
+        return outputs
 
     def _check_ports(self, inputs: Mapping[str, Any]) -> None:
         ports = {port.name for port in self.inputs}
@@ -318,6 +322,30 @@ class StageKind:
             raise TypeError(
                 f"{self.kind}: unknown inputs {sorted(unknown)}, missing {sorted(missing)}"
             )
+
+
+def check_no_nan(outputs: Mapping[str, Any], dtype: torch.dtype) -> None:
+    """Refuse outputs that hold NaN: cached, they would spread to every stage downstream and
+    end as a black or grey image with no word of where they came from. (Infinity is a value
+    some outputs mean: the PSNR of equal images.)
+
+    Raises:
+        EditflowError: naming the first such output and how many of its values are NaN.
+    """
+    for port, value in outputs.items():
+        for tensor in value if isinstance(value, list | tuple) else [value]:
+            if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+                continue
+            nans = int(torch.isnan(tensor).sum())
+            if nans:
+                low = dtype in (torch.float16, torch.bfloat16)
+                raise EditflowError(
+                    f"output {port!r} has {nans} NaN values of {tensor.numel()}",
+                    hint=f"{str(dtype).removeprefix('torch.')} can overflow where float32 does"
+                    ' not: try model.dtype = "float32"'
+                    if low
+                    else None,
+                )
 
 
 def _shared_problems(kind: type[StageKind], view: CheckView) -> list[Problem]:

@@ -1,0 +1,65 @@
+"""A stage whose output holds NaN fails, names the output, and caches nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from editflow.cache import Cache
+from editflow.cli import main
+from editflow.engine.api import plan_recipe
+from editflow.errors import EditflowError
+from editflow.stages.base import check_no_nan
+
+# pix2pix-zero's regularised inversion on a 2x2 latent: the KL step (lambda 20 over 16
+# values) overshoots and diverges, so every value of x_T is NaN.
+DIVERGING = """schema_version = 1
+[model]
+id = "tiny"
+[inputs.photo]
+image = "skimage:chelsea"
+size = [16, 16]
+[stages.encode]
+kind = "encode.vae"
+images = "inputs.photo"
+[stages.invert]
+kind = "invert.ddim"
+latents = "encode.latents"
+prompt = "a cat"
+num_inference_steps = 2
+regularize = true
+"""
+
+
+def test_a_nan_output_fails_its_stage_in_one_line_and_is_not_cached(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = tmp_path / "diverging.toml"
+    recipe.write_text(DIVERGING)
+    cache = tmp_path / "cache"
+    code = main(["run", str(recipe), "--cache", str(cache), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"{recipe}: stages.invert: stage 'invert' (invert.ddim) failed:"
+        " output 'latents' has 16 NaN values of 16"
+    )
+    assert "Traceback" not in err
+    plan = plan_recipe(recipe, cache=Cache(cache))
+    assert Cache(cache).has(plan.stages["encode"].key), "the stage before it is kept"
+    assert not Cache(cache).has(plan.stages["invert"].key)
+    assert not (tmp_path / "out").exists()
+
+
+def test_float16_nan_hints_at_float32_and_infinity_passes() -> None:
+    half = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float16)
+    with pytest.raises(EditflowError) as raised:
+        check_no_nan({"images": [torch.zeros(2), half]}, torch.float16)
+    assert raised.value.render() == (
+        "output 'images' has 1 NaN values of 3"
+        ' (float16 can overflow where float32 does not: try model.dtype = "float32")'
+    )
+    check_no_nan({"psnr": torch.tensor([float("inf"), 31.5]), "steps": torch.arange(3)},
+                 torch.float32)  # fmt: skip
