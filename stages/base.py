@@ -21,6 +21,7 @@ from editflow.lazy import lazy
 from editflow.models.specs import ComponentSpec
 from editflow.stages.checks import CheckView
 from editflow.stages.ports import (  # noqa: F401 (the base's public names)
+    NAN_IS_A_VALUE,
     STEP_SEQUENCES,
     TYPE_NAMES,
     ArtifactType,
@@ -311,7 +312,8 @@ class StageKind:
         outputs = self.run(
             ctx, params, **{port.name: inputs.get(port.name) for port in self.inputs}
         )
-        check_no_nan(outputs, ctx.dtype)
+        checked = {port.name for port in self.outputs if port.type not in NAN_IS_A_VALUE}
+        check_no_nan({name: outputs[name] for name in checked if name in outputs}, ctx.dtype)
         return outputs
 
     def _check_ports(self, inputs: Mapping[str, Any]) -> None:
@@ -326,8 +328,9 @@ class StageKind:
 
 def check_no_nan(outputs: Mapping[str, Any], dtype: torch.dtype) -> None:
     """Refuse outputs that hold NaN: cached, they would spread to every stage downstream and
-    end as a black or grey image with no word of where they came from. (Infinity is a value
-    some outputs mean: the PSNR of equal images.)
+    end as a black or grey image with no word of where they came from. The engine checks
+    every output but those of a type whose NaN means something (:data:`NAN_IS_A_VALUE`:
+    scores, metrics); infinity passes (the PSNR of equal images).
 
     Raises:
         EditflowError: naming the first such output and how many of its values are NaN.

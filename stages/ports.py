@@ -27,6 +27,10 @@ class ArtifactType(enum.StrEnum):
     METRIC = "metric"  # float64 (N,): a metric's value per image (N = 1 for a batch's mean)
 
 
+# Types whose NaN is a value: a frame nobody ranked, a metric undefined for an image. Every
+# other type's NaN is a computation gone wrong, and fails its stage.
+NAN_IS_A_VALUE = frozenset({ArtifactType.SCORES, ArtifactType.METRIC})
+
 # What each type is, in errors: the three latent types differ in what they mean, not in shape.
 TYPE_NAMES = {
     ArtifactType.LATENT: "a clean latent (x0)",

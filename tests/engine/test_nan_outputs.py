@@ -1,4 +1,5 @@
-"""A stage whose output holds NaN fails, names the output, and caches nothing."""
+"""A stage whose output holds NaN fails, names the output (or, where the stage knows, the
+reason), and caches nothing."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def test_a_nan_output_fails_its_stage_in_one_line_and_is_not_cached(
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        f"{recipe}: stages.invert: stage 'invert' (invert.ddim) failed:"
-        " output 'latents' has 16 NaN values of 16"
+        f"{recipe}: stages.invert: stage 'invert' (invert.ddim) failed: the noise"
+        " regularisation diverged on a 2x2 latent (lambda_kl = 20 over 16 values per sample):"
+        " use a larger image or a smaller lambda_kl"
     )
     assert "Traceback" not in err
     plan = plan_recipe(recipe, cache=Cache(cache))
@@ -63,3 +65,16 @@ def test_float16_nan_hints_at_float32_and_infinity_passes() -> None:
     )
     check_no_nan({"psnr": torch.tensor([float("inf"), 31.5]), "steps": torch.arange(3)},
                  torch.float32)  # fmt: skip
+
+
+def test_scores_may_say_not_ranked_with_nan(tmp_path: Path) -> None:
+    """sample.interpolate's scores are NaN for frames nobody ranked: a value, not a failure."""
+    from support import MANIFESTS
+
+    from editflow.engine.api import run_recipe
+
+    recipe = MANIFESTS / "interpolation" / "photos.toml"
+    result = run_recipe(recipe, cache=Cache(tmp_path / "c"), out_dir=None, device="cpu",
+                        targets=["interpolate"])  # fmt: skip
+    scores = Cache(tmp_path / "c").get(result.keys["interpolate"]).tensor("scores")
+    assert torch.isnan(scores).any() and torch.isfinite(scores).any()
