@@ -8,12 +8,7 @@ from typing import Any
 
 from editflow.cache import Cache, default_cache_url
 from editflow.engine.events import CollectEvents, EventSink
-from editflow.engine.execute import (
-    Executor,
-    InProcessExecutor,
-    RunResult,
-    Session,
-)
+from editflow.engine.execute import Executor, InProcessExecutor, RunResult, Session
 from editflow.engine.plan import Plan, build_plan
 from editflow.engine.recipe import load_recipe
 from editflow.files.tables import export_run
@@ -60,17 +55,19 @@ def run_recipe(
     threads: int | None = None,
     confined: bool = False,
     tables: bool = True,
+    plan: Plan | None = None,
 ) -> RunResult:
     """Plan and run a recipe; returns what ran, what hit and which files were written.
 
     ``threads`` sets torch's CPU thread count when a stage computes (default: leave it);
-    ``tables`` False: not its tables and plots (a sweep writes one of all its points).
+    ``tables`` False: not its tables and plots (a sweep writes one of all its points);
+    ``plan``: one already made of this recipe with these arguments (a sweep's point's).
     """
     if device not in ("auto", "cpu"):
         resolve_device(device)  # a device this machine lacks is an error before any work
-    plan = plan_recipe(
-        path, overrides, cache=cache, targets=targets, document=document, confined=confined
-    )
+    if plan is None:
+        plan = plan_recipe(path, overrides, cache=cache, targets=targets, document=document,
+                           confined=confined)  # fmt: skip
     session = Session(
         cache=cache,
         out_dir=Path(out_dir) if out_dir is not None else None,

@@ -68,7 +68,7 @@ def written_live(port: Port) -> bool:
 
 def last_run_record(plan: Plan, stage: str) -> str:
     """Name of the cache record holding the preimage of a stage's last run in this recipe."""
-    return _record_name(document_identity(plan.loaded.path), stage)
+    return _record_name(plan.runs_as or document_identity(plan.loaded.path), stage)
 
 
 def _record_name(recipe: str, stage: str | None) -> str:
@@ -441,7 +441,7 @@ class _LastRuns:
     written only when its key changed: an all-hit rerun reads one record and writes none."""
 
     def __init__(self, plan: Plan, cache: Cache) -> None:
-        self.cache, self.recipe = cache, document_identity(plan.loaded.path)
+        self.cache, self.recipe = cache, plan.runs_as or document_identity(plan.loaded.path)
         index = cache.get_record(_record_name(self.recipe, None)) or {}
         self.keys: dict[str, str] = dict(index.get("keys", {}))
         self.changed = False

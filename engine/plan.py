@@ -68,6 +68,8 @@ class Plan:
         graph: The stage graph: an edge from each producer to each consumer, with the
             (input port, output) pairs it ``reads`` (what executors schedule by).
         notes: What the kinds' checks found worth saying but not wrong (located).
+        runs_as: Whose last-run records a run of it reads and writes: the recipe's (None),
+            or a sweep point's own, so that rerunning the points rewrites none.
     """
 
     loaded: LoadedRecipe
@@ -78,6 +80,7 @@ class Plan:
     input_keys: dict[str, str]
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     notes: list[Problem] = field(default_factory=list)
+    runs_as: str | None = None
 
     @property
     def needed(self) -> list[PlannedStage]:

@@ -233,15 +233,44 @@ def test_an_all_hit_sweep_keeps_its_grid_and_imports_no_torch(tmp_path: Path) ->
     assert main(argv) == 0
     grid = tmp_path / "out" / "sweep.png"
     made = grid.stat().st_mtime_ns
+    records = _files_and_times(tmp_path / "cache")
     # Rerun in a fresh interpreter: every point hits, and the grid of the same figures is
     # the one already there (building it again would import torch for nothing).
     assert modules_imported_by(argv, ("torch",)) == []
     assert grid.stat().st_mtime_ns == made
+    assert _files_and_times(tmp_path / "cache") == records, "the rerun wrote to the cache"
     # A grid that does not say what it was made of is made again.
     Image.new("RGB", (8, 8), "red").save(grid)
     assert main(argv) == 0
     with Image.open(grid) as remade:
         assert remade.width > 8 and "editflow:made_of" in remade.info
+
+
+def _files_and_times(folder: Path) -> dict[str, int]:
+    return {str(path): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def test_each_point_is_told_what_changed_since_its_own_last_run(tmp_path: Path) -> None:
+    """One set of last-run records for all points would tell the second point its skip
+    differs from the first's; each point has its own."""
+    from editflow.cache import Cache
+    from editflow.cli.sweeps import parse_sweep, run_sweep
+    from editflow.engine.events import CollectEvents
+
+    recipe = _recipe(tmp_path / "recipe")
+    axes = [parse_sweep("stages.edit.skip=1,2")]
+    cache = Cache(tmp_path / "cache")
+    for guidance in ("3.5", "5.0"):
+        events = CollectEvents()
+        run_sweep(recipe, axes, cache=cache, out_root=tmp_path / "out", device="cpu",
+                  events=events, overrides=[f"stages.edit.cfg_tar={guidance}"])  # fmt: skip
+    reasons = {(event.point, event.stage): event.message for event in events.of("running")}
+    assert reasons == {
+        ("edit.skip=1", "edit"): "params.cfg_tar: 3.5 -> 5.0",
+        ("edit.skip=1", "figure"): "input 'latents' changed upstream (edit)",
+        ("edit.skip=2", "edit"): "params.cfg_tar: 3.5 -> 5.0",
+        ("edit.skip=2", "figure"): "input 'latents' changed upstream (edit)",
+    }
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ class Point:
     values: tuple[Any, ...]
     keys: dict[str, str] = field(default_factory=dict)  # stage -> key, once planned
     seconds: float | None = None  # how long it ran, once run
+    plan: Any = None  # its Plan, once planned: run as it is, not planned again
 
 
 def _toml(value: Any) -> str:
@@ -113,6 +114,7 @@ def plan_points(
             not swept.
     """
     from editflow.cli.sweep_grid import arrange, image_problem
+    from editflow.documents import document_identity
     from editflow.engine.api import plan_recipe
 
     if not axes:
@@ -132,6 +134,9 @@ def plan_points(
             problems += [_relabel(problem, axes) for problem in error.problems]
             continue
         point.keys = {name: stage.key for name, stage in plan.stages.items() if stage.needed}
+        # Each point keeps its own last-run records: one set for all would be rewritten by
+        # every point of every rerun, and would tell a point what differs from its neighbour.
+        plan.runs_as, point.plan = f"{document_identity(recipe)}#{point.name}", plan
         problems += [problem] if (problem := image_problem(spec, plan)) else []
     if problems:
         unique = list({(p.file, p.line, p.key, p.message, p.hint): p for p in problems}.values())
@@ -233,7 +238,7 @@ def run_sweep(
             outcome = run_recipe(
                 recipe, point.overrides, cache=cache, out_dir=out_root / point.name,
                 device=device, events=_of_point(events, point), registry=registry,
-                document=document, threads=threads, tables=False,
+                document=document, threads=threads, tables=False, plan=point.plan,
             )  # fmt: skip
             seconds = time.perf_counter() - started
         point.seconds = round(seconds, 3)
