@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -189,6 +191,43 @@ class _CountingStore(WrapperStore[Store]):
         return buffers
 
 
+def _arrays_of(manifest: Mapping[str, Any]) -> dict[str, ArrayInfo]:
+    return {name: ArrayInfo.from_json(info) for name, info in dict(manifest["arrays"]).items()}
+
+
+@dataclass(frozen=True)
+class ReadManifest:
+    """A manifest's bytes, parsed, with what those bytes alone decide: whether its
+    attributes pass their sha256, and its arrays (None: malformed, left for
+    :meth:`Entry.from_manifest` to report)."""
+
+    manifest: Any
+    attrs_ok: bool
+    arrays: Mapping[str, ArrayInfo] | None
+
+
+@functools.lru_cache(maxsize=4096)
+def read_manifest(data: bytes) -> ReadManifest:
+    """Parse a manifest and check its attributes, once per distinct bytes: an all-hit run
+    reads each entry's manifest to know it is there and again to read what it holds, and
+    the attributes' sha256 covers the whole key preimage. Manifests are written once and
+    never changed, so the same bytes always mean the same entry; treat the result as
+    read-only.
+
+    Raises:
+        ValueError: The bytes are not JSON.
+    """
+    manifest = json.loads(data)
+    try:
+        return ReadManifest(
+            manifest,
+            attrs_sha256(manifest["attrs"]) == manifest["attrs_sha256"],
+            MappingProxyType(_arrays_of(manifest)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ReadManifest(manifest, False, None)
+
+
 def attrs_sha256(attrs: Any) -> str:
     """sha256 of an entry's attributes as canonical JSON (sorted keys, no whitespace)."""
     text = json.dumps(attrs, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -220,28 +259,38 @@ class Entry:
         reads: Requests and bytes fetched so far through this object.
     """
 
-    def __init__(self, layout: Layout, manifest: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        manifest: Mapping[str, Any],
+        arrays: Mapping[str, ArrayInfo] | None = None,
+    ) -> None:
         self.key: str = manifest["key"]
         self.object_id: str = manifest["object"]
         self.created = float(manifest["created"])
         self.stored_bytes = int(manifest.get("stored_bytes", 0))
         self.attrs: dict[str, Any] = dict(manifest["attrs"])
-        self.arrays = {
-            name: ArrayInfo.from_json(info) for name, info in dict(manifest["arrays"]).items()
-        }
+        self.arrays = dict(arrays) if arrays is not None else _arrays_of(manifest)
         self.reads = ReadStats()
         self._layout = layout
         self._opened: dict[str, zarr.Array] = {}
         self._shards: dict[str, ShardedArray | None] = {}
 
     @classmethod
-    def from_manifest(cls, layout: Layout, key: str, manifest: Any) -> Entry:
-        """Build an entry from a parsed manifest, or raise DamagedEntryError if malformed."""
+    def from_manifest(
+        cls, layout: Layout, key: str, manifest: Any, read: ReadManifest | None = None
+    ) -> Entry:
+        """Build an entry from a parsed manifest (``read``: what :func:`read_manifest` found
+        in its bytes), or raise DamagedEntryError if malformed."""
         try:
             if manifest["key"] != key or manifest.get("format") not in MANIFEST_FORMATS:
                 raise ValueError(
                     f"manifest is for {manifest['key']!r}, format {manifest.get('format')!r}"
                 )
+            if read is not None and read.arrays is not None:
+                if not read.attrs_ok:
+                    raise ValueError("attributes fail their sha256")
+                return cls(layout, manifest, read.arrays)
             if attrs_sha256(manifest["attrs"]) != manifest["attrs_sha256"]:
                 raise ValueError("attributes fail their sha256")
             return cls(layout, manifest)

@@ -131,6 +131,11 @@ class Layout:
         Raises:
             ValueError: The file is not valid JSON.
         """
+        data = self.read_bytes(path)
+        return None if data is None else json.loads(data)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """Read a small file whole; None when it does not exist."""
         data = b""
         for _ in range(3):
             try:
@@ -141,7 +146,7 @@ class Layout:
                 break
             # A non-local exclusive create can be observed between create and write.
             time.sleep(0.05)
-        return json.loads(data)
+        return data
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create ``path`` holding ``data`` unless it exists; True when this call created it.

@@ -14,7 +14,7 @@ from editflow.errors import CacheError
 from editflow.lazy import lazy
 
 from . import maintenance
-from .entry import Damage, DamagedEntryError, Entry
+from .entry import Damage, DamagedEntryError, Entry, read_manifest
 from .layout import Layout, check_key
 from .maintenance import DiskUsage, EntryInfo, GcReport
 from .writer import EntryWriter
@@ -85,18 +85,19 @@ class Cache:
             DamagedEntryError: The entry is known to be damaged or its manifest is unreadable.
         """
         layout = self._layout
+        data = layout.read_bytes(layout.ref_path(check_key(key)))
+        if data is None:
+            return None
         try:
-            manifest = layout.read_json(layout.ref_path(check_key(key)))
+            read = read_manifest(data)
         except ValueError as error:
             layout.mark_damaged(key, None, f"manifest unreadable: {error}")
             raise DamagedEntryError(
                 key, None, f"manifest unreadable: {error}", location=self.url
             ) from error
-        if manifest is None:
-            return None
         if layout.is_damaged(key):
             raise DamagedEntryError(key, None, "found damaged earlier", location=self.url)
-        return Entry.from_manifest(layout, key, manifest)
+        return Entry.from_manifest(layout, key, read.manifest, read)
 
     def writer(
         self, key: str, attrs: dict[str, Any], *, object_id: str | None = None

@@ -9,7 +9,9 @@ short line, so every later problem can name its line and say what is wrong.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import json
 import re
 import tomllib
@@ -90,9 +92,8 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
             line=line,
             hint="save the recipe as UTF-8",
         ) from None
-    parse = read_json if path.suffix == ".json" else tomllib.loads
     try:
-        document = parse_bounded(parse, text, MAX_DEPTH)
+        document = copy.deepcopy(_parsed(text, path.suffix == ".json"))
     except json.JSONDecodeError as error:
         raise RecipeError(f"invalid JSON: {error.msg}", file=label, line=error.lineno) from None
     except DuplicateKeyError as error:
@@ -105,6 +106,13 @@ def read_document(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(document, dict):
         raise RecipeError("the recipe must be a table/object at the top level", file=label)
     return document, text
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str, is_json: bool) -> dict[str, Any]:
+    """A recipe's text parsed, kept for the next read of the same text: a sweep, a figure
+    check and a lock read one recipe several times. Callers get a deep copy."""
+    return parse_bounded(read_json if is_json else tomllib.loads, text, MAX_DEPTH)
 
 
 class DuplicateKeyError(ValueError):

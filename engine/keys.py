@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import metadata
@@ -26,18 +25,13 @@ KEY_FORMAT = 2
 
 
 def canonical_json(value: Any) -> str:
-    """JSON with sorted keys, no whitespace, exact floats (shortest round-trip repr)."""
-    return json.dumps(_check(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _check(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"non-finite float {value!r} cannot be part of a cache key")
-    if isinstance(value, dict):
-        return {str(key): _check(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_check(item) for item in value]
-    return value
+    """JSON with sorted keys, no whitespace, exact floats (shortest round-trip repr). Keys are
+    strings, as JSON's are (a preimage is made of JSON documents and JSON dumps)."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)  # fmt: skip
+    except ValueError as error:  # NaN or infinity: no JSON, and no key
+        raise ValueError(f"non-finite float cannot be part of a cache key: {error}") from None
 
 
 def key_of(preimage: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ captioner, CLIP vision, a ControlNet, a pixel-space UNet), add one entry to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -420,6 +421,7 @@ def tiny_lpips_identity() -> dict[str, Any]:
     return {"seed": TINY_SEED, "config": jsonable(TINY_LPIPS.config)}
 
 
+@functools.cache
 def tiny_lpips_folder_name() -> str:
     """``tiny-lpips-<12 hex digits of sha256 over its identity>``."""
     canonical = json.dumps(tiny_lpips_identity(), sort_keys=True, separators=(",", ":"))
@@ -503,6 +505,7 @@ def tiny_identity(variant: str = "tiny") -> dict[str, Any]:
     return identity
 
 
+@functools.cache  # a pure function of constants, asked by every plan
 def tiny_folder_name(variant: str = "tiny") -> str:
     """The folder name ``<variant>-<12 hex digits of sha256 over the canonical identity>``."""
     canonical = json.dumps(tiny_identity(variant), sort_keys=True, separators=(",", ":"))

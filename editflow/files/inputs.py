@@ -168,12 +168,20 @@ def resolve_input(
         data = handle.read(limit + 1)  # a bound on what validation reads
     if len(data) > limit:
         return Problem(f"{value} is larger than {limit >> 20} MiB", file=label, key=key)
-    checks = {"text": _check_text, "keypoints": _check_keypoints}
-    reason = checks[field](data) if field in checks else _check_image(data, section)
+    reason, digest = _checked(data, field, section.size is None)
     if reason is not None:
         return Problem(reason.format(value=value), file=label, key=key)
-    digest = hashlib.sha256(data).hexdigest()
     return ResolvedInput(name, section, path, data, digest, _pixel_size(data, section, field))
+
+
+@functools.lru_cache(maxsize=32)
+def _checked(data: bytes, field: str, unsized: bool) -> tuple[str | None, str]:
+    """Why a file's bytes cannot be used (or None), and their sha256. Kept for the same
+    bytes: every point of a sweep and every recipe of a figure check reads the same photos
+    again, and looking bytes up (a hash and a compare) is cheaper than checking them."""
+    checks = {"text": _check_text, "keypoints": _check_keypoints}
+    reason = checks[field](data) if field in checks else _check_image(data, unsized)
+    return reason, hashlib.sha256(data).hexdigest()
 
 
 def _pixel_size(data: bytes, section: InputSection, field: str) -> tuple[int, int] | None:
@@ -187,8 +195,9 @@ def _pixel_size(data: bytes, section: InputSection, field: str) -> tuple[int, in
     return height - height % 8, width - width % 8
 
 
-def _check_image(data: bytes, section: InputSection) -> str | None:
-    """Why an image file cannot be used (``{value}`` names it), or ``None``."""
+def _check_image(data: bytes, unsized: bool) -> str | None:
+    """Why an image file cannot be used (``{value}`` names it; ``unsized``: the recipe sets
+    no ``size``, so the file's own must do), or ``None``."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size  # from the header: nothing is decoded
@@ -197,9 +206,9 @@ def _check_image(data: bytes, section: InputSection) -> str | None:
         # PIL appends the file object or name; the recipe key already says which file.
         reason = re.sub(r"\s*(<[^>]*>|'[^']*')$", "", str(error)) or type(error).__name__
         return f"cannot read image {{value!r}}: {reason}"
-    if section.size is None and min(width, height) < MIN_SIDE:
+    if unsized and min(width, height) < MIN_SIDE:
         return f"{{value}} is {width}x{height} px; images need at least {MIN_SIDE} px per side (or set size)"
-    if section.size is None and max(width, height) > MAX_SIDE:
+    if unsized and max(width, height) > MAX_SIDE:
         return f"{{value}} is {width}x{height} px; set size (at most {MAX_SIDE} px per side)"
     return None
 
