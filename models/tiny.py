@@ -483,6 +483,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+@functools.cache  # every plan asks; the same object each time: read it, never change it
 def tiny_identity(variant: str = "tiny") -> dict[str, Any]:
     """What a built-in model is, as JSON: builder version, seed and every component config.
 

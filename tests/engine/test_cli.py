@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,38 @@ def test_an_error_without_ctrl_c_keeps_its_traceback(monkeypatch: pytest.MonkeyP
     with pytest.raises(ImportError, match="a bug"):
         main(["schema"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handler restored"
+
+
+def test_the_command_skips_pythons_teardown_but_not_exit_handlers_or_threads(
+    tmp_path: Path,
+) -> None:
+    """entry() ends with os._exit once only daemon threads are left: exit handlers libraries
+    registered still run, a thread still working is waited for, and the status is kept."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, sys, threading, time
+atexit.register(lambda: print("exit handler ran", flush=True))
+def late():
+    time.sleep(3)  # still working when the command is done
+    print("thread finished", flush=True)
+if sys.argv[1] == "thread":
+    threading.Thread(target=late).start()
+sys.argv = ["editflow", "validate", {QUICKSTART!r}, "--cache", {str(tmp_path / "c")!r}]
+from editflow.__main__ import entry
+entry()
+"""
+    for case in ("plain", "thread"):
+        done = subprocess.run([sys.executable, "-c", script, case], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert "quickstart.toml: ok" in lines[0] and lines[-1] == "exit handler ran", lines
+        assert ("thread finished" in lines) == (case == "thread"), lines
+    bad = subprocess.run([sys.executable, "-m", "editflow", "validate", str(tmp_path / "none.toml")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("recipe file not found")
 
 
 def test_output_into_a_closed_pipe_ends_quietly() -> None:
