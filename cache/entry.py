@@ -206,7 +206,7 @@ class ReadManifest:
     arrays: Mapping[str, ArrayInfo] | None
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)  # ~30 MB at most: manifests are a few KB each
 def read_manifest(data: bytes) -> ReadManifest:
     """Parse a manifest and check its attributes, once per distinct bytes: an all-hit run
     reads each entry's manifest to know it is there and again to read what it holds, and

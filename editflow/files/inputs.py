@@ -168,13 +168,17 @@ def resolve_input(
         data = handle.read(limit + 1)  # a bound on what validation reads
     if len(data) > limit:
         return Problem(f"{value} is larger than {limit >> 20} MiB", file=label, key=key)
-    reason, digest = _checked(data, field, section.size is None)
+    check = _checked if len(data) <= MEMO_BYTES else _checked.__wrapped__
+    reason, digest = check(data, field, section.size is None)
     if reason is not None:
         return Problem(reason.format(value=value), file=label, key=key)
     return ResolvedInput(name, section, path, data, digest, _pixel_size(data, section, field))
 
 
-@functools.lru_cache(maxsize=32)
+MEMO_BYTES = 16 << 20  # bigger files are checked every time rather than held in memory
+
+
+@functools.lru_cache(maxsize=16)
 def _checked(data: bytes, field: str, unsized: bool) -> tuple[str | None, str]:
     """Why a file's bytes cannot be used (or None), and their sha256. Kept for the same
     bytes: every point of a sweep and every recipe of a figure check reads the same photos
