@@ -313,8 +313,16 @@ class StageKind:
             ctx, params, **{port.name: inputs.get(port.name) for port in self.inputs}
         )
         checked = {port.name for port in self.outputs if port.type not in NAN_IS_A_VALUE}
-        check_no_nan({name: outputs[name] for name in checked if name in outputs}, ctx.dtype)
+        check_no_nan(
+            {name: outputs[name] for name in checked if name in outputs}, ctx.dtype,
+            reason=lambda: self.nan_reason(params, inputs),
+        )  # fmt: skip
         return outputs
+
+    def nan_reason(self, params: Any, inputs: Mapping[str, Any]) -> str | None:
+        """Why this kind's outputs came out NaN for these params and inputs, where the kind
+        knows (said instead of the bare count); None: it does not."""
+        return None
 
     def _check_ports(self, inputs: Mapping[str, Any]) -> None:
         ports = {port.name for port in self.inputs}
@@ -326,21 +334,28 @@ class StageKind:
             )
 
 
-def check_no_nan(outputs: Mapping[str, Any], dtype: torch.dtype) -> None:
+def check_no_nan(
+    outputs: Mapping[str, Any],
+    dtype: torch.dtype,
+    reason: Callable[[], str | None] = lambda: None,
+) -> None:
     """Refuse outputs that hold NaN: cached, they would spread to every stage downstream and
     end as a black or grey image with no word of where they came from. The engine checks
     every output but those of a type whose NaN means something (:data:`NAN_IS_A_VALUE`:
     scores, metrics); infinity passes (the PSNR of equal images).
 
     Raises:
-        EditflowError: naming the first such output and how many of its values are NaN.
+        EditflowError: ``reason()`` where it says why, else naming the first such output and
+            how many of its values are NaN.
     """
     for port, value in outputs.items():
         for tensor in value if isinstance(value, list | tuple) else [value]:
             if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
                 continue
-            nans = int(torch.isnan(tensor).sum())
-            if nans:
+            if bool(torch.isnan(tensor).any()):
+                if (why := reason()) is not None:
+                    raise EditflowError(why)
+                nans = int(torch.isnan(tensor).sum())
                 low = dtype in (torch.float16, torch.bfloat16)
                 raise EditflowError(
                     f"output {port!r} has {nans} NaN values of {tensor.numel()}",

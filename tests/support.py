@@ -36,10 +36,17 @@ def modules_imported_by(argv: list[str], modules: tuple[str, ...]) -> list[str]:
 
 
 def invert_recipe(
-    folder: Path, *, model_lines: str = "", prompt: str = "a photo of a cat", name: str = "r.toml"
+    folder: Path,
+    *,
+    model_lines: str = "",
+    prompt: str = "a photo of a cat",
+    name: str = "r.toml",
+    size: int = 32,
+    invert_lines: str = "",
 ) -> Path:
-    """A recipe that encodes a 32 px photo and DDIM-inverts it in 2 steps on ``tiny``, with
-    extra ``[model]`` lines (LoRA or embedding entries): the model tests' smallest run."""
+    """A recipe that encodes a ``size`` px photo and DDIM-inverts it in 2 steps on ``tiny``,
+    with extra ``[model]`` lines (LoRA or embedding entries) and ``[stages.invert]`` lines:
+    the smallest run there is."""
     path = folder / name
     path.write_text(
         f"""schema_version = 1
@@ -48,7 +55,7 @@ id = "tiny"
 {model_lines}
 [inputs.photo]
 image = "skimage:chelsea"
-size = [32, 32]
+size = [{size}, {size}]
 
 [stages.encode]
 kind = "encode.vae"
@@ -59,6 +66,7 @@ kind = "invert.ddim"
 latents = "encode.latents"
 prompt = "{prompt}"
 num_inference_steps = 2
+{invert_lines}
 """
     )
     return path

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from editflow.errors import EditflowError, Problem
+from editflow.errors import Problem
 from editflow.lazy import lazy
 from editflow.models import specs
 from editflow.stages.base import (
@@ -138,12 +138,15 @@ class InvertDdim(StageKind):
             generator=ctx.generator() if params.regularize else None,
             callback=step_reporter(ctx.progress, scheduler.num_inference_steps),
         )
-        if params.regularize and torch.isnan(x_T).any():
-            raise EditflowError(regularizer_diverged(latents.shape, params.lambda_kl))
         if params.t0 is not None:
             trajectory = trajectory[1:]  # DiffusionCLIP's: x after each step, not x0
         embeds = cond if cond is not None else no_embeds
         return {"latents": x_T, "trajectory": trajectory, "prompt_embeds": embeds}
+
+    def nan_reason(self, params: InvertDdimParams, inputs: Mapping[str, Any]) -> str | None:
+        if not params.regularize:
+            return None
+        return regularizer_diverged(inputs["latents"].shape, params.lambda_kl)
 
 
 def regularizer_diverged(shape: Sequence[int], lambda_kl: float) -> str:

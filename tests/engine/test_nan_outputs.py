@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import MANIFESTS, invert_recipe
 
 from editflow.cache import Cache
 from editflow.cli import main
@@ -14,31 +15,13 @@ from editflow.engine.api import plan_recipe
 from editflow.errors import EditflowError
 from editflow.stages.base import check_no_nan
 
-# pix2pix-zero's regularised inversion on a 2x2 latent: the KL step (lambda 20 over 16
-# values) overshoots and diverges, so every value of x_T is NaN.
-DIVERGING = """schema_version = 1
-[model]
-id = "tiny"
-[inputs.photo]
-image = "skimage:chelsea"
-size = [16, 16]
-[stages.encode]
-kind = "encode.vae"
-images = "inputs.photo"
-[stages.invert]
-kind = "invert.ddim"
-latents = "encode.latents"
-prompt = "a cat"
-num_inference_steps = 2
-regularize = true
-"""
-
 
 def test_a_nan_output_fails_its_stage_in_one_line_and_is_not_cached(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    recipe = tmp_path / "diverging.toml"
-    recipe.write_text(DIVERGING)
+    # pix2pix-zero's regularised inversion on a 2x2 latent (16 px): the KL step (lambda 20
+    # over 16 values) overshoots and diverges, so every value of x_T is NaN.
+    recipe = invert_recipe(tmp_path, size=16, invert_lines="regularize = true")
     cache = tmp_path / "cache"
     code = main(["run", str(recipe), "--cache", str(cache), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -69,8 +52,6 @@ def test_float16_nan_hints_at_float32_and_infinity_passes() -> None:
 
 def test_scores_may_say_not_ranked_with_nan(tmp_path: Path) -> None:
     """sample.interpolate's scores are NaN for frames nobody ranked: a value, not a failure."""
-    from support import MANIFESTS
-
     from editflow.engine.api import run_recipe
 
     recipe = MANIFESTS / "interpolation" / "photos.toml"
