@@ -20,6 +20,7 @@ from editflow.errors import EditflowError, ModelUnavailableError, Problem
 from editflow.lazy import lazy
 from editflow.models.specs import ComponentSpec
 from editflow.stages.checks import CheckView
+from editflow.stages.nan import check_no_nan
 from editflow.stages.ports import (  # noqa: F401 (the base's public names)
     NAN_IS_A_VALUE,
     STEP_SEQUENCES,
@@ -332,38 +333,6 @@ class StageKind:
             raise TypeError(
                 f"{self.kind}: unknown inputs {sorted(unknown)}, missing {sorted(missing)}"
             )
-
-
-def check_no_nan(
-    outputs: Mapping[str, Any],
-    dtype: torch.dtype,
-    reason: Callable[[], str | None] = lambda: None,
-) -> None:
-    """Refuse outputs that hold NaN: cached, they would spread to every stage downstream and
-    end as a black or grey image with no word of where they came from. The engine checks
-    every output but those of a type whose NaN means something (:data:`NAN_IS_A_VALUE`:
-    scores, metrics); infinity passes (the PSNR of equal images).
-
-    Raises:
-        EditflowError: ``reason()`` where it says why, else naming the first such output and
-            how many of its values are NaN.
-    """
-    for port, value in outputs.items():
-        for tensor in value if isinstance(value, list | tuple) else [value]:
-            if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
-                continue
-            if bool(torch.isnan(tensor).any()):
-                if (why := reason()) is not None:
-                    raise EditflowError(why)
-                nans = int(torch.isnan(tensor).sum())
-                low = dtype in (torch.float16, torch.bfloat16)
-                raise EditflowError(
-                    f"output {port!r} has {nans} NaN values of {tensor.numel()}",
-                    hint=f"{str(dtype).removeprefix('torch.')} can overflow where float32 does"
-                    ' not: try model.dtype = "float32"'
-                    if low
-                    else None,
-                )
 
 
 def _shared_problems(kind: type[StageKind], view: CheckView) -> list[Problem]:

@@ -13,7 +13,7 @@ from editflow.cache import Cache
 from editflow.cli import main
 from editflow.engine.api import plan_recipe
 from editflow.errors import EditflowError
-from editflow.stages.base import check_no_nan
+from editflow.stages.nan import check_no_nan
 
 
 def test_a_nan_output_fails_its_stage_in_one_line_and_is_not_cached(
