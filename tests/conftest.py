@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,19 @@ import torch
 
 from editflow.cache import Cache
 from editflow.models.tiny import ensure_tiny
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked ``runs_long`` go first. pytest-xdist (``--dist loadfile``) gives each
+    module to one worker in this order, so their minutes start beside the short tests
+    instead of trailing alone once everything else has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_long") is None)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per usable core, at most 4. The tests run torch on one thread,
+    and each worker holds its own tiny model and imports (about 1 GiB at its peak)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from support import MANIFESTS, ROOT
 
@@ -75,6 +76,7 @@ def test_the_ci_job_users_copy_runs_the_commands_the_test_command_runs() -> None
 MANIFEST_FILES = sorted(MANIFESTS.rglob("*.toml"))
 
 
+@pytest.mark.runs_long
 def test_every_manifest_writes_its_figure_and_checks_within_tolerance_on_another_platform(
     tmp_path: Path,
 ) -> None:

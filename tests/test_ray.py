@@ -25,6 +25,7 @@ from editflow.executors.ray import Job, RayExecutor
 from editflow.executors.ray_workers import StageWorker
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.runs_long
 QUICKSTART = MANIFESTS / "quickstart.toml"
 
 
