@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib import metadata
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from editflow.files.inputs import LOADER_VERSION
-from editflow.models import ResolvedModel
+from editflow.models import ComponentSpec, ResolvedModel
 from editflow.stages import StageKind
 
 # 2: model parts enter as {provider: fingerprint} under "models".
@@ -63,6 +63,7 @@ def stage_preimage(
     params: BaseModel,
     references: Mapping[str, str | list[str]],
     upstream_key: Callable[[str], dict[str, str]],
+    components: Iterable[ComponentSpec],
     models: Mapping[str, ResolvedModel | None],
     seed: int,
     stage_name: str,
@@ -71,11 +72,14 @@ def stage_preimage(
     """Everything that determines a stage's outputs (ENGINE.md, "Cache keys").
 
     ``upstream_key`` maps a reference to its producer's ``{"stage" | "input", ..., "key"}``;
-    ``models`` maps each provider the stage's components name to its resolved model (``None``
-    for a stage that is not needed). The seed enters only seeded configurations, the dtype
-    only stages that use a model.
+    ``models`` maps providers to resolved models (``None`` while a stage is not needed); of
+    each one the stage's ``components`` name, what can change those parts enters. The seed
+    enters only seeded configurations, the dtype only stages that use a model.
     """
     seeded = kind.is_seeded(params)
+    parts: dict[str, set[str]] = {}
+    for spec in components:
+        parts.setdefault(spec.provider, set()).add(spec.name)
     return {
         "format": KEY_FORMAT,
         "kind": kind.kind,
@@ -88,13 +92,13 @@ def stage_preimage(
             for port, refs in references.items()
         },
         "models": {
-            provider: model.fingerprint() if model is not None else None
-            for provider, model in sorted(models.items())
+            provider: model.fingerprint(names) if (model := models.get(provider)) else None
+            for provider, names in sorted(parts.items())
         }
         or None,
         "seed": seed if seeded else None,
         "seed_path": [stage_name] if seeded else None,
-        "dtype": dtype if models else None,
+        "dtype": dtype if parts else None,
         "versions": library_versions(),
     }
 

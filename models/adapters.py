@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from editflow.models.section import ModelSection
 
 # The parts textual inversion changes together: a token's id must match its embedding row.
-TEXT_PARTS = ("tokenizer", "text_encoder")
+TEXT_PARTS = EmbeddingFile.parts
 # Set on a text encoder that adapters changed: their identities, for memos of its outputs.
 ADAPTERS_ATTRIBUTE = "editflow_adapters"
 _NO_TEXT = {

@@ -20,7 +20,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -56,12 +56,14 @@ class EmbeddingFile:
         path: The file.
         sha256: Its digest when planned; loading refuses a file that no longer has it.
         token: The token it adds.
+        parts: What it changes: the tokenizer gains the token, the text encoder its row.
     """
 
     key: str
     path: Path
     sha256: str
     token: str
+    parts: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder")
 
     def identity(self) -> dict[str, Any]:
         """What enters cache keys: the vector's file and the token that selects it."""

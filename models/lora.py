@@ -31,8 +31,9 @@ from editflow.models.identity import hash_files, sha256_file
 
 # The parts a Stable Diffusion LoRA can change, as diffusers' loader names them.
 LORA_COMPONENTS = ("unet", "text_encoder")
-# How tensor names start in the layouts diffusers reads: its own (peft) and kohya's.
-_PART_PREFIXES = ("unet.", "text_encoder.", "lora_unet_", "lora_te_")
+# How each component's tensor names start in the layouts diffusers reads: its own (peft)
+# and kohya's.
+_PART_PREFIXES_OF = (("unet.", "lora_unet_"), ("text_encoder.", "lora_te_"))
 
 
 class LoraEntry(Table):
@@ -61,6 +62,8 @@ class LoraFile:
         sha256: Its digest when planned; loading refuses a file that no longer has it.
         scale: How much of it is fused.
         adapter_name: Its name in peft.
+        parts: The components its factors change (``unet``, ``text_encoder`` or both), from
+            its tensor names.
     """
 
     key: str
@@ -68,6 +71,7 @@ class LoraFile:
     sha256: str
     scale: float
     adapter_name: str
+    parts: tuple[str, ...] = LORA_COMPONENTS
 
     def identity(self) -> dict[str, Any]:
         """What enters cache keys: the file's content and how much of it (not its name)."""
@@ -88,7 +92,7 @@ def resolve_lora(
     for index, entry in enumerate(entries):
         key = f"model.lora[{index}]"
         path = Path(base_dir) / Path(entry.path).expanduser()
-        reason = _lora_file_problem(path, entry.path)
+        reason, parts = _lora_file_problem(path, entry.path)
         if reason is not None:
             problems.append(Problem(reason, key=f"{key}.path"))
             continue
@@ -100,36 +104,45 @@ def resolve_lora(
             continue
         names.add(name)
         sha256 = hash_files(path.parent, [path.name], hash_memo)[path.name]
-        files.append(LoraFile(key, path, sha256, entry.scale, name))
+        files.append(LoraFile(key, path, sha256, entry.scale, name, parts))
     return files, problems
 
 
-def _lora_file_problem(path: Path, value: str) -> str | None:
-    """Why ``path`` is not a LoRA file editflow loads, or None; from its header alone."""
+def _lora_file_problem(path: Path, value: str) -> tuple[str | None, tuple[str, ...]]:
+    """Why ``path`` is not a LoRA file editflow loads (or None), and the components its
+    tensors change; from its header alone."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        return f"file not found: {value} (relative paths start at the recipe's folder)"
+        return f"file not found: {value} (relative paths start at the recipe's folder)", ()
     if path.suffix != ".safetensors":
         return (
             f"{value}: LoRA weights are read from .safetensors files only (a pickle can run code)"
-        )
+        ), ()
     try:
         with safe_open(path, framework="numpy") as handle:
             names = list(handle.keys())
     except (SafetensorError, OSError) as error:
-        return f"{value} is not a safetensors file: {error}"
+        return f"{value} is not a safetensors file: {error}", ()
     # diffusers' loader accepts a file only when every tensor name says "lora".
     others = [name for name in names if "lora" not in name]
     if not names or others:
         example = f" (such as {others[0]!r})" if others else ""
-        return f"{value} is not a LoRA: {len(others) or 'no'} tensor names lack 'lora'{example}"
-    if not any(name.startswith(_PART_PREFIXES) for name in names):
+        return (
+            f"{value} is not a LoRA: {len(others) or 'no'} tensor names lack 'lora'{example}"
+        ), ()
+    parts = tuple(
+        part
+        for part, prefixes in zip(LORA_COMPONENTS, _PART_PREFIXES_OF, strict=True)
+        if any(name.startswith(prefixes) for name in names)
+    )
+    if not parts:
+        every = [prefix for prefixes in _PART_PREFIXES_OF for prefix in prefixes]
         return (
             f"{value} is not a LoRA of a Stable Diffusion UNet or text encoder: no tensor name"
-            f" starts with {', '.join(repr(prefix) for prefix in _PART_PREFIXES)}"
-        )
-    return None
+            f" starts with {', '.join(repr(prefix) for prefix in every)}"
+        ), ()
+    return None, parts
 
 
 def apply_lora(module: Any, component: str, files: Sequence[LoraFile]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ class ResolvedModel:
         checkpoint: A single-file checkpoint holding the weights; ``folder`` then holds
             only the configs that describe it (``model.config``).
         adapters: LoRA files and textual-inversion embeddings applied on loading
-            (:mod:`editflow.models.adapters`); each has an ``identity()`` for cache keys.
+            (:mod:`editflow.models.adapters`); each has an ``identity()`` for cache keys and
+            the ``parts`` (component names) it changes.
     """
 
     spec: ModelSpec
@@ -87,14 +89,22 @@ class ResolvedModel:
     checkpoint: Path | None = None
     adapters: tuple[Any, ...] = ()
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What enters the cache key of a stage that uses this model."""
+    def fingerprint(self, parts: Collection[str] | None = None) -> dict[str, Any]:
+        """What enters the cache key of a stage that uses ``parts`` of this model (component
+        names; ``None``: all of it). Besides the identity, only what changes those parts: the
+        scheduler config for a stage that reads it, compilation for the denoiser, an adapter
+        for the parts it changes. A VAE-only stage keeps its key when a LoRA is added."""
+
+        def uses(*names: str) -> bool:
+            return parts is None or any(name in parts for name in names)
+
         fingerprint: dict[str, Any] = {"identity": self.identity}
-        if self.scheduler_config:
+        if self.scheduler_config and uses("scheduler_config"):
             config = self.scheduler_config
             fingerprint["scheduler"] = {"class": config.get("_class_name"), "config": config}
-        if self.compiled:  # compiled kernels may round differently: another result
+        if self.compiled and uses("unet"):  # compiled kernels may round differently
             fingerprint["compiled"] = True
-        if self.adapters:  # absent without any: keys of models without adapters stay as they were
-            fingerprint["adapters"] = [adapter.identity() for adapter in self.adapters]
+        adapters = [adapter.identity() for adapter in self.adapters if uses(*adapter.parts)]
+        if adapters:  # absent without any: keys of models without adapters stay as they were
+            fingerprint["adapters"] = adapters
         return fingerprint

@@ -87,6 +87,8 @@ def test_embeddings_enter_the_keys_and_a_recipe_prompt_runs_with_the_token(tmp_p
     adapters = with_a.stages["invert"].preimage["models"]["model.id"]["adapters"]
     assert adapters == [{"embedding": digest, "token": TOKEN}]
     assert len({plan.stages["invert"].key for plan in (base, with_a, with_b)}) == 3
+    # The VAE's encoding does not read a prompt: one key with any embedding.
+    assert len({plan.stages["encode"].key for plan in (base, with_a, with_b)}) == 1
     result = run_recipe(recipe(tmp_path, entry("a.safetensors")), cache=cache, out_dir=None,
                         device="cpu")  # fmt: skip
     # The inversion conditioned on the prompt with the token's vector in it.

@@ -149,6 +149,32 @@ def test_keys_change_with_the_scale_and_the_file_and_record_both(
     assert len(keys) == 4
 
 
+def test_a_lora_gives_new_keys_only_to_stages_using_a_part_it_changes(
+    lora_folder: Path, tmp_path: Path
+) -> None:
+    """A UNet LoRA reaches the inversion's key, not the VAE's encoding nor a text-encoder
+    stage's; a text-encoder LoRA reaches the text stage too; a rerun with a LoRA added
+    finds the encoding in the cache."""
+    cache = Cache(tmp_path / "c")
+    bank = '[stages.bank]\nkind = "direction.bank_mean"\nword = "cat"\n'
+
+    def plan_with(name: str, lora: str = "") -> dict[str, str]:
+        path = recipe(lora_folder, name, lora)
+        path.write_text(path.read_text() + bank)
+        return {name: stage.key for name, stage in plan_recipe(path, cache=cache).stages.items()}
+
+    base = plan_with("base.toml")
+    unet = plan_with("unet.toml", lora_entry("a.safetensors"))
+    text = plan_with("text.toml", lora_entry("text.safetensors"))
+    assert unet["encode"] == text["encode"] == base["encode"]
+    assert unet["bank"] == base["bank"] != text["bank"]
+    assert len({base["invert"], unet["invert"], text["invert"]}) == 3
+    run_recipe(recipe(lora_folder, "base.toml"), cache=cache, out_dir=None, device="cpu")
+    result = run_recipe(recipe(lora_folder, "unet.toml", lora_entry("a.safetensors")),
+                        cache=cache, out_dir=None, device="cpu")  # fmt: skip
+    assert (result.hits, result.computed) == (["encode"], ["invert"])
+
+
 def test_a_text_encoder_lora_changes_encodings_and_no_memo_answers_with_old_ones(
     lora_folder: Path, tmp_path: Path
 ) -> None:
@@ -184,8 +210,13 @@ def test_a_text_encoder_lora_changes_encodings_and_no_memo_answers_with_old_ones
         (lambda folder: (folder / "l.safetensors").write_bytes(b"not a file"),
          "model.lora[0].path: l.safetensors is not a safetensors file: Error while"
          " deserializing header: header too large"),
+        (lambda folder: save_file({"vae.x.lora_A.weight": torch.zeros(2)},
+                                  folder / "l.safetensors"),
+         "model.lora[0].path: l.safetensors is not a LoRA of a Stable Diffusion UNet or text"
+         " encoder: no tensor name starts with 'unet.', 'lora_unet_', 'text_encoder.',"
+         " 'lora_te_'"),
     ],
-    ids=["missing", "not-a-lora", "not-safetensors"],
+    ids=["missing", "not-a-lora", "not-safetensors", "other-part"],
 )  # fmt: skip
 def test_a_missing_or_non_lora_file_is_one_line_naming_its_entry(
     make, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture

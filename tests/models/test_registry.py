@@ -511,6 +511,11 @@ def test_compiled_mode_is_recorded_in_keys_and_compiles_only_the_denoiser(
     )
     assert "compiled" not in plain.fingerprint()
     assert compiled.fingerprint() == {**plain.fingerprint(), "compiled": True}
+    # Only the denoiser is compiled: a VAE stage's key, which has no scheduler either, stays.
+    assert (
+        compiled.fingerprint({"vae"}) == plain.fingerprint({"vae"}) == {"identity": plain.identity}
+    )
+    assert compiled.fingerprint({"unet", "scheduler_config"}) == compiled.fingerprint()
     view = RunModels(
         {"model.id": compiled}, device=torch.device("cpu"), dtype=torch.float32,
         models_dir=models_dir,
