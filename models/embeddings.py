@@ -1,7 +1,9 @@
 """Textual-inversion embeddings a recipe adds to its model's vocabulary (``[[model.embedding]]``).
 
 Textual inversion (Gal et al. 2022) learns one input-embedding vector ``v*`` for a new token
-``S*``; prompts that contain the token then condition on the learned concept. A file holds the
+``S*`` (or several: a multi-vector token ``<t>`` is added as ``<t> <t>_1 ... <t>_{n-1}``,
+and prompt encoding rewrites ``<t>`` to all of them, as diffusers' pipelines do); prompts
+that contain the token then condition on the learned concept. A file holds the
 vector in one of the forms diffusers' ``load_textual_inversion`` takes: diffusers'
 ``{token: vector}`` (``learned_embeds.safetensors`` or ``.bin``), AUTOMATIC1111's ``.pt``/``.bin``
 (``string_to_param``) or ``.safetensors`` (``emb_params``), or a bare tensor. ``.bin`` files are
@@ -56,6 +58,7 @@ class EmbeddingFile:
         path: The file.
         sha256: Its digest when planned; loading refuses a file that no longer has it.
         token: The token it adds.
+        vectors: How many input-embedding rows (and tokens) it adds.
         parts: What it changes: the tokenizer gains the token, the text encoder its row.
     """
 
@@ -63,6 +66,7 @@ class EmbeddingFile:
     path: Path
     sha256: str
     token: str
+    vectors: int = 1
     parts: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder")
 
     def identity(self) -> dict[str, Any]:
@@ -91,22 +95,31 @@ def resolve_embeddings(
         path = Path(base_dir) / Path(entry.path).expanduser()
         try:
             data = _read(path, entry.path)
-            token, vector = token_and_vector(parse_embedding(data, entry.path), entry.token)
+            token, vectors = token_and_vectors(parse_embedding(data, entry.path), entry.token)
         except ValueError as error:
             problems.append(Problem(str(error), key=f"{key}.path"))
             continue
-        if width is not None and vector.shape[-1] != width:
+        if width is not None and vectors.shape[-1] != width:
             problems.append(Problem(
-                f"{entry.path} holds a vector of {vector.shape[-1]} numbers but the model's text"
+                f"{entry.path} holds a vector of {vectors.shape[-1]} numbers but the model's text"
                 f" encoder embeds tokens in {width}", key=f"{key}.path",
                 hint="use an embedding trained for this model",
             ))  # fmt: skip
             continue
-        if any(file.token == token for file in files):
-            problems.append(Problem(f"token {token!r} is added twice", key=f"{key}.token"))
+        file = EmbeddingFile(key, path, hashlib.sha256(data).hexdigest(), token, len(vectors))
+        taken = {name for other in files for name in added_tokens(other)}
+        twice = [name for name in added_tokens(file) if name in taken]
+        if twice:
+            problems.append(Problem(f"token {twice[0]!r} is added twice", key=f"{key}.token"))
             continue
-        files.append(EmbeddingFile(key, path, hashlib.sha256(data).hexdigest(), token))
+        files.append(file)
     return files, problems
+
+
+def added_tokens(file: EmbeddingFile) -> list[str]:
+    """The tokens a file adds to the vocabulary: ``<t>``, then ``<t>_1`` ... for each further
+    vector (diffusers' names, which its prompt rewriting looks for)."""
+    return [file.token] + [f"{file.token}_{index}" for index in range(1, file.vectors)]
 
 
 def _read(path: Path, value: str) -> bytes:
@@ -145,12 +158,11 @@ def parse_embedding(data: bytes, value: str) -> Any:
         ) from None
 
 
-def token_and_vector(state: Any, token: str | None) -> tuple[str, Any]:
-    """The token and its (D,) vector, read as diffusers' ``load_textual_inversion`` does.
+def token_and_vectors(state: Any, token: str | None) -> tuple[str, Any]:
+    """The token and its (N, D) vectors, read as diffusers' ``load_textual_inversion`` does.
 
     Raises:
-        ValueError: Not an embedding, several vectors (one-token embeddings only), or no
-            token named where the file has none.
+        ValueError: Not an embedding, or no token named where the file has none.
     """
     import torch
 
@@ -166,13 +178,10 @@ def token_and_vector(state: Any, token: str | None) -> tuple[str, Any]:
             "not a textual-inversion embedding: expected {token: vector}, AUTOMATIC1111's"
             " string_to_param, or one tensor"
         )
-    if vector.ndim == 2 and len(vector) != 1:
-        # A multi-vector token would need every prompt rewritten to "<t> <t>_1 ..." first.
-        raise ValueError(f"holds {len(vector)} vectors; editflow takes one-vector embeddings")
     token = token or (named if isinstance(named, str) and named != "emb_params" else None)
     if token is None:
         raise ValueError("the file names no token: set token (for example '<my-concept>')")
-    return token, vector.reshape(-1)
+    return token, vector.reshape(-1, vector.shape[-1])
 
 
 def load_embeddings(tokenizer: Any, text_encoder: Any, files: Sequence[EmbeddingFile]) -> None:
@@ -196,7 +205,7 @@ def load_embeddings(tokenizer: Any, text_encoder: Any, files: Sequence[Embedding
             )
         states.append(parse_embedding(data, file.path.name))
     vectors = [
-        token_and_vector(state, file.token)[1] for state, file in zip(states, files, strict=True)
+        token_and_vectors(state, file.token)[1] for state, file in zip(states, files, strict=True)
     ]
     width = text_encoder.get_input_embeddings().weight.shape[-1]
     for file, vector in zip(files, vectors, strict=True):
@@ -207,18 +216,29 @@ def load_embeddings(tokenizer: Any, text_encoder: Any, files: Sequence[Embedding
                 key=f"{file.key}.path",
                 hint="use an embedding trained for this model",
             )
-        if file.token in tokenizer.get_vocab():
-            raise ModelUnavailableError(
-                f"token {file.token!r} is already in the model's vocabulary",
-                key=f"{file.key}.token",
-                hint="choose another token",
-            )
+        vocabulary = tokenizer.get_vocab()
+        for name in added_tokens(file):
+            if name in vocabulary:
+                raise ModelUnavailableError(
+                    f"token {name!r} is already in the model's vocabulary",
+                    key=f"{file.key}.token",
+                    hint="choose another token",
+                )
     _loader().load_textual_inversion(
-        vectors,
+        vectors,  # (N, D) each: N > 1 adds <t>_1 ... too
         token=[file.token for file in files],
         tokenizer=tokenizer,
         text_encoder=text_encoder,
     )
+
+
+def expand_multi_vector_tokens(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """Prompts with each multi-vector token ``<t>`` written as ``<t> <t>_1 ...``, with
+    diffusers' own ``maybe_convert_prompt`` (what its pipelines do before they tokenize);
+    prompts of a tokenizer without such tokens come back as they are."""
+    if not any(name.endswith("_1") for name in tokenizer.added_tokens_encoder):
+        return list(prompts)
+    return list(_loader().maybe_convert_prompt(list(prompts), tokenizer))
 
 
 def _loader() -> Any:

@@ -19,6 +19,7 @@ from typing import Any, NotRequired, TypedDict
 from editflow.errors import Problem
 from editflow.lazy import lazy, no_grad
 from editflow.models.adapters import ADAPTERS_ATTRIBUTE
+from editflow.models.embeddings import expand_multi_vector_tokens
 
 torch = lazy("torch")
 
@@ -138,11 +139,14 @@ def is_unconditional(unet: Any) -> bool:
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Encode prompts to the full padded text-encoder output, as Stable Diffusion does.
 
+    A multi-vector textual-inversion token stands for all its vectors
+    (:func:`~editflow.models.embeddings.expand_multi_vector_tokens`).
+
     Returns:
         (N, tokenizer.model_max_length, D) last hidden states.
     """
     tokens = tokenizer(
-        list(prompts),
+        expand_multi_vector_tokens(tokenizer, prompts),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,

@@ -99,6 +99,46 @@ def test_embeddings_enter_the_keys_and_a_recipe_prompt_runs_with_the_token(tmp_p
     assert torch.equal(stored, encode_prompts(tokenizer, encoder, [f"a photo of a {TOKEN}"]))
 
 
+def test_a_multi_vector_token_encodes_as_diffusers_pipeline_encodes_it(
+    tmp_path: Path, tiny_folder: Path
+) -> None:
+    """A 3-vector file adds <t>, <t>_1 and <t>_2; a prompt naming <t> conditions on all three
+    rows, as StableDiffusionPipeline's encode_prompt (after load_textual_inversion) does."""
+    from diffusers import StableDiffusionPipeline
+
+    vectors = torch.stack([vector(seed) for seed in (3, 4, 5)])
+    save_file({TOKEN: vectors}, tmp_path / "multi.safetensors")
+    prompt = f"a photo of a {TOKEN} on a table"
+    cache = Cache(tmp_path / "c")
+    result = run_recipe(recipe(tmp_path, entry("multi.safetensors"), prompt=prompt),
+                        cache=cache, out_dir=None, device="cpu")  # fmt: skip
+    stored = cache.get(result.keys["invert"]).tensor("prompt_embeds")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_folder, safety_checker=None)
+    pipe.load_textual_inversion(str(tmp_path / "multi.safetensors"))
+    expected, _ = pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)
+    torch.testing.assert_close(stored, expected, rtol=0, atol=1e-6)
+    registry = result.registry.registry("model.id")
+    rows = registry.get("text_encoder").get_input_embeddings().weight
+    tokenizer = registry.get("tokenizer")
+    ids = tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"])
+    torch.testing.assert_close(rows[ids], vectors, rtol=0, atol=0)
+    # Not rewritten, the prompt would condition on <t>'s first vector alone.
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    first_only = registry.get("text_encoder")(ids)[0]
+    assert not torch.allclose(stored, first_only, atol=1e-3)
+
+
+def test_a_token_a_multi_vector_file_adds_cannot_be_added_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    save_file({TOKEN: torch.stack([vector(0), vector(1)])}, tmp_path / "multi.safetensors")
+    save_file({f"{TOKEN}_1": vector(2)}, tmp_path / "one.safetensors")
+    path = recipe(tmp_path, entry("multi.safetensors") + entry("one.safetensors"))
+    assert main(["validate", str(path), "--cache", str(tmp_path / "c")]) == 2
+    assert f"model.embedding[1].token: token '{TOKEN}_1' is added twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
@@ -108,13 +148,11 @@ def test_embeddings_enter_the_keys_and_a_recipe_prompt_runs_with_the_token(tmp_p
         (lambda folder: save_file({TOKEN: vector(0, 24)}, folder / "e.safetensors"),
          f"model.embedding[0].path: e.safetensors holds a vector of 24 numbers but the model's"
          f" text encoder embeds tokens in {WIDTH} (use an embedding trained for this model)"),
-        (lambda folder: save_file({TOKEN: torch.zeros(3, WIDTH)}, folder / "e.safetensors"),
-         "model.embedding[0].path: holds 3 vectors; editflow takes one-vector embeddings"),
         (lambda folder: save_file({"emb_params": torch.zeros(1, WIDTH)}, folder / "e.safetensors"),
          "model.embedding[0].path: the file names no token: set token (for example"
          " '<my-concept>')"),
     ],
-    ids=["missing", "wrong-width", "several-vectors", "no-token"],
+    ids=["missing", "wrong-width", "no-token"],
 )  # fmt: skip
 def test_an_unusable_embedding_file_is_one_line_naming_its_entry(
     make, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture
