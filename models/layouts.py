@@ -30,6 +30,7 @@ from editflow.models.identity import (
     pipeline_files,
     resolve_hub,
 )
+from editflow.models.pickle_scan import foreign_globals, refused
 from editflow.models.references import TINY_ID, ModelSpec, ResolvedModel, local_path
 from editflow.models.tiny import (
     TINY_VARIANTS,
@@ -305,6 +306,15 @@ def _check_checkpoint(file: Path, model_id: str, key: str) -> None:
     elif suffix in PICKLE_SUFFIXES:
         if not zipfile.is_zipfile(file) and not _legacy_torch_file(file):
             raise ModelUnavailableError(f"'{model_id}' is not a PyTorch checkpoint", key=key)
+        stat = file.stat()
+        try:
+            foreign = foreign_globals(file, stat.st_size, stat.st_mtime_ns)
+        except (ValueError, OSError, zipfile.BadZipFile) as error:
+            raise ModelUnavailableError(
+                f"'{model_id}' is not a PyTorch checkpoint: {error}", key=key
+            ) from None
+        if foreign:  # refused now, not when its weights load after other stages ran
+            raise refused(model_id, key, foreign)
     else:
         raise ModelUnavailableError(
             f"'{model_id}' is a file but not a single-file checkpoint",

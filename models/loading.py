@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from editflow.errors import ModelUnavailableError
 from editflow.models.identity import is_component, read_json_file
+from editflow.models.pickle_scan import refused
 
 if TYPE_CHECKING:
     from editflow.models.references import ResolvedModel
@@ -253,13 +254,7 @@ def read_checkpoint(
             path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
         )
     except pickle.UnpicklingError:
-        raise ModelUnavailableError(
-            f"refused to load checkpoint '{name}': it holds Python objects other than tensors,"
-            " and editflow unpickles only tensors (torch.load with weights_only=True)",
-            key=key,
-            hint="use the model's .safetensors release, or convert the file to safetensors"
-            " where you trust it",
-        ) from None
+        raise refused(name, key) from None
     except (OSError, RuntimeError, EOFError, ValueError) as error:
         raise ModelUnavailableError(
             f"cannot read checkpoint '{name}': {_first_line(error)}", key=key

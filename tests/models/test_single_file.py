@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from editflow.cache import Cache
 from editflow.engine.api import plan_recipe, run_recipe
 from editflow.errors import ModelUnavailableError
-from editflow.models import ModelRegistry, ModelSection, resolve_providers
+from editflow.models import ModelRegistry, ModelSection, layouts, resolve_providers
 
 # ---------------------------------------------------------------------------------------
 # diffusers -> original (LDM) keys, for tiny's configs
@@ -250,6 +250,13 @@ PIPELINE_CONFIGS = [
 ]
 
 
+class Spawn:
+    """One that would run a shell command."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
 class Payload:
     """An object a malicious checkpoint could carry: unpickling it would run code."""
 
@@ -260,7 +267,7 @@ class Payload:
 
 
 def test_a_ckpt_loads_through_weights_only_and_one_that_carries_code_is_refused(
-    single_file: Path, tiny_folder: Path, tmp_path: Path
+    single_file: Path, tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkpoint = write_single_file(tiny_folder, tmp_path / "tiny.ckpt", pickled=True)
     section = ModelSection(id="tiny.ckpt", config=str(tiny_folder))  # weights beside configs
@@ -281,6 +288,18 @@ def test_a_ckpt_loads_through_weights_only_and_one_that_carries_code_is_refused(
 
     torch.save({"state_dict": checkpoint, "callbacks": Payload()}, tmp_path / "evil.ckpt")
     section = ModelSection(id="./evil.ckpt", config=str(single_file / "sd-config"))
+    hint = (" (use the model's .safetensors release, or convert the file to safetensors where"
+            " you trust it)")  # fmt: skip
+    # Planning reads the pickle's globals (getattr, to reach the list's append) and refuses.
+    with pytest.raises(ModelUnavailableError) as error:
+        resolve_providers(section, ["model.id"], base_dir=tmp_path, models_dir=tmp_path)
+    assert str(error.value) == (
+        "model.id: refused to load checkpoint './evil.ckpt': it holds Python objects other "
+        "than tensors (builtins.getattr), and editflow unpickles only tensors (torch.load with"
+        " weights_only=True)" + hint
+    )
+    # What the scan lets through, torch.load(weights_only=True) refuses when it loads.
+    monkeypatch.setattr(layouts, "foreign_globals", lambda *args: ())
     evil = resolve_providers(section, ["model.id"], base_dir=tmp_path, models_dir=tmp_path)
     registry = ModelRegistry(
         evil["model.id"], device=torch.device("cpu"), dtype=torch.float32, models_dir=tmp_path
@@ -290,9 +309,32 @@ def test_a_ckpt_loads_through_weights_only_and_one_that_carries_code_is_refused(
     assert str(error.value) == (
         "model.id: refused to load checkpoint './evil.ckpt': it holds Python objects other "
         "than tensors, and editflow unpickles only tensors (torch.load with weights_only=True)"
-        " (use the model's .safetensors release, or convert the file to safetensors where "
-        "you trust it)"
+        + hint
     )
+    assert Payload.ran == []
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "pre-1.6"])
+def test_the_scan_names_what_a_checkpoint_would_import_and_unpickles_nothing(
+    tmp_path: Path, protocol: int, zipped: bool
+) -> None:
+    """GLOBAL (protocol 2) and STACK_GLOBAL through the memo (4), in both torch.save formats;
+    a Lightning-style checkpoint of tensors, an OrderedDict and a set passes."""
+    from collections import OrderedDict
+
+    from editflow.models.pickle_scan import foreign_globals
+
+    tensors = OrderedDict(w=torch.zeros(2, 3), b=torch.ones(3).half())
+    clean = {"state_dict": tensors, "epoch": 3, "tags": {"a", "b"}, "lr": 1e-4 + 2j}
+    files = {}
+    for name, value in {"clean": clean, "evil": {**clean, "cb": [Payload(), Payload()]},
+                        "system": {"x": Spawn()}}.items():  # fmt: skip
+        files[name] = tmp_path / f"{name}.ckpt"
+        torch.save(value, files[name], pickle_protocol=protocol,
+                   _use_new_zipfile_serialization=zipped)  # fmt: skip
+    found = {name: foreign_globals(path, 0, 0) for name, path in files.items()}
+    assert found == {"clean": (), "evil": ("builtins.getattr",), "system": ("posix.system",)}
     assert Payload.ran == []
 
 
