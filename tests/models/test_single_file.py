@@ -462,3 +462,14 @@ def test_a_part_the_checkpoint_lacks_is_an_error_never_weights_from_elsewhere(
         "weights in the original Stable Diffusion layout from a single file)",
     }
     assert registry.loads == []
+
+
+def test_the_scan_allows_outside_torch_exactly_what_weights_only_loading_allows() -> None:
+    """A torch release that changes its allowlist must change the scan's with it: a stricter
+    scan would refuse checkpoints torch loads."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    from editflow.models.pickle_scan import ALLOWED_OUTSIDE_TORCH
+
+    outside = {name for name in _get_allowed_globals() if name.split(".")[0] != "torch"}
+    assert outside == ALLOWED_OUTSIDE_TORCH
