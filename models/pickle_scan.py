@@ -15,6 +15,7 @@ import _compat_pickle
 import functools
 import pickletools
 import zipfile
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
@@ -96,7 +97,7 @@ def _globals(stream: IO[bytes], count: int) -> Iterator[tuple[str, str]]:
     the two values pushed just before it)."""
     for _ in range(count):
         memo: dict[int, str | None] = {}
-        pushed: list[str | None] = []  # what each opcode pushed: a string, else None
+        pushed: deque[str | None] = deque(maxlen=2)  # the last pushes: a string, else None
         for opcode, arg, _ in pickletools.genops(stream):
             name = opcode.name
             if name in ("GLOBAL", "INST"):
