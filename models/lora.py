@@ -92,7 +92,7 @@ def resolve_lora(
     for index, entry in enumerate(entries):
         key = f"model.lora[{index}]"
         path = Path(base_dir) / Path(entry.path).expanduser()
-        reason, parts = _lora_file_problem(path, entry.path)
+        reason, parts = _read_lora_header(path, entry.path)
         if reason is not None:
             problems.append(Problem(reason, key=f"{key}.path"))
             continue
@@ -108,7 +108,7 @@ def resolve_lora(
     return files, problems
 
 
-def _lora_file_problem(path: Path, value: str) -> tuple[str | None, tuple[str, ...]]:
+def _read_lora_header(path: Path, value: str) -> tuple[str | None, tuple[str, ...]]:
     """Why ``path`` is not a LoRA file editflow loads (or None), and the components its
     tensors change; from its header alone."""
     from safetensors import SafetensorError, safe_open
